@@ -1,0 +1,441 @@
+"""Synthetic sounding videos with exactly known audio-video correspondence.
+
+Each class is a coloured shape with its own sound: a distinct hue in the video, a distinct pitch
+and timbre in the audio. The object bounces on a floor with a constant period (elastic, ballistic
+arcs) while drifting sideways between silent walls; every floor impact starts a short tone burst
+at exactly the impact time. Learning can therefore be checked without any pretrained network:
+
+- ``video_class_oracle`` / ``audio_class_oracle`` recover the class from decoded pixels / samples,
+- ``impact_frames_oracle`` / ``onset_times_oracle`` recover the events that must coincide.
+
+The oracles read only decoded media (they never see metadata), so they can judge generated samples
+(a2v / v2a class accuracy, onset-to-impact error) the same way as real clips.
+
+Clip timing: frame k shows the scene at time k / fps. Impacts are kept at least 1.5 frames away
+from both ends of a clip, so every impact inside it is visible as a local minimum of height and
+every onset has its rise inside the audio; the bounce period is short enough that every window of
+16 frames at 10 fps holds at least one impact.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from scipy.ndimage import maximum_filter1d
+from scipy.signal import fftconvolve
+from tqdm import tqdm
+
+from .media import write_video
+
+GENERATOR_TAG = "mmldm_data.synthetic"
+
+# Class = (name, shape, RGB colour, fundamental Hz, harmonic amplitudes, decay s). Hues sit 60
+# degrees apart and fundamentals about 0.7 octave apart (no integer ratios between them).
+_CLASSES = (
+    ("red_circle", "circle", (220, 40, 40), 160.0, (1.0, 0.5, 0.25), 0.12),
+    ("green_square", "square", (40, 200, 60), 260.0, (1.0, 0.0, 0.33, 0.0, 0.2), 0.09),
+    ("blue_triangle", "triangle", (50, 70, 235), 420.0, (1.0, 0.15), 0.15),
+    ("yellow_diamond", "diamond", (225, 215, 40), 680.0, (1.0, 0.7, 0.5, 0.35, 0.25), 0.07),
+    ("magenta_cross", "cross", (215, 45, 215), 1100.0, (1.0, 0.0, 0.0, 0.5), 0.10),
+    ("cyan_ring", "ring", (40, 210, 215), 1780.0, (1.0, 0.3), 0.06),
+)
+CLASS_NAMES: tuple[str, ...] = tuple(name for name, *_ in _CLASSES)
+
+_FLOOR_TOP = 0.88  # floor surface, as a fraction of the frame height from the top
+_APEX_HEIGHT = (0.35, 0.55)  # bounce height above the floor contact, fraction of the frame
+_SIDE_SPEED = (0.15, 0.4)  # sideways drift, frame widths per second
+_LOUDNESS = (0.35, 0.6)  # peak amplitude of an impact's tone burst
+_ATTACK_SECONDS = 0.003
+_EDGE_CLEARANCE_FRAMES = 1.5  # impacts stay this far from the first and last frame
+# Pixels count as the object when their chroma (max - min over RGB) exceeds this; background,
+# floor and letterbox padding are grey (chroma 0), the objects have chroma > 150.
+_CHROMA_THRESHOLD = 60.0
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_classes: int = 6
+    resolution: int = 64
+    fps: float = 10.0
+    duration: float = 3.2  # seconds: 32 frames, i.e. 17 windows of 16 frames
+    sample_rate: int = 44100
+    min_bounce_period: float = 0.6  # seconds between floor impacts, drawn per clip
+    max_bounce_period: float = 1.1  # below ~1.6 s every 16-frame window at 10 fps holds an impact
+    object_radius: float = 0.12  # half the object's height, fraction of the frame
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 1 <= self.num_classes <= len(CLASS_NAMES):
+            problems.append(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {self.num_classes}")
+        if self.resolution < 16:
+            problems.append(f"resolution must be >= 16 pixels, got {self.resolution}")
+        if self.fps <= 0 or self.sample_rate <= 0:
+            problems.append(f"fps and sample_rate must be positive, got {self.fps} and {self.sample_rate}")
+        if self.num_frames < 2 * _EDGE_CLEARANCE_FRAMES + 2:
+            problems.append(
+                f"duration {self.duration} s gives {self.num_frames} frames at {self.fps} fps; need at least 5"
+            )
+        if not 0 < self.min_bounce_period <= self.max_bounce_period:
+            problems.append(
+                f"need 0 < min_bounce_period <= max_bounce_period, got {self.min_bounce_period}, {self.max_bounce_period}"
+            )
+        if not 0.02 <= self.object_radius <= 0.2:
+            problems.append(f"object_radius must be in [0.02, 0.2], got {self.object_radius}")
+        if problems:
+            raise ValueError("invalid SyntheticConfig: " + "; ".join(problems))
+
+    @property
+    def num_frames(self) -> int:
+        return round(self.duration * self.fps)
+
+    @property
+    def num_samples(self) -> int:
+        return round(self.duration * self.sample_rate)
+
+
+@dataclass
+class SyntheticClip:
+    class_id: int
+    frames: np.ndarray  # uint8 [T, R, R, 3]
+    audio: np.ndarray  # float32 [N]
+    impact_frames: list[int]  # frame nearest to each floor impact inside the clip
+    onset_times: list[float]  # seconds; the same impacts, as sound onsets
+
+
+@dataclass(frozen=True)
+class _Motion:
+    period: float  # seconds between impacts
+    first_impact: float  # seconds, any impact time (the others are +- multiples of the period)
+    apex_height: float  # fraction of the frame
+    start_x: float  # object centre at t = 0, fraction of the frame width
+    side_speed: float  # frame widths per second, signed
+    loudness: float
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _signed_distance(shape: str, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """Signed distance (negative inside) from offsets to the shape's centre; y points down.
+
+    Every shape spans exactly [-radius, radius] vertically, so its bottom touches the floor at an
+    impact. Half-plane intersections give exact distances inside and close ones outside, which is
+    all antialiasing needs.
+    """
+    ax, ay = np.abs(x), np.abs(y)
+
+    def box(half_width: float, half_height: float) -> np.ndarray:
+        qx, qy = ax - half_width, ay - half_height
+        return np.hypot(np.maximum(qx, 0), np.maximum(qy, 0)) + np.minimum(np.maximum(qx, qy), 0)
+
+    if shape == "circle":
+        return np.hypot(x, y) - radius
+    if shape == "square":
+        return box(radius, radius)
+    if shape == "diamond":
+        return (ax + ay - radius) / np.sqrt(2)
+    if shape == "triangle":  # apex up at (0, -r), base from (-r, r) to (r, r)
+        slanted = (2 * ax - (y + radius)) / np.sqrt(5)
+        return np.maximum(slanted, y - radius)
+    if shape == "cross":
+        return np.minimum(box(radius, 0.35 * radius), box(0.35 * radius, radius))
+    if shape == "ring":
+        return np.abs(np.hypot(x, y) - 0.8 * radius) - 0.2 * radius
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+@lru_cache(maxsize=8)
+def _background(resolution: int) -> np.ndarray:
+    """Grey backdrop [R, R, 3] float: a soft vertical gradient, a faint texture, a lighter floor."""
+    v, u = np.meshgrid(
+        (np.arange(resolution) + 0.5) / resolution, (np.arange(resolution) + 0.5) / resolution, indexing="ij"
+    )
+    wall = 44 + 26 * v + 3 * np.sin(2 * np.pi * 6 * u) * np.sin(2 * np.pi * 6 * v)
+    floor = 120 + 4 * np.sin(2 * np.pi * 16 * u)
+    grey = np.where(v >= _FLOOR_TOP, floor, wall)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _impact_times(motion: _Motion, start: float, stop: float) -> np.ndarray:
+    """All impact times t with start <= t < stop."""
+    first = np.ceil((start - motion.first_impact) / motion.period)
+    last = np.ceil((stop - motion.first_impact) / motion.period)
+    return motion.first_impact + motion.period * np.arange(first, last)
+
+
+def _draw_motion(rng: np.random.Generator, cfg: SyntheticConfig) -> _Motion:
+    """Random bounce whose impacts keep clear of the clip's first and last frames."""
+    clearance = _EDGE_CLEARANCE_FRAMES / cfg.fps
+    forbidden = (
+        (-clearance, clearance),
+        (cfg.duration - 1 / cfg.fps - clearance, cfg.duration + 0.5 / cfg.fps),
+    )
+    for _ in range(1000):
+        period = rng.uniform(cfg.min_bounce_period, cfg.max_bounce_period)
+        motion = _Motion(
+            period=period,
+            first_impact=rng.uniform(0, period),
+            apex_height=rng.uniform(*_APEX_HEIGHT),
+            start_x=rng.uniform(cfg.object_radius, 1 - cfg.object_radius),
+            side_speed=rng.uniform(*_SIDE_SPEED) * rng.choice((-1.0, 1.0)),
+            loudness=rng.uniform(*_LOUDNESS),
+        )
+        if not any(len(_impact_times(motion, lo, hi)) for lo, hi in forbidden):
+            return motion
+    raise ValueError(
+        f"cannot place impacts away from the clip ends with {cfg}; use a longer duration or other bounce periods"
+    )
+
+
+def _object_centres(motion: _Motion, times: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (x, y) of the object at each time, fractions of the frame; y points down."""
+    phase = np.mod(times - motion.first_impact, motion.period) / motion.period  # 0 at impact
+    height = motion.apex_height * (1 - (2 * phase - 1) ** 2)  # parabolic flight between impacts
+    # Sideways drift reflected by the walls: a triangle wave over the free span.
+    span = 1 - 2 * radius
+    travelled = np.mod(motion.start_x - radius + motion.side_speed * times, 2 * span)
+    x = radius + np.where(travelled <= span, travelled, 2 * span - travelled)
+    return x, _FLOOR_TOP - radius - height
+
+
+def _render_frames(class_id: int, motion: _Motion, cfg: SyntheticConfig) -> np.ndarray:
+    """uint8 [T, R, R, 3], antialiased through the shape's signed distance."""
+    _, shape, colour, *_ = _CLASSES[class_id]
+    resolution = cfg.resolution
+    centre_x, centre_y = _object_centres(motion, np.arange(cfg.num_frames) / cfg.fps, cfg.object_radius)
+    pixel = (np.arange(resolution) + 0.5) / resolution
+    offset_x = pixel[None, None, :] - centre_x[:, None, None]  # [T, 1, R]
+    offset_y = pixel[None, :, None] - centre_y[:, None, None]  # [T, R, 1]
+    offset_x, offset_y = np.broadcast_arrays(offset_x, offset_y)
+    distance = _signed_distance(shape, offset_x, offset_y, cfg.object_radius)
+    coverage = np.clip(0.5 - distance * resolution, 0.0, 1.0)[..., None]  # [T, R, R, 1]
+    frames = _background(resolution) * (1 - coverage) + np.asarray(colour, np.float64) * coverage
+    return np.round(frames).astype(np.uint8)
+
+
+@lru_cache(maxsize=32)
+def _tone_burst(class_id: int, sample_rate: int) -> np.ndarray:
+    """The class's impact sound at unit peak: a harmonic tone with a fast attack and an exponential decay."""
+    _, _, _, fundamental, harmonics, decay = _CLASSES[class_id]
+    t = np.arange(round(6 * decay * sample_rate)) / sample_rate
+    partials = np.arange(1, len(harmonics) + 1)[:, None]
+    tone = np.asarray(harmonics) @ np.sin(2 * np.pi * fundamental * partials * t)
+    burst = tone * (1 - np.exp(-t / _ATTACK_SECONDS)) * np.exp(-t / decay)
+    return burst / np.abs(burst).max()
+
+
+def _render_audio(class_id: int, motion: _Motion, cfg: SyntheticConfig) -> np.ndarray:
+    """float32 [N]: a tone burst starting at every impact, including the tails of earlier ones."""
+    burst = _tone_burst(class_id, cfg.sample_rate)
+    preroll = len(burst)
+    impulses = np.zeros(preroll + cfg.num_samples)
+    starts = np.round(
+        _impact_times(motion, -preroll / cfg.sample_rate, cfg.duration) * cfg.sample_rate
+    ).astype(int)
+    impulses[starts + preroll] = motion.loudness
+    return fftconvolve(impulses, burst)[preroll : preroll + cfg.num_samples].astype(np.float32)
+
+
+def render_clip(class_id: int, seed: int, cfg: SyntheticConfig | None = None) -> SyntheticClip:
+    """One clip of class ``class_id``; identical for identical (class_id, seed, cfg)."""
+    cfg = cfg or SyntheticConfig()
+    if not 0 <= class_id < cfg.num_classes:
+        raise ValueError(f"class_id must be in 0..{cfg.num_classes - 1}, got {class_id}")
+    motion = _draw_motion(np.random.default_rng([seed, class_id]), cfg)
+    onsets = _impact_times(motion, 0.0, cfg.duration)
+    return SyntheticClip(
+        class_id=class_id,
+        frames=_render_frames(class_id, motion, cfg),
+        audio=_render_audio(class_id, motion, cfg),
+        impact_frames=[round(t * cfg.fps) for t in onsets],
+        onset_times=[float(t) for t in onsets],
+    )
+
+
+def write_synthetic_dataset(
+    out_dir: str | Path, num_clips: int, seed: int, cfg: SyntheticConfig | None = None, progress: bool = True
+) -> dict:
+    """Write ``num_clips`` mp4 clips as ``out_dir/<class_name>/<class_name>_<index>.mp4``, classes
+    balanced (clip i has class i mod num_classes), plus ``out_dir/metadata.json`` listing every
+    clip's class, impact frames and onset times. Returns a summary dict.
+    """
+    cfg = cfg or SyntheticConfig()
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    out_dir = Path(out_dir)
+    began = time.perf_counter()
+    clips = []
+    for index in tqdm(range(num_clips), desc="synthetic clips", file=sys.stderr, disable=not progress):
+        class_id = index % cfg.num_classes
+        clip_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        clip = render_clip(class_id, clip_seed, cfg)
+        relative = Path(CLASS_NAMES[class_id]) / f"{CLASS_NAMES[class_id]}_{index:05d}.mp4"
+        (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_video(out_dir / relative, clip.frames, cfg.fps, clip.audio, cfg.sample_rate)
+        clips.append(
+            {
+                "path": relative.as_posix(),
+                "class_id": class_id,
+                "class_name": CLASS_NAMES[class_id],
+                "seed": clip_seed,
+                "impact_frames": clip.impact_frames,
+                "onset_times": clip.onset_times,
+            }
+        )
+    metadata = {
+        "generator": GENERATOR_TAG,
+        "seed": seed,
+        "config": asdict(cfg),
+        "class_names": list(CLASS_NAMES[: cfg.num_classes]),
+        "clips": clips,
+    }
+    (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    return {
+        "out_dir": str(out_dir),
+        "num_clips": num_clips,
+        "num_classes": cfg.num_classes,
+        "total_seconds": num_clips * cfg.duration,
+        "wall_seconds": time.perf_counter() - began,
+    }
+
+
+# ---------------------------------------------------------------- oracles
+
+
+def _object_weights(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel object evidence [T, H, W] (0..1, from chroma) and the frames as float [T, H, W, 3]."""
+    rgb = np.asarray(frames, np.float32)
+    if rgb.ndim != 4 or rgb.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got shape {rgb.shape}")
+    chroma = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return np.clip((chroma - _CHROMA_THRESHOLD) / _CHROMA_THRESHOLD, 0.0, 1.0), rgb
+
+
+def _hue_vector(rgb: np.ndarray) -> np.ndarray:
+    """[..., 3] -> [..., 2]: the colour's direction in the chroma plane (its hue as a 2-D vector)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    return np.stack([2 * r - g - b, np.sqrt(3) * (g - b)], axis=-1)
+
+
+def _hue_angle(vector: np.ndarray) -> np.ndarray:
+    return np.arctan2(vector[..., 1], vector[..., 0])
+
+
+_CLASS_HUES = _hue_angle(_hue_vector(np.array([colour for _, _, colour, *_ in _CLASSES], np.float32)))
+
+
+def video_class_oracle(frames: np.ndarray) -> int:
+    """Class whose colour is closest in hue to the clip's coloured pixels; -1 when there are none."""
+    weights, rgb = _object_weights(frames)
+    if weights.sum() < 1.0:
+        return -1
+    hue = _hue_angle(np.einsum("thw,thwc->c", weights, _hue_vector(rgb)))
+    hue_gap = np.angle(np.exp(1j * (hue - _CLASS_HUES)))  # wrapped to (-pi, pi]
+    return int(np.argmin(np.abs(hue_gap)))
+
+
+def impact_frames_oracle(frames: np.ndarray) -> list[int]:
+    """Frames where the object is at a lowest point near the floor (a local maximum of its row).
+
+    Works from the object's weighted centroid row, so it is indifferent to resolution, letterbox
+    padding and mild noise. Impacts in the first and last frame are not reported (no neighbour).
+    """
+    weights, _ = _object_weights(frames)
+    height = weights.shape[1]
+    mass = weights.sum(axis=(1, 2))  # [T]
+    rows = (np.arange(height) + 0.5) / height
+    with np.errstate(invalid="ignore", divide="ignore"):
+        depth = np.where(
+            mass > 1.0, np.einsum("thw,h->t", weights, rows) / mass, np.nan
+        )  # [T], down is larger
+    if np.isnan(depth).all():
+        return []
+    lowest, highest = np.nanmax(depth), np.nanmin(depth)
+    if lowest - highest < 0.05:  # the object hardly moves vertically: no bounce to see
+        return []
+    near_floor = depth >= highest + 0.5 * (lowest - highest)
+    previous, current, following = depth[:-2], depth[1:-1], depth[2:]
+    is_lowest = (current > previous) & (current >= following) & near_floor[1:-1]
+    return [int(k) + 1 for k in np.flatnonzero(is_lowest)]
+
+
+# Audio analysis grid: quarter-tone bands over the classes' partials.
+_BAND_RANGE_HZ = (100.0, 11000.0)
+_BANDS_PER_OCTAVE = 24
+
+
+def _band_energies(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Log energy per quarter-tone band of the clip's loud parts, standardised to zero mean, unit std."""
+    audio = np.asarray(audio, np.float64).reshape(-1)
+    n_fft = 1 << int(np.ceil(np.log2(0.18 * sample_rate)))  # ~5 Hz bins: resolves the lowest class
+    hop = n_fft // 4
+    if len(audio) < n_fft:
+        audio = np.pad(audio, (0, n_fft - len(audio)))
+    windows = np.lib.stride_tricks.sliding_window_view(audio, n_fft)[::hop] * np.hanning(n_fft)
+    power = np.abs(np.fft.rfft(windows, axis=-1)) ** 2  # [frames, bins]
+    frame_energy = power.sum(axis=-1)
+    loud = frame_energy >= 0.01 * frame_energy.max()  # within 20 dB of the loudest window
+    spectrum = power[loud].mean(axis=0)
+    bin_hz = np.fft.rfftfreq(n_fft, 1 / sample_rate)
+    top = min(_BAND_RANGE_HZ[1], 0.45 * sample_rate)
+    centres = _BAND_RANGE_HZ[0] * 2.0 ** (
+        np.arange(int(_BANDS_PER_OCTAVE * np.log2(top / _BAND_RANGE_HZ[0]))) / _BANDS_PER_OCTAVE
+    )
+    # Triangular filters on a log-frequency axis, each spanning its two neighbours' centres.
+    octaves = np.log2(np.maximum(bin_hz, 1.0) / _BAND_RANGE_HZ[0])[None, :]
+    positions = np.log2(centres / _BAND_RANGE_HZ[0])[:, None]
+    filters = np.clip(1 - np.abs(octaves - positions) * _BANDS_PER_OCTAVE, 0.0, None)  # [bands, bins]
+    filters /= np.maximum(filters.sum(axis=1, keepdims=True), 1e-12)
+    log_energy = np.log10(filters @ spectrum + 1e-12 * spectrum.max() + 1e-20)
+    return (log_energy - log_energy.mean()) / (log_energy.std() + 1e-12)
+
+
+@lru_cache(maxsize=8)
+def _class_templates(sample_rate: int) -> np.ndarray:
+    """[classes, bands] band energies of each class's clean tone burst."""
+    return np.stack([_band_energies(_tone_burst(c, sample_rate), sample_rate) for c in range(len(_CLASSES))])
+
+
+def audio_class_oracle(audio: np.ndarray, sample_rate: int) -> int:
+    """Class whose tone (pitch and harmonics) best correlates with the clip's spectrum; -1 if silent."""
+    if not np.any(np.abs(np.asarray(audio)) > 1e-4):
+        return -1
+    correlation = _class_templates(sample_rate) @ _band_energies(audio, sample_rate)
+    return int(np.argmax(correlation))
+
+
+_ENVELOPE_HOP_SECONDS = 0.01
+_RISE_FRAMES = 3  # an onset is a rise of at least _RISE_DB within this many hops
+_RISE_DB = 10.0
+_ONSET_FLOOR_DB = 30.0  # onsets must reach within this of the clip's loudest moment
+_MIN_ONSET_GAP_SECONDS = 0.2
+
+
+def onset_times_oracle(audio: np.ndarray, sample_rate: int) -> list[float]:
+    """Times (s) where the sound level jumps up sharply: the starts of impact tone bursts.
+
+    The level is an RMS envelope in dB on a 10 ms grid; an onset is the steepest point of a rise of
+    at least 10 dB over 30 ms that reaches within 30 dB of the loudest moment, with at most one
+    onset per 0.2 s. Onsets within the first 30 ms cannot be seen.
+    """
+    audio = np.asarray(audio, np.float64).reshape(-1)
+    hop = max(1, round(_ENVELOPE_HOP_SECONDS * sample_rate))
+    if len(audio) < 2 * hop * (_RISE_FRAMES + 1):
+        return []
+    windows = np.lib.stride_tricks.sliding_window_view(audio, 2 * hop)[::hop]  # [frames, 2 hop]
+    level = 20 * np.log10(np.sqrt((windows**2).mean(axis=-1)) + 1e-5)
+    rise = np.full_like(level, -np.inf)
+    rise[_RISE_FRAMES:] = level[_RISE_FRAMES:] - level[:-_RISE_FRAMES]
+    steepest_nearby = maximum_filter1d(
+        rise, size=2 * round(_MIN_ONSET_GAP_SECONDS / _ENVELOPE_HOP_SECONDS) + 1
+    )
+    is_onset = (rise >= _RISE_DB) & (rise == steepest_nearby) & (level >= level.max() - _ONSET_FLOOR_DB)
+    # Window k is centred on sample (k + 1) * hop; the rise it ends began about half the rise span earlier.
+    onset_hops = np.flatnonzero(is_onset) + 1 - _RISE_FRAMES / 2
+    return [float(t) for t in onset_hops * hop / sample_rate]
