@@ -8,6 +8,8 @@ import librosa
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
 from mmldm_data.audio import (
     MelConfig,
     audio_image_to_logmel,
@@ -18,7 +20,6 @@ from mmldm_data.audio import (
     stft,
     waveform_to_audio_image,
 )
-from PIL import Image
 
 CFG = MelConfig()
 CLIP_SAMPLES = 70_560  # 1.6 s at 44.1 kHz

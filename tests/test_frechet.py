@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+
 from mmldm_data.metrics.frechet import frechet_distance, fvd_kvd, polynomial_mmd
 
 

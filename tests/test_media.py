@@ -7,6 +7,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
+
 from mmldm_data.media import (
     MediaError,
     NoAudioStreamError,

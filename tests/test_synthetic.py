@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from mmldm_data.media import probe_media, read_video
 from mmldm_data.synthetic import (
     CLASS_NAMES,

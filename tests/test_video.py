@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from mmldm_data.video import center_crop, letterbox, to_model_frames, to_uint8_frames
 
 

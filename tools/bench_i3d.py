@@ -17,6 +17,7 @@ import platform
 import time
 
 import torch
+
 from mmldm_data.metrics.i3d import load_i3d
 
 FVD_CLIPS = 2048

@@ -30,6 +30,8 @@ from torch import Tensor
 DB_REF = 20.0
 DB_RANGE = 100.0
 LOG_CLAMP = 1e-5
+# The quietest level an audio image can hold (-80 dB, pixel value 0), as a natural-log mel.
+IMAGE_FLOOR_LOGMEL = (DB_REF - DB_RANGE) / 20.0 * math.log(10.0)
 MAGNITUDE_EPS = 1e-9
 
 
