@@ -33,6 +33,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from mmldm_data.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 SD_SCALE = 0.18215  # LDM's scale_factor for the KL-f8 first stage
@@ -88,7 +90,6 @@ class Stage0Config:
     """
 
     train_encoder: bool = False  # False: encoder and quant_conv frozen (fix_encoder=True)
-    lr: float = 1e-5
     kl_weight: float = 1e-6
     adv_weight: float = 0.5
     adaptive_adv_weight: bool = True  # LDM's gradient-norm balancing at the decoder's last layer
@@ -123,7 +124,7 @@ class VAEConfig:
         if self.block_out_channels is not None and not self.block_out_channels:
             problems.append("vae.block_out_channels must be null or a non-empty list")
         if problems:
-            raise ValueError("invalid vae config:\n  " + "\n  ".join(problems))
+            raise ConfigError("invalid vae config:\n  " + "\n  ".join(problems))
 
 
 def autoencoder_config(preset: str, block_out_channels: list[int] | None = None) -> dict:
@@ -145,7 +146,11 @@ class KLVAE(nn.Module):
     """
 
     def __init__(
-        self, model: AutoencoderKL, scale: float | None = None, sample_posterior: bool = False, chunk_size: int = 16
+        self,
+        model: AutoencoderKL,
+        scale: float | None = None,
+        sample_posterior: bool = False,
+        chunk_size: int = 16,
     ):
         super().__init__()
         self.model = model
@@ -164,12 +169,19 @@ class KLVAE(nn.Module):
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         return (self.latent_channels, resolution // self.downsample, resolution // self.downsample)
 
-    def posterior(self, x: Tensor) -> DiagonalGaussianDistribution:
-        """The unscaled posterior of one batch (no chunking): what stage-0 training needs."""
+    def forward(
+        self, x: Tensor, generator: torch.Generator | None = None, encoder_grad: bool = True
+    ) -> tuple[Tensor, DiagonalGaussianDistribution]:
+        """Stage-0 training pass (no chunking): the reconstruction [N, 3, H, W] of a posterior sample,
+        and the unscaled posterior. Going through forward keeps a DDP-wrapped VAE synchronised."""
         self._check_images(x)
-        return self.model.encode(x).latent_dist
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            posterior = self.model.encode(x).latent_dist
+        return self.model.decode(posterior.sample(generator)).sample, posterior
 
-    def encode(self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None) -> Tensor:
+    def encode(
+        self, x: Tensor, sample: bool | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
         """[N, 3, H, W] in [-1, 1] -> scaled latents [N, C, h, w]; the posterior mode unless sampling."""
         sample = self.sample_posterior if sample is None else sample
         self._check_images(x)
@@ -182,7 +194,9 @@ class KLVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents [N, C, h, w] -> images [N, 3, H, W]; differentiable in z."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"decode expects latents [N, {self.latent_channels}, h, w], got {tuple(z.shape)}")
+            raise ValueError(
+                f"decode expects latents [N, {self.latent_channels}, h, w], got {tuple(z.shape)}"
+            )
         return torch.cat([self.model.decode(chunk / self.scale).sample for chunk in z.split(self.chunk_size)])
 
     def freeze_encoder(self) -> None:
@@ -199,8 +213,12 @@ class KLVAE(nn.Module):
     def fingerprint(self) -> str:
         """A hash of architecture, scale and every weight: identifies what produced cached latents."""
         digest = hashlib.sha1()
-        config = {k: v for k, v in self.model.config.items() if not k.startswith("_") and k != "scaling_factor"}
-        digest.update(json.dumps({"config": config, "scale": self.scale}, sort_keys=True, default=list).encode())
+        config = {
+            k: v for k, v in self.model.config.items() if not k.startswith("_") and k != "scaling_factor"
+        }
+        digest.update(
+            json.dumps({"config": config, "scale": self.scale}, sort_keys=True, default=list).encode()
+        )
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -302,8 +320,10 @@ def _ldm_key_to_diffusers(key: str, num_blocks: int) -> str:
     # LDM numbers decoder blocks from the lowest resolution up; diffusers in decoding order.
     key = re.sub(
         r"^decoder\.up\.(\d+)\.(block|upsample)\.",
-        lambda m: f"decoder.up_blocks.{num_blocks - 1 - int(m[1])}."
-        + ("resnets." if m[2] == "block" else "upsamplers.0."),
+        lambda m: (
+            f"decoder.up_blocks.{num_blocks - 1 - int(m[1])}."
+            + ("resnets." if m[2] == "block" else "upsamplers.0.")
+        ),
         key,
     )
     key = re.sub(r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", key)
@@ -316,7 +336,9 @@ def _ldm_key_to_diffusers(key: str, num_blocks: int) -> str:
     return re.sub(r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out.", key)
 
 
-def convert_ldm_vae_state_dict(state: dict[str, Tensor], model: AutoencoderKL, source: str) -> dict[str, Tensor]:
+def convert_ldm_vae_state_dict(
+    state: dict[str, Tensor], model: AutoencoderKL, source: str
+) -> dict[str, Tensor]:
     """Map an original LDM/SD VAE state dict onto `model`'s keys, refusing anything that does not fit.
 
     Accepts a bare VAE state dict, a full SD checkpoint (VAE under `first_stage_model.`), an LDM
@@ -347,7 +369,11 @@ def convert_ldm_vae_state_dict(state: dict[str, Tensor], model: AutoencoderKL, s
         shape = model.config.block_out_channels
         problems = [
             f"{label} ({len(keys)}): {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-            for label, keys in (("unexpected keys", unexpected), ("missing keys", missing), ("shape mismatches", mismatched))
+            for label, keys in (
+                ("unexpected keys", unexpected),
+                ("missing keys", missing),
+                ("shape mismatches", mismatched),
+            )
             if keys
         ]
         raise VAELoadError(
@@ -421,7 +447,7 @@ def patch_discriminator_loss(discriminator: nn.Module, real: Tensor, fake: Tenso
 
 
 def vae_losses(
-    vae: KLVAE,
+    vae: KLVAE | nn.Module,
     x: Tensor,
     discriminator: nn.Module | None = None,
     adv_weight: float = 0.0,
@@ -441,13 +467,11 @@ def vae_losses(
     the adversarial phase starts. There is no LPIPS term: its weights cannot be fetched offline.
 
     With train_encoder=False (decoder fine-tune) the encoder runs without a graph and KL is only
-    reported. The discriminator's parameters also receive gradients from this loss; its own
-    optimizer must zero them before its step, as in any two-optimizer GAN loop. Returns the
-    reconstruction for `patch_discriminator_loss`.
+    reported. `vae` and `discriminator` may be DDP-wrapped. The discriminator's parameters also
+    receive gradients from this loss; its own optimizer must zero them before its step, as in any
+    two-optimizer GAN loop. Returns the reconstruction for `patch_discriminator_loss`.
     """
-    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
-        posterior = vae.posterior(x)
-    reconstruction = vae.model.decode(posterior.sample(generator)).sample
+    reconstruction, posterior = vae(x, generator=generator, encoder_grad=train_encoder)
     rec_l1 = (reconstruction - x).abs().mean()
     rec_mse = (reconstruction - x).pow(2).mean()
     kl = posterior.kl().mean()  # per-sample sum over latent elements, averaged over the batch
@@ -459,13 +483,17 @@ def vae_losses(
     if discriminator is not None and adv_weight > 0:
         generator_loss = -discriminator(reconstruction).mean()
         scale = (
-            _adaptive_weight(rec_l1 + rec_mse, generator_loss, vae.model.decoder.conv_out.weight)
+            _adaptive_weight(rec_l1 + rec_mse, generator_loss, _unwrap(vae).model.decoder.conv_out.weight)
             if adaptive_adv_weight and loss.requires_grad
             else torch.ones((), device=x.device)
         )
         loss = loss + adv_weight * scale * generator_loss
         losses |= {"adv_g": generator_loss.detach(), "adv_scale": scale}
     return losses | {"loss": loss, "reconstruction": reconstruction}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # DistributedDataParallel keeps the model in .module
 
 
 def _adaptive_weight(reconstruction_loss: Tensor, generator_loss: Tensor, last_layer: Tensor) -> Tensor:

@@ -120,6 +120,8 @@ def to_typed(schema: type[T], node: Mapping[str, Any] | DictConfig | None) -> T:
     structured = OmegaConf.structured(schema)
     _make_writable(structured)  # frozen nested dataclasses would otherwise refuse the merge
     try:
+        if isinstance(node, DictConfig):  # resolve ${...} against the whole composed config
+            node = OmegaConf.to_container(node, resolve=True)
         merged = OmegaConf.merge(structured, node or {})
         typed = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:

@@ -1,0 +1,78 @@
+"""Stage 0: train the KL-VAE on video frames and audio images (DESIGN section 3).
+
+Two regimes, chosen by `vae.stage0.train_encoder`: from scratch (tiny presets, CPU), or the
+authors' per-dataset fine-tune of SD's decoder with the encoder frozen. The loop is the shared
+`Trainer`; this module is the task: the VAE's loss, the patch discriminator's loss, and
+reconstruction pictures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmldm_ae.training import TrainingTask
+from mmldm_ae.vae import KLVAE, PatchDiscriminator, Stage0Config, patch_discriminator_loss, vae_losses
+from mmldm_ae.wandb_logger import WandbLogger
+from mmldm_data.preview import contact_sheet, save_png
+from mmldm_data.video import to_uint8_frames
+
+
+def images_of(batch: dict) -> torch.Tensor:
+    """The images stage 0 learns from: each clip's target frames and its audio image [N, 3, R, R]."""
+    frames = batch["target_frames"].flatten(0, 1)  # [B * 2, 3, R, R]
+    return torch.cat([frames, batch["audio_image"]])
+
+
+class VAETrainingTask(TrainingTask):
+    def __init__(self, vae: KLVAE, stage0: Stage0Config, preview_batch: dict, architecture: dict[str, Any]):
+        self.vae, self.stage0 = vae, stage0
+        if not stage0.train_encoder:
+            vae.freeze_encoder()
+        self.discriminator = PatchDiscriminator(channels=stage0.disc_channels, num_layers=stage0.disc_layers)
+        self.preview = images_of(preview_batch)[:8]
+        self._architecture = architecture
+        self._reconstruction: torch.Tensor | None = None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"vae": self.vae, "discriminator": self.discriminator}
+
+    def optimizer_modules(self) -> list[str]:
+        return ["vae", "discriminator"]
+
+    def architecture(self) -> dict[str, Any]:
+        return self._architecture
+
+    def loss(self, optimizer: str, batch: dict, step: int):
+        adversarial = step >= self.stage0.disc_start
+        if optimizer == "discriminator":
+            if not adversarial or self._reconstruction is None:
+                return None, {}
+            losses = patch_discriminator_loss(self.discriminator, images_of(batch), self._reconstruction)
+            return losses["loss"], {"d_loss": losses["loss"].item(), "d_real": losses["logits_real"].item(),
+                                    "d_fake": losses["logits_fake"].item()}
+        losses = vae_losses(
+            self.vae,
+            images_of(batch),
+            self.discriminator if adversarial else None,
+            adv_weight=self.stage0.adv_weight if adversarial else 0.0,
+            kl_weight=self.stage0.kl_weight,
+            train_encoder=self.stage0.train_encoder,
+            adaptive_adv_weight=self.stage0.adaptive_adv_weight,
+        )
+        self._reconstruction = losses["reconstruction"].detach()
+        numbers = {k: float(v) for k, v in losses.items() if k not in ("loss", "reconstruction")}
+        return losses["loss"], numbers
+
+    @torch.no_grad()
+    def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
+        images = self.preview.to(next(self.vae.parameters()).device)
+        reconstruction = self.vae.decode(self.vae.encode(images)).clamp(-1, 1)
+        rows = [list(to_uint8_frames(images.cpu())), list(to_uint8_frames(reconstruction.cpu()))]
+        sheet = contact_sheet(rows, ["input", "decoded"], cell=96)
+        save_png(sheet, run_dir / "samples" / f"vae_{step:07d}.png")
+        logger.log_image("reconstruction", np.asarray(sheet), step)

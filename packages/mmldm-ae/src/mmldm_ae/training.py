@@ -1,0 +1,490 @@
+"""The training loop shared by every stage (KL-VAE, autoencoder, DiT), in the fast-DiT / EDM2 style.
+
+A stage supplies a `TrainingTask`: its modules, one loss per optimiser (a GAN has two: the
+generator's, then the discriminator's) and optionally pictures to log. This module owns the rest:
+Accelerate for devices and precision, gradient accumulation, clipping, EMA, a resumable data
+order, non-finite-loss guarding, checkpoints that resume exactly, a status line, W&B.
+
+Checkpoints are folders `<run_dir>/checkpoints/step_XXXXXXX/` holding
+    <module>.safetensors   weights of each trained module (and `ema.safetensors`)
+    optimizers.pt          optimiser and grad-scaler states (tensors only: loads with weights_only=True)
+    rng_<rank>.pt          python / numpy / torch / cuda RNG states of each process
+    state.json             step, data position, counters, and the config the run was started with
+Resuming restores all of it, so a resumed run continues with the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, incompatible checkpoint, bad settings)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 4  # per process, per micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    disc_lr: float | None = None  # None: same as lr
+    weight_decay: float = 0.01  # AdamW, torch defaults otherwise (the authors' setting)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    precision: str = "no"  # "no" | "bf16" | "fp16" (Accelerate mixed precision)
+    ema_decay: float | None = None  # None: no EMA (the authors use none)
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2  # most recent step checkpoints kept; the final one is always kept
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    num_workers: int = 0
+    seed: int = 0
+    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_steps < 1:
+            problems.append(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            problems.append("train.batch_size and train.grad_accum must be >= 1")
+        if self.precision not in ("no", "bf16", "fp16"):
+            problems.append(f"train.precision must be no, bf16 or fp16, got {self.precision!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.checkpoint_every < 1 or self.log_every < 1:
+            problems.append("train.checkpoint_every and train.log_every must be >= 1")
+        if problems:
+            raise TrainingError("invalid train config:\n  " + "\n  ".join(problems))
+
+
+class TrainingTask(Protocol):
+    """What a stage gives the loop."""
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trained modules by name; each optimiser's parameters come from one of them."""
+
+    def optimizer_modules(self) -> list[str]:
+        """Names of the modules with an optimiser, in step order (generator before discriminator)."""
+
+    def loss(self, optimizer: str, batch: dict, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """The loss for one optimiser on one micro-batch, and numbers to log; None skips that
+        optimiser at this step (a discriminator before its start step)."""
+
+    def architecture(self) -> dict[str, Any]:
+        """Settings a checkpoint must share with the run that resumes it."""
+
+    def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
+        """Write and log pictures/videos (reconstructions, samples); may do nothing."""
+
+
+# --------------------------------------------------------------------------------------------
+# Data order that can be saved and resumed
+# --------------------------------------------------------------------------------------------
+
+
+class ResumableSampler(Sampler[tuple[int, int]]):
+    """An endless seeded shuffle, split over processes, that starts at any sample count.
+
+    It yields (epoch, index) pairs. The loop counts the samples it has consumed and a resumed run
+    starts the sampler there, so DataLoader workers reading ahead never shift the data order.
+    """
+
+    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if length < world_size:
+            raise TrainingError(f"the dataset has {length} items, fewer than the {world_size} processes")
+        self.length, self.seed, self.rank, self.world_size, self.start = length, seed, rank, world_size, start
+        self.per_rank = length // world_size  # equal shares keep the processes in step
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        consumed = self.start
+        while True:
+            epoch, position = divmod(consumed, self.per_rank)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.length)
+            for index in order[self.rank :: self.world_size][position : self.per_rank]:
+                yield epoch, int(index)
+            consumed = (epoch + 1) * self.per_rank
+
+
+class EpochIndexed(Dataset):
+    """Passes the epoch to datasets whose random draws depend on it (set_epoch), in any worker."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
+        "python_position": torch.tensor(random.getstate()[2] if random.getstate()[2] is not None else -1),
+        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+        "numpy_position": torch.tensor([numpy_state[2], numpy_state[3]], dtype=torch.int64),
+        "numpy_gauss": torch.tensor(numpy_state[4], dtype=torch.float64),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    position = int(state["python_position"])
+    random.setstate((3, tuple(int(v) for v in state["python"]), None if position == -1 else position))
+    pos, has_gauss = state["numpy_position"].tolist()
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(state["numpy_gauss"])))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step_*") if (p / "state.json").is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
+    """Load `<checkpoint>/<name>.safetensors` into a module, naming the file when it is missing."""
+    path = checkpoint / f"{name}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint weights {path} do not exist: give the folder of a finished checkpoint")
+    load_model(module, str(path))
+
+
+def describe_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two nested settings dicts, as 'key: saved -> current'."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        name = f"{prefix}{key}"
+        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += describe_mismatch(old, new, f"{name}.")
+        elif old != new:
+            differences.append(f"{name}: {old!r} -> {new!r}")
+    return differences
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimiser steps done
+    samples_seen: int = 0  # per process
+    nonfinite_in_a_row: int = 0
+    skipped_steps: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        task: TrainingTask,
+        dataset: Dataset,
+        config: TrainConfig,
+        run_dir: str | Path,
+        wandb: WandbConfig | None = None,
+        run_config: dict | None = None,
+    ):
+        config.validate()
+        self.task, self.dataset, self.config = task, dataset, config
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config or {}
+        self.accelerator = Accelerator(
+            mixed_precision=config.precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
+        )
+        torch.manual_seed(config.seed + self.accelerator.process_index)
+        modules = task.modules()
+        optimized = task.optimizer_modules()
+        unknown = [name for name in optimized if name not in modules]
+        if unknown:
+            raise TrainingError(f"optimizer_modules names {unknown}, which are not among {sorted(modules)}")
+        # The first optimiser is the generator's; the others (discriminators) may use disc_lr.
+        self.base_lr = {name: config.lr if i == 0 else config.disc_lr or config.lr for i, name in enumerate(optimized)}
+        self.generator = optimized[0]
+        self.optimizers = {
+            name: torch.optim.AdamW(
+                [p for p in modules[name].parameters() if p.requires_grad],
+                lr=self.base_lr[name],
+                betas=tuple(config.betas),
+                weight_decay=config.weight_decay,
+            )
+            for name in optimized
+        }
+        prepared = self.accelerator.prepare(*modules.values(), *self.optimizers.values())
+        self.modules = dict(zip(modules, prepared[: len(modules)], strict=True))
+        self.optimizers = dict(zip(self.optimizers, prepared[len(modules) :], strict=True))
+        self.ema = None
+        if config.ema_decay is not None:
+            self.ema = EMAModel(self._raw(self.generator).parameters(), decay=config.ema_decay)
+        self.state = LoopState()
+        self.is_main = self.accelerator.is_main_process
+        self.logger = WandbLogger(wandb or WandbConfig(mode="disabled"), self.run_dir, self.run_config, self.is_main)
+
+    def _raw(self, name: str) -> nn.Module:
+        return self.accelerator.unwrap_model(self.modules[name])
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        folder = self.run_dir / "checkpoints" / f"step_{self.state.step:07d}"
+        partial = folder.with_name(folder.name + ".partial")
+        if self.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            for name in self.modules:
+                save_model(self._raw(name), str(partial / f"{name}.safetensors"))
+            if self.ema is not None:
+                ema_weights = {f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)}
+                save_file(ema_weights, partial / "ema.safetensors")
+            optimizer_states = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+            scaler = self.accelerator.scaler
+            torch.save({"optimizers": optimizer_states, "scaler": scaler.state_dict() if scaler else None,
+                        "ema_step": self.ema.optimization_step if self.ema else 0}, partial / "optimizers.pt")
+        self.accelerator.wait_for_everyone()
+        torch.save(_rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            (partial / "state.json").write_text(json.dumps({
+                "step": self.state.step,
+                "samples_seen": self.state.samples_seen,
+                "skipped_steps": self.state.skipped_steps,
+                "world_size": self.accelerator.num_processes,
+                "architecture": self.task.architecture(),
+                "config": self.run_config,
+            }, indent=1, default=str))
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)  # a checkpoint exists only once it is complete
+            self._prune_checkpoints()
+        self.accelerator.wait_for_everyone()
+        return folder
+
+    def _prune_checkpoints(self) -> None:
+        finished = checkpoint_dirs(self.run_dir)
+        for old in finished[: max(0, len(finished) - self.config.keep_checkpoints)]:
+            shutil.rmtree(old)
+
+    def resume(self, checkpoint: Path) -> None:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        mismatched = describe_mismatch(saved["architecture"], self.task.architecture())
+        if mismatched:
+            raise TrainingError(
+                f"cannot resume {checkpoint}: the config differs in settings the checkpoint depends on:\n  "
+                + "\n  ".join(mismatched)
+                + "\nUse another run_dir, or set these back to the checkpoint's values."
+            )
+        if saved["world_size"] != self.accelerator.num_processes:
+            log.warning("resuming with %d processes instead of %d: the data order changes",
+                        self.accelerator.num_processes, saved["world_size"])
+        for name in self.modules:
+            load_module_weights(self._raw(name), checkpoint, name)
+        rest = torch.load(checkpoint / "optimizers.pt", map_location="cpu", weights_only=True)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(rest["optimizers"][name])
+        if self.accelerator.scaler is not None and rest["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(rest["scaler"])
+        if self.ema is not None:
+            ema_weights = load_file(checkpoint / "ema.safetensors")
+            for i, shadow in enumerate(self.ema.shadow_params):
+                shadow.data.copy_(ema_weights[f"{i}"])
+            self.ema.optimization_step = rest["ema_step"]
+        rng_file = checkpoint / f"rng_{self.accelerator.process_index}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        self.state = LoopState(step=saved["step"], samples_seen=saved["samples_seen"],
+                               skipped_steps=saved["skipped_steps"])
+
+    # ---- training ------------------------------------------------------------------------
+
+    def _learning_rate(self, base: float) -> float:
+        warmup = self.config.warmup_steps
+        return base * min(1.0, (self.state.step + 1) / warmup) if warmup else base
+
+    def _micro_batches(self) -> Iterator[dict]:
+        sampler = ResumableSampler(len(self.dataset), self.config.seed, self.accelerator.process_index,
+                                   self.accelerator.num_processes, start=self.state.samples_seen)
+        # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, which
+        # would shift the training noise of a resumed run.
+        loader = DataLoader(EpochIndexed(self.dataset), batch_size=self.config.batch_size, sampler=sampler,
+                            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
+                            generator=torch.Generator().manual_seed(self.config.seed))
+        for batch in loader:
+            yield {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train(self) -> dict[str, Any]:
+        config = self.config
+        existing = checkpoint_dirs(self.run_dir)
+        if existing and config.resume:
+            self.resume(existing[-1])
+            self._print(f"resumed from {existing[-1]} at step {self.state.step}")
+        if self.state.step >= config.max_steps:
+            self._print(f"nothing to do: step {self.state.step} >= train.max_steps={config.max_steps}")
+            return self._summary(0.0, {})
+
+        from tqdm.auto import tqdm
+
+        batches = self._micro_batches()
+        progress = tqdm(total=config.max_steps, initial=self.state.step, desc="train", unit="step",
+                        disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
+        window_start, window_samples, last_logs = time.perf_counter(), 0, {}
+        started = time.perf_counter()
+        for module in self.modules.values():
+            module.train()
+        while self.state.step < config.max_steps:
+            micro = [next(batches) for _ in range(config.grad_accum)]
+            logs = self._optimizer_steps(micro)
+            self.state.samples_seen += config.batch_size * config.grad_accum
+            window_samples += config.batch_size * config.grad_accum * self.accelerator.num_processes
+            if logs is None:
+                continue
+            self.state.step += 1
+            progress.update()
+            last_logs = logs
+            if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
+                elapsed = time.perf_counter() - window_start
+                logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                logs["peak_mem_gb"] = _peak_memory_gb()
+                logs["lr"] = self.optimizers[self.generator].param_groups[0]["lr"]
+                self.logger.log(logs, self.state.step)
+                progress.set_postfix_str(self._status(logs), refresh=False)
+                if not progress.disable and not sys.stderr.isatty():
+                    self._print(f"step {self.state.step}/{config.max_steps} | {self._status(logs)}")
+                window_start, window_samples = time.perf_counter(), 0
+            if config.sample_every and self.state.step % config.sample_every == 0:
+                self._log_media()
+            if self.state.step % config.checkpoint_every == 0 and self.state.step < config.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        final = self.save_checkpoint()
+        self._log_media()
+        summary = self._summary(time.perf_counter() - started, last_logs)
+        summary["checkpoint"] = str(final)
+        self.logger.finish()
+        return summary
+
+    def _optimizer_steps(self, micro: list[dict]) -> dict[str, float] | None:
+        """One step of every optimiser over the micro-batches; None when a loss was not finite."""
+        logs: dict[str, float] = {}
+        for name, optimizer in self.optimizers.items():
+            for group in optimizer.param_groups:
+                group["lr"] = self._learning_rate(self.base_lr[name])
+            optimizer.zero_grad(set_to_none=True)
+            for index, batch in enumerate(micro):
+                sync = index == len(micro) - 1
+                context = nullcontext() if sync else self.accelerator.no_sync(self.modules[name])
+                with context, self.accelerator.autocast():
+                    loss, numbers = self.task.loss(name, batch, self.state.step)
+                if loss is None:
+                    break
+                if not torch.isfinite(loss).all():
+                    return self._skip(name, numbers)
+                self.accelerator.backward(loss / len(micro))
+                for key, value in numbers.items():
+                    logs[key] = logs.get(key, 0.0) + float(value) / len(micro)
+            if loss is None:
+                continue
+            if self.config.grad_clip:
+                norm = self.accelerator.clip_grad_norm_(self.modules[name].parameters(), self.config.grad_clip)
+                logs[f"grad_norm_{name}"] = float(norm)
+                if not math.isfinite(float(norm)):
+                    return self._skip(name, {"grad_norm": float(norm)})
+            optimizer.step()
+            if self.ema is not None and name == self.generator:
+                self.ema.step(self._raw(name).parameters())
+        self.state.nonfinite_in_a_row = 0
+        return logs
+
+    def _skip(self, optimizer: str, numbers: dict[str, float]) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        self.state.nonfinite_in_a_row += 1
+        self.state.skipped_steps += 1
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in numbers.items())
+        self._print(f"step {self.state.step}: non-finite {optimizer} loss ({shown}); step skipped "
+                    f"({self.state.nonfinite_in_a_row} in a row)")
+        if self.state.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: training "
+                "diverged. Lower train.lr, raise train.warmup_steps, or use train.precision=no/bf16 instead of fp16; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}"
+            )
+        return None
+
+    def _log_media(self) -> None:
+        if not self.is_main:
+            return
+        for module in self.modules.values():
+            module.eval()
+        if self.ema is not None:
+            raw = self._raw(self.generator)
+            self.ema.store(raw.parameters())
+            self.ema.copy_to(raw.parameters())
+        try:
+            self.task.log_media(self.logger, self.state.step, self.run_dir)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self._raw(self.generator).parameters())
+            for module in self.modules.values():
+                module.train()
+
+    def _status(self, logs: dict[str, float]) -> str:
+        losses = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("samples_per_s", "peak_mem_gb", "lr")
+                          and not k.startswith("grad_norm"))
+        return f"{losses} | {logs['samples_per_s']:.1f} samples/s | peak {logs['peak_mem_gb']:.2f} GB"
+
+    def _summary(self, seconds: float, logs: dict[str, float]) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "step": self.state.step, "skipped_steps": self.state.skipped_steps,
+                "seconds": round(seconds, 1), "last": {k: round(v, 6) for k, v in logs.items()}}
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

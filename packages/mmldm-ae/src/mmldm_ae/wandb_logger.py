@@ -1,0 +1,74 @@
+"""The one place that talks to Weights & Biases (online, offline or disabled), from rank 0 only.
+
+Runs get a deterministic id derived from their run folder, so a resumed run appends to the same
+W&B run. Offline runs are written under `<run_dir>/wandb` and uploaded later with
+`wandb sync <run_dir>/wandb/offline-run-*`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # "online" | "offline" | "disabled"
+    project: str = "mmldm"
+    entity: str | None = None
+    group: str | None = None  # sweeps group their runs
+    tags: list[str] = field(default_factory=list)
+    name: str | None = None  # default: the run folder's name
+
+
+class WandbLogger:
+    def __init__(self, config: WandbConfig, run_dir: Path, run_config: dict[str, Any], is_main: bool = True):
+        if config.mode not in ("online", "offline", "disabled"):
+            raise ValueError(f"wandb.mode must be online, offline or disabled, got {config.mode!r}")
+        self.run = None
+        if not is_main or config.mode == "disabled":
+            return
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=config.project,
+            entity=config.entity,
+            group=config.group,
+            tags=config.tags or None,
+            name=config.name or run_dir.name,
+            id=run_id(run_dir),
+            resume="allow",
+            mode=config.mode,
+            dir=str(run_dir),
+            config=run_config,
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log(values, step=step)
+
+    def log_video(self, name: str, path: Path, step: int, caption: str | None = None) -> None:
+        """An mp4 already written (with its sound) by mmldm_data.media.write_video."""
+        if self.run is not None:
+            self.run.log({name: self._wandb.Video(str(path), caption=caption, format="mp4")}, step=step)
+
+    def log_image(self, name: str, image: np.ndarray, step: int, caption: str | None = None) -> None:
+        if self.run is not None:
+            self.run.log({name: self._wandb.Image(image, caption=caption)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
+def run_id(run_dir: Path) -> str:
+    return hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]

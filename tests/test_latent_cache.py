@@ -1,0 +1,143 @@
+"""Latent cache: built once from a synthetic dataset, read back exactly, refused when stale, resumable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmldm_ae.latent_cache import (
+    INDEX_FILE,
+    LatentCacheDataset,
+    LatentCacheError,
+    build_latent_cache,
+    cache_matches,
+    cache_mismatch,
+)
+from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
+from mmldm_data.audio import MelConfig
+from mmldm_data.config import DatasetConfig
+from mmldm_data.dataset import SoundingVideoDataset
+from mmldm_data.synthetic import SyntheticConfig, write_synthetic_dataset
+
+SHARD_SIZE = 5  # 18 windows -> 4 shards, and batches of 4 straddle shard boundaries
+
+
+def tiny_vae(seed: int = 0) -> KLVAE:
+    torch.manual_seed(seed)
+    return build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).eval()
+
+
+@pytest.fixture(scope="module")
+def dataset_config(tmp_path_factory) -> DatasetConfig:
+    root = tmp_path_factory.mktemp("synthetic6")
+    write_synthetic_dataset(root, num_clips=6, seed=0, cfg=SyntheticConfig(), progress=False)
+    # 6 clips of 32 frames, windows every 8 frames: 3 windows per clip.
+    return DatasetConfig(data_root=str(root), resolution=32, window_stride=8, mel=MelConfig(image_size=32))
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_config) -> SoundingVideoDataset:
+    return SoundingVideoDataset(dataset_config, return_all_frames=True)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(dataset, tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("latents")
+    return build_latent_cache(
+        dataset, tiny_vae(), out_dir, batch_size=4, progress=False, shard_size=SHARD_SIZE
+    )
+
+
+def shard_times(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(cache_dir.glob("shard-*.safetensors"))}
+
+
+def test_reading_the_cache_equals_encoding_directly(dataset, cache_dir):
+    index = json.loads((cache_dir / INDEX_FILE).read_text())
+    assert index["count"] == len(dataset) == 18 and len(index["shards"]) == 4
+    assert index["frame_latent_shape"] == [16, 4, 16, 16] and index["audio_latent_shape"] == [4, 16, 16]
+
+    cache = LatentCacheDataset(cache_dir, num_target_frames=2, seed=dataset.config.seed)
+    vae = tiny_vae()
+    for i in (0, 4, 5, 17):  # around a shard boundary and the last, partial shard
+        item, pixels = cache[i], dataset[i]
+        with torch.no_grad():
+            torch.testing.assert_close(
+                item["key_latents"], vae.encode(pixels["key_frames"]), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                item["target_latents"], vae.encode(pixels["target_frames"]), rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                item["audio_latents"], vae.encode(pixels["audio_image"][None])[0], rtol=1e-5, atol=1e-5
+            )
+        # Same seed, same rule: the cache draws the target frames the pixel dataset draws.
+        assert torch.equal(item["target_indices"], pixels["target_indices"])
+        assert (item["class_id"], item["clip_id"]) == (pixels["class_id"], pixels["clip_id"])
+        assert item["key_latents"].shape == (4, 4, 16, 16)
+
+    draws = [cache[3]["target_indices"] for _ in range(2)]
+    cache.set_epoch(1)
+    assert torch.equal(draws[0], draws[1])
+    assert any(
+        not torch.equal(cache[i]["target_indices"], LatentCacheDataset(cache_dir)[i]["target_indices"])
+        for i in range(18)
+    )
+
+
+def test_stale_cache_is_refused(dataset_config, cache_dir, tmp_path):
+    vae = tiny_vae()
+    assert cache_matches(cache_dir, dataset_config, vae)
+    assert cache_matches(
+        cache_dir, replace(dataset_config, num_target_frames=3, seed=7), vae
+    )  # drawn at read time
+
+    reason = cache_mismatch(cache_dir, replace(dataset_config, window_stride=4), vae)
+    assert reason and "window_stride: cached 8, now 4" in reason
+    assert "another VAE" in cache_mismatch(cache_dir, dataset_config, tiny_vae(seed=1))
+    rescaled = tiny_vae()
+    rescaled.scale = 0.5
+    assert not cache_matches(cache_dir, dataset_config, rescaled)
+    assert "unflipped" in cache_mismatch(cache_dir, replace(dataset_config, flip_p=0.5), vae)
+    with pytest.raises(LatentCacheError, match="another VAE"):
+        LatentCacheDataset(cache_dir, dataset_config=dataset_config, vae=tiny_vae(seed=1))
+    with pytest.raises(LatentCacheError, match=r"no finished latent cache.*build_latent_cache"):
+        LatentCacheDataset(tmp_path)
+
+
+def test_rebuild_reuses_finished_shards(dataset, cache_dir, tmp_path, monkeypatch):
+    out_dir = tmp_path / "copy"
+    out_dir.mkdir()
+    for path in cache_dir.iterdir():
+        (out_dir / path.name).write_bytes(path.read_bytes())
+    before = shard_times(out_dir)
+    (out_dir / "shard-00001.safetensors").unlink()  # as if the first build stopped there
+
+    vae = tiny_vae()
+    encoded = []
+    original_encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, **kw: encoded.append(len(x)) or original_encode(x, **kw))
+    build_latent_cache(dataset, vae, out_dir, batch_size=4, progress=False, shard_size=SHARD_SIZE)
+    after = shard_times(out_dir)
+    assert sum(encoded) == SHARD_SIZE * (16 + 1)  # only the missing shard's frames and audio images
+    assert {k: v for k, v in after.items() if k != "shard-00001.safetensors"} == {
+        k: v for k, v in before.items() if k != "shard-00001.safetensors"
+    }
+    assert json.loads((out_dir / INDEX_FILE).read_text()) == json.loads((cache_dir / INDEX_FILE).read_text())
+
+    other = tiny_vae(seed=1)  # new inputs: every shard is re-encoded
+    build_latent_cache(dataset, other, out_dir, batch_size=8, progress=False, shard_size=SHARD_SIZE)
+    assert all(shard_times(out_dir)[k] != after[k] for k in after)
+    assert cache_matches(out_dir, dataset.config, other)
+
+
+def test_cache_needs_all_frames_and_no_flips(dataset_config, tmp_path):
+    with pytest.raises(LatentCacheError, match="return_all_frames=True"):
+        build_latent_cache(SoundingVideoDataset(dataset_config), tiny_vae(), tmp_path, progress=False)
+    flipped = SoundingVideoDataset(replace(dataset_config, flip_p=0.5), return_all_frames=True)
+    with pytest.raises(LatentCacheError, match="flip_p=0"):
+        build_latent_cache(flipped, tiny_vae(), tmp_path, progress=False)
