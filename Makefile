@@ -9,7 +9,22 @@ PACKAGES := packages/mmldm-data packages/mmldm-ae packages/mmldm-dit
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 
-.PHONY: setup test lint demo clean
+# Which dataset a training target uses; synthetic trains the CPU (tiny) presets, the real
+# datasets the paper presets. ARGS passes Hydra overrides through, e.g.
+#   make train-vae ARGS="train.max_steps=50 run_dir=/tmp/vae"
+DATASET ?= synthetic
+ARGS ?=
+ifeq ($(DATASET),synthetic)
+VAE_PRESET := tiny
+PRESET     := tiny
+DATA_READY := data/synthetic/metadata.json
+else
+VAE_PRESET := sd
+PRESET     := paper
+DATA_READY :=
+endif
+
+.PHONY: setup test lint demo clean data-synthetic train-vae
 
 setup: $(STAMP)
 
@@ -30,6 +45,14 @@ lint: setup
 
 demo: setup
 	$(PY) tools/demo.py --out outputs/demo
+
+data-synthetic: data/synthetic/metadata.json
+
+data/synthetic/metadata.json: | setup
+	$(PY) tools/make_synthetic.py --out data/synthetic --num-clips 120 --seed 0
+
+train-vae: setup $(DATA_READY)
+	$(PY) tools/train_vae.py dataset=$(DATASET) vae=$(VAE_PRESET) train=vae_$(VAE_PRESET) $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache
