@@ -49,11 +49,12 @@ class ToyGanTask:
     def optimizer_modules(self) -> list[str]:
         return ["generator", "critic"]
 
-    def loss(self, optimizer: str, batch: dict, step: int):
+    def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
         noise = 0.01 * torch.randn_like(batch["x"])
-        prediction = self.generator(batch["x"] + noise)
+        prediction = modules["generator"](batch["x"] + noise)
         if optimizer == "critic":
-            loss = torch.relu(1 - self.critic(batch["y"])).mean() + torch.relu(1 + self.critic(prediction.detach())).mean()
+            critic = modules["critic"]
+            loss = torch.relu(1 - critic(batch["y"])).mean() + torch.relu(1 + critic(prediction.detach())).mean()
             return loss, {"critic": loss.item()}
         loss = (prediction - batch["y"]).square().mean()
         if self.nan_from_step is not None and step >= self.nan_from_step:

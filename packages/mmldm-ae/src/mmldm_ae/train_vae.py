@@ -47,18 +47,18 @@ class VAETrainingTask(TrainingTask):
     def architecture(self) -> dict[str, Any]:
         return self._architecture
 
-    def loss(self, optimizer: str, batch: dict, step: int):
+    def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
         adversarial = step >= self.stage0.disc_start
         if optimizer == "discriminator":
             if not adversarial or self._reconstruction is None:
                 return None, {}
-            losses = patch_discriminator_loss(self.discriminator, images_of(batch), self._reconstruction)
+            losses = patch_discriminator_loss(modules["discriminator"], images_of(batch), self._reconstruction)
             return losses["loss"], {"d_loss": losses["loss"].item(), "d_real": losses["logits_real"].item(),
                                     "d_fake": losses["logits_fake"].item()}
         losses = vae_losses(
-            self.vae,
+            modules["vae"],
             images_of(batch),
-            self.discriminator if adversarial else None,
+            modules["discriminator"] if adversarial else None,
             adv_weight=self.stage0.adv_weight if adversarial else 0.0,
             kl_weight=self.stage0.kl_weight,
             train_encoder=self.stage0.train_encoder,

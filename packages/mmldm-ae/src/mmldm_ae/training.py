@@ -93,9 +93,13 @@ class TrainingTask(Protocol):
     def optimizer_modules(self) -> list[str]:
         """Names of the modules with an optimiser, in step order (generator before discriminator)."""
 
-    def loss(self, optimizer: str, batch: dict, step: int) -> tuple[torch.Tensor | None, dict[str, float]]:
+    def loss(
+        self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]
+    ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The loss for one optimiser on one micro-batch, and numbers to log; None skips that
-        optimiser at this step (a discriminator before its start step)."""
+        optimiser at this step (a discriminator before its start step). `modules` are the
+        prepared (device-placed, DDP-wrapped) modules: call them, not the raw ones, so that
+        gradients are synchronised across processes."""
 
     def architecture(self) -> dict[str, Any]:
         """Settings a checkpoint must share with the run that resumes it."""
@@ -416,7 +420,7 @@ class Trainer:
                 sync = index == len(micro) - 1
                 context = nullcontext() if sync else self.accelerator.no_sync(self.modules[name])
                 with context, self.accelerator.autocast():
-                    loss, numbers = self.task.loss(name, batch, self.state.step)
+                    loss, numbers = self.task.loss(name, batch, self.state.step, self.modules)
                 if loss is None:
                     break
                 if not torch.isfinite(loss).all():

@@ -1,0 +1,103 @@
+"""Noise schedule helpers shared by the autoencoder's signal decoder and the DiT stage.
+
+Both stages use the LDM schedule (DESIGN sections 4 and 5): T = 1000, scaled-linear betas
+0.00085 -> 0.012 (LDM calls it "linear": sqrt(beta) is linearly spaced), epsilon prediction, and
+DDIM sampling with 50 uniform steps (timesteps 981, 961, ..., 1) and eta = 0. The schedules
+themselves come from diffusers; this module only fixes their settings and adds the small tensor
+helpers that training and guidance need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from mmldm_data.config import ConfigError
+
+
+@dataclass
+class NoiseScheduleConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+
+    def validate(self) -> None:
+        if self.num_train_timesteps < 2:
+            raise ConfigError(f"schedule.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+        if not 0.0 < self.beta_start < self.beta_end < 1.0:
+            raise ConfigError(
+                f"schedule betas must satisfy 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+
+
+def build_train_scheduler(cfg: NoiseScheduleConfig | None = None) -> DDPMScheduler:
+    """The forward (noising) process used for training, epsilon prediction."""
+    cfg = cfg or NoiseScheduleConfig()
+    cfg.validate()
+    # The schedule's tables are real CPU tensors even when a model is being built on the meta device.
+    with torch.device("cpu"):
+        return DDPMScheduler(
+            num_train_timesteps=cfg.num_train_timesteps,
+            beta_start=cfg.beta_start,
+            beta_end=cfg.beta_end,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type="epsilon",
+            clip_sample=False,
+        )
+
+
+def build_sampling_scheduler(cfg: NoiseScheduleConfig | None = None, steps: int = 50) -> DDIMScheduler:
+    """DDIM over the training schedule with the LDM/SD step layout ("leading" spacing, offset 1)."""
+    if steps < 1:
+        raise ValueError(f"number of DDIM steps must be >= 1, got {steps}")
+    train = build_train_scheduler(cfg)
+    with torch.device("cpu"):
+        scheduler = DDIMScheduler.from_config(
+            train.config,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def _per_item(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """values[t] broadcast over the non-batch dimensions of `like`."""
+    picked = values.to(like.device)[timesteps.to(like.device)].to(like.dtype)
+    return picked.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def q_sample(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise, one timestep per item."""
+    return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
+
+
+def predict_x0(
+    scheduler: DDPMScheduler, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The one-step clean estimate x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); differentiable."""
+    alpha_bar = _per_item(scheduler.alphas_cumprod, timesteps, x_t)
+    return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
+def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s may be a per-item tensor."""
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(eps_cond).reshape(-1, *([1] * (eps_cond.ndim - 1)))
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def sample_timesteps(
+    scheduler: DDPMScheduler, n: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """n training timesteps drawn uniformly from [0, T)."""
+    where = generator.device if generator is not None else device
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator, device=where)
+    return t.to(device)

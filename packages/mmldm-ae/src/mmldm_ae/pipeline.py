@@ -1,0 +1,263 @@
+"""Pixels <-> perceptual latents <-> playable media, through the frozen KL-VAE and the autoencoder.
+
+`AutoencoderPipeline` is what later stages and tools use: the DiT trains on `encode_clips`, the
+samplers turn generated latents back into frames and sound with `decode_to_media`, and the
+evaluator's reconstruction metrics use both. `load_autoencoder` rebuilds one from a training run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import default_collate
+
+from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
+from mmldm_ae.training import checkpoint_dirs, load_module_weights
+from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
+from mmldm_data.audio import (
+    IMAGE_FLOOR_LOGMEL,
+    MelConfig,
+    audio_image_to_logmel,
+    mel_spectrogram,
+    pad_or_trim,
+    waveform_to_audio_image,
+)
+from mmldm_data.config import ConfigError, DatasetConfig, to_typed
+from mmldm_data.media import write_video
+from mmldm_data.metrics.evaluate import ClipBatch
+from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
+from mmldm_data.video import to_uint8_frames
+from mmldm_data.vocoder import load_vocoder
+
+
+def pixels_to_latents(vae: KLVAE, batch: dict) -> dict:
+    """A pixel batch of the dataset -> the latent batch the autoencoder trains on (VAE frozen)."""
+    with torch.no_grad():
+        key_frames = batch["key_frames"]  # [B, K, 3, R, R]
+        targets = batch["target_frames"]  # [B, T, 3, R, R]
+        latents = {
+            "key_latents": vae.encode(key_frames.flatten(0, 1)).unflatten(0, key_frames.shape[:2]),
+            "target_latents": vae.encode(targets.flatten(0, 1)).unflatten(0, targets.shape[:2]),
+            "audio_latents": vae.encode(batch["audio_image"]),
+        }
+    return latents | {"target_indices": batch["target_indices"], "class_id": batch["class_id"]}
+
+
+@dataclass
+class DecodedClips:
+    frames: Tensor  # [B, T, 3, R, R] in [-1, 1]
+    audio_images: Tensor  # [B, 3, R, R] in [-1, 1]
+
+
+class AutoencoderPipeline:
+    def __init__(self, model: MultiModalAutoencoder, vae: KLVAE, dataset: DatasetConfig, class_names: list[str]):
+        self.model, self.vae, self.dataset, self.class_names = model.eval(), vae.freeze(), dataset, class_names
+        self._vocoders: dict[str, object] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def mel(self) -> MelConfig:
+        return self.dataset.mel
+
+    @torch.no_grad()
+    def encode_clips(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """Pixel batch (key_frames, audio_image) -> perceptual latents z_v, z_a (posterior modes)."""
+        key_frames = batch["key_frames"].to(self.device)
+        key_latents = self.vae.encode(key_frames.flatten(0, 1)).unflatten(0, key_frames.shape[:2])
+        audio_latents = self.vae.encode(batch["audio_image"].to(self.device))
+        return self.model.encode(key_latents, audio_latents)
+
+    @torch.no_grad()
+    def decode_clips(
+        self,
+        z_v: Tensor,
+        z_a: Tensor,
+        steps: int | None = None,
+        guidance_audio: float | None = None,
+        guidance_video: float | None = None,
+        generator: torch.Generator | None = None,
+        class_id: Tensor | None = None,
+    ) -> DecodedClips:
+        frame_latents, audio_latents = self.model.decode(
+            z_v.to(self.device), z_a.to(self.device), num_frames=self.dataset.num_frames, steps=steps,
+            guidance_audio=guidance_audio, guidance_video=guidance_video, generator=generator, class_id=class_id,
+        )
+        frames = self.vae.decode(frame_latents.flatten(0, 1)).unflatten(0, frame_latents.shape[:2])
+        return DecodedClips(frames=frames.clamp(-1, 1), audio_images=self.vae.decode(audio_latents).clamp(-1, 1))
+
+    def vocoder(self, name: str = "hifigan-universal"):
+        if name not in self._vocoders:
+            self._vocoders[name] = load_vocoder(name, self.mel, self.device)
+        return self._vocoders[name]
+
+    @torch.no_grad()
+    def to_media(self, audio_images: Tensor, frames: Tensor, vocoder: str = "hifigan-universal"):
+        """Per clip: (uint8 frames [T, R, R, 3], waveform float32 [N] at the dataset's sample rate)."""
+        num_mel_frames = self.mel.num_frames(self.dataset.clip_samples)
+        logmel = audio_image_to_logmel(audio_images.float(), num_mel_frames, self.mel)
+        waves = self.vocoder(vocoder)(logmel)[:, : self.dataset.clip_samples].cpu().numpy()
+        return [(to_uint8_frames(clip.float().cpu()), wave.astype(np.float32)) for clip, wave in zip(frames, waves, strict=True)]
+
+
+@dataclass
+class Reconstructions:
+    videos: list[Path]  # input | reconstruction side by side, with the reconstructed sound
+    sheet: Image.Image  # per clip: first and last frame (input, reconstruction), both spectrograms
+
+
+@torch.no_grad()
+def write_reconstructions(
+    pipeline: AutoencoderPipeline,
+    batch: dict,
+    folder: str | Path,
+    steps: int | None = None,
+    vocoder: str = "hifigan-universal",
+    seed: int = 0,
+) -> Reconstructions:
+    """Round-trip a pixel batch (with all `frames`) and write what a person needs to judge it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = pipeline.dataset
+    z_v, z_a = pipeline.encode_clips(batch)
+    decoded = pipeline.decode_clips(z_v, z_a, steps=steps, generator=torch.Generator(pipeline.device).manual_seed(seed))
+    media = pipeline.to_media(decoded.audio_images, decoded.frames, vocoder)
+    num_mel_frames = config.mel.num_frames(config.clip_samples)
+    videos, rows = [], []
+    for index, (frames, wave) in enumerate(media):
+        original = to_uint8_frames(batch["frames"][index])
+        video = folder / f"clip{index}.mp4"
+        write_video(video, np.concatenate([original, frames], axis=2), config.fps, wave, config.mel.sample_rate)
+        videos.append(video)
+        spectrograms = [
+            spectrogram_rgb(audio_image_to_logmel(image[None].float().cpu(), num_mel_frames, config.mel)[0])
+            for image in (batch["audio_image"][index], decoded.audio_images[index])
+        ]
+        rows.append([original[0], frames[0], original[-1], frames[-1], *spectrograms])
+    sheet = contact_sheet(rows, [f"clip{i}" for i in range(len(rows))], cell=96)
+    save_png(sheet, folder / "contact_sheet.png")
+    return Reconstructions(videos=videos, sheet=sheet)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    pipeline: AutoencoderPipeline, dataset, indices: list[int], steps: int | None = None,
+    batch_size: int = 8, seed: int = 0,
+) -> dict[str, float]:
+    """How well clips survive encode -> decode: PSNR of all decoded frames (dB, on [0, 1] pixels),
+    log-mel L1 of the decoded audio images against the input audio (over the [-80, +20] dB range
+    an audio image holds), and the classification head's accuracy on these clips."""
+    config = pipeline.dataset
+    num_mel_frames = config.mel.num_frames(config.clip_samples)
+    floor = lambda logmel: logmel.clamp(min=IMAGE_FLOOR_LOGMEL)
+    squared_errors, logmel_errors, correct, labelled = [], [], 0, 0
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    for start in range(0, len(indices), batch_size):
+        batch = default_collate([dataset[i] for i in indices[start : start + batch_size]])
+        z_v, z_a = pipeline.encode_clips(batch)
+        decoded = pipeline.decode_clips(z_v, z_a, steps=steps, generator=generator)
+        frames = (batch["frames"].to(pipeline.device) + 1) / 2
+        squared_errors.append(((decoded.frames + 1) / 2 - frames).square().flatten(1).mean(1).cpu())
+        reference = mel_spectrogram(batch["audio"].to(pipeline.device), config.mel)[..., :num_mel_frames]
+        estimate = audio_image_to_logmel(decoded.audio_images.float(), num_mel_frames, config.mel)
+        logmel_errors.append((floor(estimate) - floor(reference)).abs().flatten(1).mean(1).cpu())
+        known = batch["class_id"] >= 0
+        if known.any() and pipeline.class_names:
+            predicted = pipeline.model.predict_class(z_v, z_a).cpu()
+            correct += int((predicted[known] == batch["class_id"][known]).sum())
+            labelled += int(known.sum())
+    mse = torch.cat(squared_errors)
+    return {
+        "clips": len(indices),
+        "psnr": float((10 * torch.log10(1.0 / mse.clamp(min=1e-10))).mean()),
+        "logmel_l1": float(torch.cat(logmel_errors).mean()),
+        "class_accuracy": correct / labelled if labelled else float("nan"),
+    }
+
+
+def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
+                     vae_weights: str | None = None) -> AutoencoderPipeline:
+    """Rebuild the autoencoder of a `tools/train_ae.py` run from its newest (or a given) checkpoint.
+
+    The checkpoint's state.json holds the composed config of the run, so nothing else is needed;
+    `vae_weights` points elsewhere when the run's VAE folder moved.
+    """
+    path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist: give a run_dir of tools/train_ae.py "
+                                "or one of its checkpoints/step_* folders")
+    if not (path / "state.json").is_file():
+        finished = checkpoint_dirs(path)
+        if not finished:
+            raise FileNotFoundError(f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): "
+                                    "train one with `make train-ae`")
+        path = finished[-1]
+    state = json.loads((path / "state.json").read_text())
+    config = state["config"]
+    if "ae" not in config:
+        raise ConfigError(f"{path} is not an autoencoder checkpoint (its config has no 'ae' section)")
+    vae_config = to_typed(VAEConfig, config["vae"] | ({"weights": vae_weights} if vae_weights else {}))
+    vae = build_vae(vae_config)
+    model = MultiModalAutoencoder(to_typed(AEConfig, config["ae"]), num_classes=state["architecture"]["num_classes"])
+    load_module_weights(model, path, "autoencoder")
+    if use_ema and (path / "ema.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        shadow = load_file(path / "ema.safetensors")
+        with torch.no_grad():
+            for index, parameter in enumerate(model.parameters()):
+                parameter.copy_(shadow[f"{index}"])
+    dataset = to_typed(DatasetConfig, config["dataset"])
+    return AutoencoderPipeline(model.to(device), vae.to(device), dataset, state["architecture"]["class_names"])
+
+
+class AutoencoderReconstructor:
+    """The evaluator's autoencoder round trip (mmldm_data.metrics.evaluate.Reconstructor) for rFVD / rFAD."""
+
+    def __init__(self, pipeline: AutoencoderPipeline, steps: int | None = None, vocoder: str = "hifigan-universal"):
+        self.pipeline, self.steps, self.vocoder = pipeline, steps, vocoder
+
+    @torch.no_grad()
+    def reconstruct(self, batch: ClipBatch) -> ClipBatch:
+        pipeline, config = self.pipeline, self.pipeline.dataset
+        frames = batch.frames.to(pipeline.device)  # [B, T, 3, r, r] at the evaluation resolution
+        if frames.shape[1] != config.num_frames:
+            raise ValueError(f"the evaluator's clips have {frames.shape[1]} frames, the autoencoder decodes "
+                             f"{config.num_frames}: evaluate with the autoencoder's clip length")
+        size = frames.shape[-1]
+        model_frames = _resize_frames(frames, config.resolution)
+        audio = pad_or_trim(batch.audio.to(pipeline.device).float(), config.clip_samples)
+        clips = {"key_frames": model_frames[:, config.key_frame_indices],
+                 "audio_image": waveform_to_audio_image(audio, config.mel)}
+        z_v, z_a = pipeline.encode_clips(clips)
+        decoded = pipeline.decode_clips(z_v, z_a, steps=self.steps)
+        num_mel_frames = config.mel.num_frames(config.clip_samples)
+        waves = pipeline.vocoder(self.vocoder)(audio_image_to_logmel(decoded.audio_images.float(), num_mel_frames,
+                                                                     config.mel))
+        return ClipBatch(
+            frames=_resize_frames(decoded.frames, size).cpu(),
+            audio=pad_or_trim(waves, batch.audio.shape[-1]).cpu().to(batch.audio.dtype),
+            has_audio=batch.has_audio,
+            clip_ids=batch.clip_ids,
+        )
+
+
+def _resize_frames(frames: Tensor, size: int) -> Tensor:
+    if frames.shape[-1] == size:
+        return frames
+    resized = F.interpolate(frames.flatten(0, 1), size=(size, size), mode="bicubic", antialias=True)
+    return resized.clamp(-1, 1).unflatten(0, frames.shape[:2])
+
+
+def load_reconstructor(checkpoint: str | Path, device: str | torch.device = "cpu") -> AutoencoderReconstructor:
+    """Entry point the evaluator's --recon uses."""
+    return AutoencoderReconstructor(load_autoencoder(checkpoint, device=device))

@@ -1,0 +1,521 @@
+"""The MM-LDM generator: a DiT over audio and video perceptual latents (paper section 3.2, DESIGN section 5).
+
+One transformer denoises both modalities at a shared timestep. With patch size p (paper: 1) the
+sequence is, for the paper preset,
+
+    [context (77)][EOS_a][audio tokens: z_a 16x8x8 -> 64][EOS_v][video tokens: z_v 16x16x16 -> 256] = 399
+
+under full self-attention. Each modality has its own patch embedding, a fixed 2-D sin-cos
+position embedding of its grid, a learnable per-token modality embedding and its own final layer;
+the context is a learnable prompt (77 x 768, Linear to the width) that classifier-free guidance
+drops. The timestep enters every block through adaLN-Zero; the output is epsilon (no learned sigma).
+
+Conditions enter through zero-initialised embeddings (the paper's zero convolution), so at
+initialisation they have exactly no effect:
+  * a2v / v2a: the clean latent of the conditioning modality, added to that modality's tokens;
+  * long generation (authors' Previous_Cond / AR_DiT): a conditioning DiT over
+    [previous clip latent ; noisy current latent] whose per-block outputs, through zero-initialised
+    linears, are added after the main DiT's first blocks.
+
+Layout follows DiT's models.py: embedding layers, core blocks, the model, the long-generation
+conditioning DiT, presets. B is the batch, L the sequence length, D the width, N a modality's
+token count, C its latent channels, S its latent side.
+
+Deviations from the authors' dit_v2.py (authors-code-facts section 8): the condition embedders are
+zero-initialised as the paper states (the authors' keep PyTorch's default conv init); the presets
+S/B/L are sized to the paper's Table 4 (the authors' file only carries DiT's image presets, which
+its class cannot build); the long-generation model does not also append the previous clip's tokens
+to the context (the conditioning DiT already sees them position by position), which keeps the
+sequence at 399 tokens instead of 719.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from einops import rearrange
+from timm.layers import Attention, Mlp, PatchEmbed
+from torch import Tensor, nn
+
+from mmldm_data.config import ConfigError
+
+MODALITIES = ("audio", "video")  # token order in the sequence, whatever the config lists
+
+
+#################################################################################
+#                                   Config                                      #
+#################################################################################
+
+
+@dataclass
+class DiTConfig:
+    # Which modalities the model generates: both (MM-LDM) or one (the paper's MM-LDM-a / MM-LDM-v).
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    # Perceptual latents as the autoencoder makes them (AEConfig.latent_channels and
+    # AEConfig.{audio,video}_latent_size): square grids of side S with C channels.
+    audio_latent_channels: int = 16
+    audio_latent_size: int = 8
+    video_latent_channels: int = 16
+    video_latent_size: int = 16
+    patch_size: int = 1
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    # Learnable prompt tokens placed before the modalities (the authors' 77 x 768 context_emb).
+    context_tokens: int = 77
+    context_dim: int = 768
+    # Blocks of the long-generation conditioning DiT (authors: 14 at XL); 0 builds the plain model.
+    previous_clip_depth: int = 0
+
+    @property
+    def joint(self) -> bool:
+        """Both modalities present, so each can condition the other (a2v / v2a)."""
+        return len(self.modalities) == 2
+
+    def latent_shape(self, modality: str) -> tuple[int, int, int]:
+        """[C, S, S] of one modality's latent."""
+        if modality == "audio":
+            return self.audio_latent_channels, self.audio_latent_size, self.audio_latent_size
+        return self.video_latent_channels, self.video_latent_size, self.video_latent_size
+
+    def num_tokens(self, modality: str) -> int:
+        return (self.latent_shape(modality)[1] // self.patch_size) ** 2
+
+    @property
+    def sequence_length(self) -> int:
+        return self.context_tokens + sum(1 + self.num_tokens(m) for m in self.ordered_modalities)
+
+    @property
+    def ordered_modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if m in self.modalities)
+
+    def validate(self) -> None:
+        problems = []
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            problems.append(
+                f"dit.modalities={self.modalities} must list audio and/or video once each, e.g. [audio, video]"
+            )
+        for name in (
+            "audio_latent_channels",
+            "audio_latent_size",
+            "video_latent_channels",
+            "video_latent_size",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"dit.{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_size < 1:
+            problems.append(f"dit.patch_size must be >= 1, got {self.patch_size}")
+        else:
+            for modality in self.ordered_modalities:
+                side = self.latent_shape(modality)[1]
+                if side % self.patch_size:
+                    problems.append(
+                        f"dit.patch_size={self.patch_size} does not divide the {modality} latent grid "
+                        f"{side}x{side} (dit.{modality}_latent_size); pick a patch size that divides every grid"
+                    )
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            problems.append(f"dit.num_heads={self.num_heads} must divide dit.hidden_size={self.hidden_size}")
+        if self.hidden_size % 4:
+            # 2-D sin-cos positions split the width into sin/cos halves of height and width.
+            problems.append(f"dit.hidden_size={self.hidden_size} must be a multiple of 4")
+        if self.depth < 1:
+            problems.append(f"dit.depth must be >= 1, got {self.depth}")
+        if self.mlp_ratio <= 0:
+            problems.append(f"dit.mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.context_tokens < 1 or self.context_dim < 1:
+            # Guidance contrasts the prompt with its absence, so there must be a prompt to drop.
+            problems.append(
+                f"dit.context_tokens and dit.context_dim must be >= 1, got {self.context_tokens}, {self.context_dim}"
+            )
+        if not 0 <= self.previous_clip_depth <= self.depth:
+            problems.append(
+                f"dit.previous_clip_depth={self.previous_clip_depth} must lie in 0..dit.depth={self.depth} "
+                "(its outputs are added after the main DiT's first blocks)"
+            )
+        if problems:
+            raise ConfigError("invalid dit config:\n  " + "\n  ".join(problems))
+
+
+#################################################################################
+#               Embedding Layers for Timesteps, Context and Latents             #
+#################################################################################
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: DiT's 256-d sinusoid (cos first) through a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: Tensor) -> Tensor:
+        # [B] -> [B, D]
+        t_freq = get_timestep_embedding(
+            t, self.frequency_embedding_size, flip_sin_to_cos=True, downscale_freq_shift=0
+        )
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class ContextEmbedder(nn.Module):
+    """The learnable prompt; dropping it (zeroing before the projection) gives the null context."""
+
+    def __init__(self, num_tokens: int, context_dim: int, hidden_size: int):
+        super().__init__()
+        self.context = nn.Parameter(torch.randn(num_tokens, context_dim) * 0.1)
+        self.proj = nn.Linear(context_dim, hidden_size)
+
+    def forward(self, batch_size: int, drop_context: Tensor | None) -> Tensor:
+        # -> [B, context_tokens, D]
+        context = self.context.expand(batch_size, -1, -1)
+        if drop_context is not None:
+            context = context * (~drop_context).to(context.dtype)[:, None, None]
+        return self.proj(context)
+
+
+def sincos_position_embedding(hidden_size: int, grid_side: int) -> Tensor:
+    """DiT's fixed 2-D sin-cos embedding of an S x S grid, rows first: [S*S, D]."""
+    # base_size = side keeps the positions at integer grid coordinates, as in DiT.
+    return get_2d_sincos_pos_embed(hidden_size, grid_side, base_size=grid_side, output_type="pt").float()
+
+
+class ModalityEmbedder(nn.Module):
+    """One modality's latent -> [EOS ; its tokens], with an optional zero-initialised condition input."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        latent_size: int,
+        patch_size: int,
+        hidden_size: int,
+        condition_channels: int | None,
+    ):
+        super().__init__()
+        self.patch_embed = PatchEmbed(latent_size, patch_size, in_channels, hidden_size, bias=True)
+        # The paper's zero convolution: a second patch embedding whose weights start at zero.
+        self.condition_embed = (
+            PatchEmbed(latent_size, patch_size, condition_channels, hidden_size, bias=True)
+            if condition_channels
+            else None
+        )
+        grid_side = latent_size // patch_size
+        # Saved with the weights (like DiT's frozen parameter) so meta-device builds can load it.
+        self.register_buffer("pos_embed", sincos_position_embedding(hidden_size, grid_side)[None])
+        # One vector per token, as the authors' mod_embed_*: it marks the modality and can also learn
+        # positional detail on top of the fixed sin-cos grid.
+        self.modality_embed = nn.Parameter(torch.randn(1, grid_side**2, hidden_size) * 0.01)
+        self.eos = nn.Parameter(torch.randn(1, 1, hidden_size))
+
+    def forward(self, x: Tensor, condition: Tensor | None) -> Tensor:
+        # x: [B, C, S, S] -> [B, 1 + N, D]
+        tokens = self.patch_embed(x) + self.pos_embed + self.modality_embed
+        if self.condition_embed is not None:
+            tokens = tokens + self.condition_embed(condition)
+        return torch.cat([self.eos.expand(x.shape[0], -1, -1), tokens], dim=1)
+
+
+class TokenEmbedder(nn.Module):
+    """Latents of the configured modalities (+ conditions) -> the whole sequence [B, L, D]."""
+
+    def __init__(self, cfg: DiTConfig, channel_factor: int, with_conditions: bool):
+        super().__init__()
+        self.context = ContextEmbedder(cfg.context_tokens, cfg.context_dim, cfg.hidden_size)
+        self.modalities = nn.ModuleDict(
+            {
+                m: ModalityEmbedder(
+                    channel_factor * cfg.latent_shape(m)[0],
+                    cfg.latent_shape(m)[1],
+                    cfg.patch_size,
+                    cfg.hidden_size,
+                    cfg.latent_shape(m)[0] if with_conditions else None,
+                )
+                for m in cfg.ordered_modalities
+            }
+        )
+
+    def forward(
+        self, latents: dict[str, Tensor], conditions: dict[str, Tensor] | None, drop_context: Tensor | None
+    ) -> Tensor:
+        batch_size = next(iter(latents.values())).shape[0]
+        parts = [self.context(batch_size, drop_context)]
+        for name, embedder in self.modalities.items():
+            parts.append(embedder(latents[name], conditions[name] if conditions else None))
+        return torch.cat(parts, dim=1)
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning on the timestep."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(
+            in_features=hidden_size,
+            hidden_features=int(hidden_size * mlp_ratio),
+            act_layer=partial(nn.GELU, approximate="tanh"),
+        )
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x: [B, L, D], c: [B, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of one modality: adaLN, then tokens -> patches of epsilon."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        # x: [B, N, D] -> [B, N, p*p*C]
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiT(nn.Module):
+    """Joint (or single-modal) epsilon model over perceptual latents, with cross-modal and previous-clip conditions."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokens = TokenEmbedder(cfg, channel_factor=1, with_conditions=cfg.joint)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth)]
+        )
+        self.final_layers = nn.ModuleDict(
+            {
+                m: FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.latent_shape(m)[0])
+                for m in cfg.ordered_modalities
+            }
+        )
+        self.previous_encoder = PreviousClipEncoder(cfg) if cfg.previous_clip_depth else None
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        # Patch embeddings like nn.Linear (not nn.Conv2d); condition embeddings start at zero.
+        for token_embedder in self._token_embedders():
+            for modality in token_embedder.modalities.values():
+                w = modality.patch_embed.proj.weight.data
+                nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+                nn.init.constant_(modality.patch_embed.proj.bias, 0)
+                if modality.condition_embed is not None:
+                    nn.init.constant_(modality.condition_embed.proj.weight, 0)
+                    nn.init.constant_(modality.condition_embed.proj.bias, 0)
+
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity.
+        for block in self._all_blocks():
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        for final_layer in self.final_layers.values():
+            nn.init.constant_(final_layer.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(final_layer.adaLN_modulation[-1].bias, 0)
+            nn.init.constant_(final_layer.linear.weight, 0)
+            nn.init.constant_(final_layer.linear.bias, 0)
+
+        if self.previous_encoder is not None:
+            for out in self.previous_encoder.outputs:
+                nn.init.constant_(out.weight, 0)
+
+    def _token_embedders(self) -> list[TokenEmbedder]:
+        return [self.tokens] + ([self.previous_encoder.tokens] if self.previous_encoder is not None else [])
+
+    def _all_blocks(self) -> list[DiTBlock]:
+        extra = list(self.previous_encoder.blocks) if self.previous_encoder is not None else []
+        return list(self.blocks) + extra
+
+    def token_slices(self) -> dict[str, slice]:
+        """Where each part sits in the sequence: context, eos_<m> and <m> for each modality."""
+        slices = {"context": slice(0, self.cfg.context_tokens)}
+        start = self.cfg.context_tokens
+        for m in self.cfg.ordered_modalities:
+            slices[f"eos_{m}"] = slice(start, start + 1)
+            slices[m] = slice(start + 1, start + 1 + self.cfg.num_tokens(m))
+            start = slices[m].stop
+        return slices
+
+    def unpatchify(self, x: Tensor, modality: str) -> Tensor:
+        # [B, N, p*p*C] -> [B, C, S, S]
+        p = self.cfg.patch_size
+        side = self.cfg.latent_shape(modality)[1] // p
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, w=side, p=p, q=p)
+
+    def _latents(
+        self, what: str, audio: Tensor | None, video: Tensor | None, like: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Check one pair of inputs against the config. With `like`, a missing input is the zero (null) latent."""
+        given = {"audio": audio, "video": video}
+        latents = {}
+        for modality, value in given.items():
+            if modality not in self.cfg.modalities:
+                if value is not None:
+                    raise ValueError(
+                        f"{what}_{modality[0]} was given, but this model has dit.modalities={self.cfg.modalities}"
+                    )
+                continue
+            if value is None:
+                if like is None:
+                    raise ValueError(f"{what}_{modality[0]} is required: this model generates {modality}")
+                value = like.new_zeros(like.shape[0], *self.cfg.latent_shape(modality))
+            expected = self.cfg.latent_shape(modality)
+            if tuple(value.shape[1:]) != expected:
+                raise ValueError(
+                    f"{what}_{modality[0]} has shape {list(value.shape)}; expected [B, {', '.join(map(str, expected))}] "
+                    f"(dit.{modality}_latent_channels / dit.{modality}_latent_size)"
+                )
+            latents[modality] = value
+        return latents
+
+    def forward(
+        self,
+        x_a: Tensor | None,
+        x_v: Tensor | None,
+        t: Tensor,
+        cond_a: Tensor | None = None,
+        cond_v: Tensor | None = None,
+        drop_context: Tensor | None = None,
+        prev_a: Tensor | None = None,
+        prev_v: Tensor | None = None,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Predict epsilon for noisy latents x_a [B, Ca, Sa, Sa] and x_v [B, Cv, Sv, Sv] at timesteps t [B].
+
+        A missing condition or previous-clip latent is the zero (null) latent, exactly as in
+        training; drop_context [B] (bool) replaces the prompt by the null context for those rows.
+        Returns (eps_a, eps_v) shaped like the inputs; None for a modality the model lacks.
+        """
+        latents = self._latents("x", x_a, x_v, like=None)
+        some_latent = next(iter(latents.values()))
+        conditions = None
+        if self.cfg.joint:
+            conditions = self._latents("cond", cond_a, cond_v, like=some_latent)
+        elif cond_a is not None or cond_v is not None:
+            raise ValueError(
+                "cond_a / cond_v need a model of both modalities (dit.modalities=[audio, video])"
+            )
+        if self.previous_encoder is None and (prev_a is not None or prev_v is not None):
+            raise ValueError("prev_a / prev_v need the long-generation model (dit.previous_clip_depth > 0)")
+
+        x = self.tokens(latents, conditions, drop_context)  # [B, L, D]
+        c = self.t_embedder(t)  # [B, D]
+        residuals: list[Tensor] = []
+        if self.previous_encoder is not None:
+            previous = self._latents("prev", prev_a, prev_v, like=some_latent)
+            residuals = self.previous_encoder(latents, previous, c, drop_context)
+        for index, block in enumerate(self.blocks):
+            x = block(x, c)
+            if index < len(residuals):
+                x = x + residuals[index]
+
+        slices = self.token_slices()
+        eps = {m: self.unpatchify(layer(x[:, slices[m]], c), m) for m, layer in self.final_layers.items()}
+        return eps.get("audio"), eps.get("video")
+
+
+#################################################################################
+#                    Long-Generation Conditioning DiT                           #
+#################################################################################
+
+
+class PreviousClipEncoder(nn.Module):
+    """The authors' Previous_Cond: a DiT over [previous clip latent ; noisy current latent] (channels
+    concatenated, same token layout and its own prompt) whose block outputs, each through a
+    zero-initialised bias-free linear, become residuals for the main DiT's first blocks."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.tokens = TokenEmbedder(cfg, channel_factor=2, with_conditions=False)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.previous_clip_depth)]
+        )
+        self.outputs = nn.ModuleList(
+            [nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False) for _ in range(cfg.previous_clip_depth)]
+        )
+
+    def forward(
+        self, latents: dict[str, Tensor], previous: dict[str, Tensor], c: Tensor, drop_context: Tensor | None
+    ) -> list[Tensor]:
+        stacked = {m: torch.cat([previous[m], latents[m]], dim=1) for m in latents}
+        x = self.tokens(stacked, None, drop_context)
+        residuals = []
+        for block, out in zip(self.blocks, self.outputs, strict=True):
+            x = block(x, c)
+            residuals.append(out(x))  # [B, L, D]
+        return residuals
+
+
+#################################################################################
+#                                   DiT Configs                                 #
+#################################################################################
+
+# Paper Table 4 sizes (131M / 384M / 1543M parameters; tools/model_card.py prints the exact counts),
+# the authors' XL (every released config), and a CPU preset on the tiny autoencoder's latents
+# (conf/ae/tiny.yaml: z_a 8x4x4, z_v 8x8x8 -> 8 + 1 + 16 + 1 + 64 = 90 tokens).
+DIT_PRESETS: dict[str, dict[str, Any]] = {
+    "S": dict(hidden_size=768, depth=12, num_heads=12),
+    "B": dict(hidden_size=1024, depth=20, num_heads=16),
+    "L": dict(hidden_size=1536, depth=36, num_heads=24),
+    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
+    "tiny": dict(
+        hidden_size=96,
+        depth=4,
+        num_heads=4,
+        context_tokens=8,
+        context_dim=96,
+        audio_latent_channels=8,
+        audio_latent_size=4,
+        video_latent_channels=8,
+        video_latent_size=8,
+    ),
+}
+
+
+def preset_config(name: str, **overrides: Any) -> DiTConfig:
+    """The DiTConfig of a preset (S, B, L, XL, tiny), with field overrides."""
+    if name not in DIT_PRESETS:
+        raise ConfigError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
+    cfg = DiTConfig(**{**DIT_PRESETS[name], **overrides})
+    cfg.validate()
+    return cfg

@@ -1,0 +1,586 @@
+"""The hierarchical multi-modal autoencoder (mmldm_ae.autoencoder) at tiny sizes, and the paper
+preset's shapes on the meta device."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from omegaconf import OmegaConf
+
+from mmldm_ae.autoencoder import (
+    AE_PRESETS,
+    AEConfig,
+    DecoderConditions,
+    MultiModalAutoencoder,
+    ae_preset,
+    contrastive_loss,
+)
+from mmldm_ae.diffusion import build_sampling_scheduler, build_train_scheduler, predict_x0, q_sample
+from mmldm_ae.discriminator import build_discriminator
+from mmldm_data.config import ConfigError, to_typed
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 6
+
+
+class TinyVAE(torch.nn.Module):
+    """A frozen 2-block diffusers AutoencoderKL behind the KLVAE interface (encode/decode/scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = AutoencoderKL(
+            block_out_channels=(8, 16),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+        )
+        self.scale, self.downsample, self.latent_channels = 0.18215, 2, 4
+        self.requires_grad_(False)
+
+    def encode(self, x, sample=False, generator=None):
+        return self.model.encode(x).latent_dist.mode() * self.scale
+
+    def decode(self, z):
+        return self.model.decode(z / self.scale).sample
+
+
+def small_config(**overrides) -> AEConfig:
+    """The tiny preset at 32^2 pixels through a 2x VAE: the same 16x16 latents, cheaper pixels."""
+    return ae_preset("tiny", resolution=32, vae_downsample=2, **overrides)
+
+
+def make_batch(cfg: AEConfig, batch_size: int = 2, seed: int = 0, class_id=None) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    L, C = cfg.latent_size, cfg.vae_channels
+    return {
+        "key_latents": torch.randn(batch_size, cfg.num_key_frames, C, L, L, generator=g),
+        "target_latents": torch.randn(batch_size, 2, C, L, L, generator=g),
+        "target_indices": torch.randint(0, 16, (batch_size, 2), generator=g) / 16,
+        "audio_latents": torch.randn(batch_size, C, L, L, generator=g),
+        "class_id": torch.tensor(class_id if class_id is not None else list(range(batch_size))),
+    }
+
+
+def seeded(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def _plain_single_thread_cpu():
+    """oneDNN builds a kernel per new convolution shape (about a second each on this CPU); these
+    tests see many shapes once, so the plain kernels are faster for them."""
+    enabled, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)  # small tensors: threads cost more than they bring on a shared CPU
+    yield
+    torch.backends.mkldnn.enabled = enabled
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae() -> TinyVAE:
+    torch.manual_seed(0)
+    return TinyVAE()
+
+
+@pytest.fixture(scope="module")
+def model() -> MultiModalAutoencoder:
+    """Fresh weights; tests that train must deepcopy it."""
+    torch.manual_seed(0)
+    return MultiModalAutoencoder(small_config(), NUM_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def discriminator():
+    torch.manual_seed(1)
+    return build_discriminator(small_config())
+
+
+# ------------------------------------------------------------------------------- config and presets
+
+
+@pytest.mark.parametrize("name", ["paper", "tiny"])
+def test_yaml_presets_equal_code_presets(name):
+    node = OmegaConf.load(REPO / "conf" / "ae" / f"{name}.yaml")
+    assert to_typed(AEConfig, node) == AE_PRESETS[name]
+
+
+def test_config_errors_name_the_bad_value():
+    with pytest.raises(ConfigError, match="guidance_dropout"):
+        ae_preset("tiny", guidance_dropout=1.0).validate()
+    with pytest.raises(ConfigError, match="projectors must end at the same size"):
+        ae_preset("tiny", audio_projector_mult=[1]).validate()
+    with pytest.raises(ConfigError, match="vae_downsample"):
+        ae_preset("tiny", resolution=66).validate()
+    with pytest.raises(KeyError, match="unknown autoencoder preset"):
+        ae_preset("huge")
+
+
+def test_paper_preset_shapes_on_meta_device():
+    cfg = ae_preset("paper")
+    with torch.device("meta"):
+        model = MultiModalAutoencoder(cfg, num_classes=9)
+        disc = build_discriminator(cfg)
+        key = torch.empty(1, 4, 4, 32, 32)
+        audio = torch.empty(1, 4, 32, 32)
+        z_v, z_a = model.encode(key, audio)
+        s_v, s_a = model.semantics(z_v, z_a)
+        keep = torch.ones(1, dtype=torch.bool)
+        cond = model.decoder_conditions(
+            z_v, z_a, s_v, s_a, torch.empty(1, 2), torch.zeros(1, dtype=torch.long), keep, keep
+        )
+        eps = model.decoder(torch.empty(3, 4, 32, 32), torch.zeros(3, dtype=torch.long), cond)
+        logits = disc(torch.empty(2, 3, 3, 256, 256))
+    assert z_v.shape == (1, 16, 16, 16) and z_a.shape == (1, 16, 8, 8)
+    assert s_v.shape == s_a.shape == (1, 768, 2, 2)
+    assert cfg.context_tokens == 82 and cond.context.shape == (3, 82, 768)  # 1 audio item + 2 frames
+    assert len(model.decoder.injection_channels) == 12 and len(cond.features) == 12
+    assert model.decoder.injection_channels == [320] * 4 + [640] * 3 + [1280] * 5
+    assert model.decoder.injection_sizes == [32] * 3 + [16] * 3 + [8] * 3 + [4] * 3
+    assert [tuple(f.shape[1:]) for f in cond.features] == [
+        (c, s, s)
+        for c, s in zip(model.decoder.injection_channels, model.decoder.injection_sizes, strict=True)
+    ]
+    assert cond.content.shape == (3, 1280)
+    assert eps.shape == (3, 4, 32, 32) and logits.shape == (2,)
+    assert model.video_content[0].in_features == 4096 and model.audio_content[0].in_features == 1024
+    unet = model.decoder.unet.config
+    assert list(unet.block_out_channels) == [320, 640, 1280, 1280] and unet.cross_attention_dim == 768
+    assert unet.layers_per_block == 2 and unet.attention_head_dim == 8
+    n_unet = sum(p.numel() for p in model.decoder.parameters())
+    assert 855e6 < n_unet < 865e6  # SD-1.x UNet: 859.5M
+
+
+# ------------------------------------------------------------------------------------------ shapes
+
+
+def test_tiny_module_shapes(model):
+    cfg = model.cfg
+    batch = make_batch(cfg)
+    post_v, post_a = model.posteriors(batch["key_latents"], batch["audio_latents"])
+    assert post_v.mean.shape == post_v.logvar.shape == (2, 8, 8, 8)
+    assert post_a.mean.shape == (2, 8, 4, 4) and post_v.kl().shape == (2,)
+    z_v, z_a = model.encode(batch["key_latents"], batch["audio_latents"])
+    assert torch.equal(z_v, post_v.mode())
+    assert not torch.equal(model.encode(batch["key_latents"], batch["audio_latents"], sample=True)[0], z_v)
+    s_v, s_a = model.semantics(z_v, z_a)
+    assert s_v.shape == s_a.shape == (2, 64, 2, 2)
+    assert model.classifier(s_v, s_a).shape == (2, NUM_CLASSES)
+    assert model.predict_class(z_v, z_a).shape == (2,)
+    frames = model.frame_index_embed(torch.tensor([0.0, 0.5]))
+    assert frames.shape == (2, model.decoder.time_embed_dim)
+    cond = model.decoder_conditions(
+        z_v, z_a, s_v, s_a, batch["target_indices"], batch["class_id"], *model.guidance_keep_masks(2, "cpu")
+    )
+    n_items = 2 * (1 + 2)
+    assert cond.context.shape == (n_items, cfg.context_tokens, 64) and cfg.context_tokens == 8 + 1 + 4
+    assert cond.content.shape == (n_items, model.decoder.time_embed_dim)
+    assert model.decoder.injection_channels == [32, 32, 32, 64] and model.decoder.injection_sizes == [
+        16,
+        16,
+        8,
+        8,
+    ]
+    for feature, ch, size in zip(
+        cond.features, model.decoder.injection_channels, model.decoder.injection_sizes, strict=True
+    ):
+        assert feature.shape == (n_items, ch, size, size)
+    eps = model.decoder(torch.randn(n_items, 4, 16, 16), torch.arange(n_items), cond)
+    assert eps.shape == (n_items, 4, 16, 16)
+
+
+def test_bad_inputs_are_named(model, vae):
+    cfg = model.cfg
+    batch = make_batch(cfg)
+    with pytest.raises(ValueError, match="key_latents has shape"):
+        model.encode(batch["key_latents"][:, :3], batch["audio_latents"])
+    with pytest.raises(KeyError, match="class_id"):
+        model.training_losses({k: v for k, v in batch.items() if k != "class_id"}, vae, discriminator=None)
+    with pytest.raises(ValueError, match="no discriminator"):
+        model.training_losses(batch, vae)
+    with pytest.raises(ValueError, match="class ids must be in"):
+        model.training_losses(
+            {**batch, "class_id": torch.tensor([0, NUM_CLASSES])}, vae, discriminator=lambda x: x
+        )
+    with pytest.raises(FileNotFoundError, match="unet_init"):
+        MultiModalAutoencoder(small_config(unet_init="/nonexistent/sd"), NUM_CLASSES)
+
+
+# ------------------------------------------------------- condition paths: no-ops that learn
+
+
+def _eps_for_latents(model, z_v, z_a, x_t, t, index, class_id):
+    s_v, s_a = model.semantics(z_v, z_a)
+    keep = torch.ones(z_v.shape[0], dtype=torch.bool)
+    cond = model.decoder_conditions(z_v, z_a, s_v, s_a, index, class_id, keep, keep)
+    return model.decoder(x_t, t, cond), cond
+
+
+def test_condition_paths_are_exact_noops_at_init(model):
+    """Features, content and cross-modal context all start at exactly zero, whatever the latents."""
+    g = seeded(3)
+    x_t, t = torch.randn(6, 4, 16, 16, generator=g), torch.randint(0, 1000, (6,), generator=g)
+    index, class_id = torch.tensor([[0.0, 0.5], [0.25, 0.75]]), torch.tensor([1, 2])
+    with torch.no_grad():
+        eps_1, cond = _eps_for_latents(
+            model,
+            torch.randn(2, 8, 8, 8, generator=g),
+            torch.randn(2, 8, 4, 4, generator=g),
+            x_t,
+            t,
+            index,
+            class_id,
+        )
+        eps_2, _ = _eps_for_latents(
+            model,
+            5 * torch.randn(2, 8, 8, 8, generator=g),
+            torch.randn(2, 8, 4, 4, generator=g),
+            x_t,
+            t,
+            index,
+            class_id,
+        )
+        bare = DecoderConditions(
+            [torch.zeros_like(f) for f in cond.features], cond.context, torch.zeros_like(cond.content)
+        )
+        eps_bare = model.decoder(x_t, t, bare)
+    assert all(torch.count_nonzero(f) == 0 for f in cond.features)
+    assert torch.count_nonzero(cond.content) == 0
+    assert torch.count_nonzero(cond.context[:, -4:]) == 0  # the other modality's semantic tokens
+    assert torch.equal(eps_1, eps_2) and torch.equal(eps_1, eps_bare)
+
+
+def test_condition_paths_get_gradients_in_every_layer_after_one_step(model, vae):
+    """The authors zeroed whole MLPs, so W1 never learned; here only the last layer starts at zero."""
+    model = copy.deepcopy(model)
+    model.cfg.guidance_dropout = 0.0
+    model.cfg.adversarial = False
+    paths = {
+        "video_features": model.video_features,
+        "audio_features": model.audio_features,
+        "frame_index_embed": model.frame_index_embed,
+        "video_content": model.video_content,
+        "audio_content": model.audio_content,
+        "context_from_video": model.context_from_video,
+        "context_from_audio": model.context_from_audio,
+    }
+    batch = make_batch(model.cfg, batch_size=3)
+    opt = torch.optim.AdamW(model.generator_parameters(), lr=1e-3)
+    model.training_losses(batch, vae, generator=seeded(0))["loss"].backward()
+    # Step 0: the zero last layers get gradients; layers behind them get none yet.
+    for mlp in (model.video_content, model.audio_content, model.context_from_video, model.context_from_audio):
+        assert mlp.out.weight.grad.abs().sum() > 0
+        assert mlp[0].weight.grad.abs().sum() == 0
+    assert model.decoder.unet.time_embedding.linear_1.weight.grad.abs().sum() > 0  # the time MLP trains
+    opt.step()
+    opt.zero_grad()
+    model.training_losses(batch, vae, generator=seeded(1))["loss"].backward()
+    for name, module in paths.items():
+        for pname, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (
+                f"{name}.{pname} got no gradient after one step"
+            )
+
+
+def test_injection_adds_to_the_encoder_stream_not_only_the_skip(model):
+    """A constant injected after conv_in equals raising conv_in's bias: the next layers see it too."""
+    decoder = copy.deepcopy(model.decoder)
+    g = seeded(4)
+    x_t, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 500])
+    context = torch.randn(2, 13, 64, generator=g)
+    content = torch.randn(2, decoder.time_embed_dim, generator=g)
+    features = [
+        torch.zeros(2, c, s, s)
+        for c, s in zip(decoder.injection_channels, decoder.injection_sizes, strict=True)
+    ]
+    features[0] = torch.full_like(features[0], 0.3)
+    with torch.no_grad():
+        injected = decoder(x_t, t, DecoderConditions(features, context, content))
+        decoder.unet.conv_in.bias += 0.3
+        features[0] = torch.zeros_like(features[0])
+        shifted = decoder(x_t, t, DecoderConditions(features, context, content))
+    torch.testing.assert_close(injected, shifted, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_follow_deepcopies_and_refuse_direct_unet_calls(model):
+    ema = copy.deepcopy(model)
+    batch = make_batch(model.cfg)
+    with torch.no_grad():
+        z_v, z_a = ema.encode(batch["key_latents"], batch["audio_latents"])
+        eps, _ = _eps_for_latents(
+            ema,
+            z_v,
+            z_a,
+            torch.randn(6, 4, 16, 16),
+            torch.arange(6),
+            batch["target_indices"],
+            batch["class_id"],
+        )
+    assert eps.shape == (6, 4, 16, 16)
+    with pytest.raises(RuntimeError, match="outside SignalDecoder.forward"):
+        ema.decoder.unet(
+            torch.randn(1, 4, 16, 16),
+            1,
+            encoder_hidden_states=torch.randn(1, 13, 64),
+            class_labels=torch.zeros(1, 128),
+        )
+
+
+# --------------------------------------------------------------------------------------- losses
+
+
+def test_loss_terms_are_finite_and_respond_to_their_weights(model, vae, discriminator):
+    batch = make_batch(model.cfg, batch_size=3, class_id=[0, 3, 5])
+    base = model.training_losses(batch, vae, discriminator=discriminator, generator=seeded(7))
+    scalars = {k: v for k, v in base.items() if v.ndim == 0}
+    assert {"loss", "mse_audio", "mse_video", "kl", "cls", "con", "adv_g"} <= scalars.keys()
+    assert all(torch.isfinite(v) for v in scalars.values())
+    assert all(base[k] > 0 for k in ("mse_audio", "mse_video", "kl", "cls", "con", "adv_g"))
+    cfg = model.cfg
+    expected = base["mse_audio"] + base["mse_video"] + cfg.w_kl * base["kl"] + cfg.w_cls * base["cls"]
+    expected = expected + cfg.w_con * base["con"] + cfg.w_adv * base["adv_g"]
+    torch.testing.assert_close(base["loss"], expected)
+    assert base["disc_real"].shape == base["disc_fake"].shape == (3, 3, 3, 32, 32)
+    assert not base["disc_fake"].requires_grad
+    for weight, term in (("w_kl", "kl"), ("w_cls", "cls"), ("w_con", "con"), ("w_adv", "adv_g")):
+        varied = copy.copy(model)  # same modules, another config
+        varied.cfg = replace(cfg, **{weight: getattr(cfg, weight) + 1.0})
+        with torch.no_grad():
+            again = varied.training_losses(batch, vae, discriminator=discriminator, generator=seeded(7))
+        torch.testing.assert_close(again["loss"] - base["loss"], base[term].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_classification_ignores_unlabelled_clips(model, vae):
+    cfg = model.cfg
+    batch = make_batch(cfg, batch_size=3, class_id=[2, -1, 4])
+    model = copy.deepcopy(model)
+    model.cfg.adversarial = False
+    model.cfg.guidance_dropout = 0.0
+    losses = model.training_losses(batch, vae, generator=seeded(2))
+    # Recompute the head's logits from the same posterior samples.
+    g = seeded(2)
+    model.guidance_keep_masks(3, "cpu", g)
+    post_v, post_a = model.posteriors(batch["key_latents"], batch["audio_latents"])
+    z_v, z_a = post_v.sample(g), post_a.sample(g)
+    logits = model.classifier(*model.semantics(z_v, z_a))
+    reference = 0.5 * (
+        F.cross_entropy(logits[:1], torch.tensor([2])) + F.cross_entropy(logits[2:], torch.tensor([4]))
+    )
+    torch.testing.assert_close(losses["cls"], reference)
+
+    unlabelled = model.training_losses({**batch, "class_id": torch.full((3,), -1)}, vae, generator=seeded(2))
+    assert unlabelled["cls"] == 0
+    model.zero_grad()
+    unlabelled["cls"].backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.classifier.parameters())
+
+
+def test_contrastive_loss_matches_a_hand_written_reference():
+    g = seeded(5)
+    f_v = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    f_a = F.normalize(torch.randn(5, 16, generator=g), dim=-1)
+    s_v2a, s_a2v = torch.tensor(14.0), torch.tensor(9.0)
+    total = 0.0
+    for i in range(5):
+        v2a = [s_v2a * (f_v[i] @ f_a[j]) for j in range(5)]
+        a2v = [s_a2v * (f_a[i] @ f_v[j]) for j in range(5)]
+        total += (
+            -v2a[i] + torch.logsumexp(torch.stack(v2a), 0) - a2v[i] + torch.logsumexp(torch.stack(a2v), 0)
+        )
+    torch.testing.assert_close(contrastive_loss(f_v, f_a, s_v2a, s_a2v), total / 10)
+    # Matched pairs give a lower loss than shuffled ones.
+    assert contrastive_loss(f_v, f_v, s_v2a, s_a2v) < contrastive_loss(f_v, f_v.roll(1, 0), s_v2a, s_a2v)
+
+
+def test_contrastive_temperature_is_log_parametrised_and_clamped(model):
+    head = copy.deepcopy(model.contrastive)
+    torch.testing.assert_close(head.scales()[0], torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        head.log_scale_v2a.fill_(10.0)
+        head.log_scale_a2v.fill_(-3.0)
+    v2a, a2v = (scale.item() for scale in head.scales())
+    assert v2a == pytest.approx(100.0) and a2v == pytest.approx(1.0)
+
+
+_RANK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from mmldm_ae.autoencoder import contrastive_loss
+rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+f_v, f_a = torch.load(f"{folder}/features.pt")
+local_v = f_v.chunk(world)[rank].clone().requires_grad_(True)
+local_a = f_a.chunk(world)[rank].clone().requires_grad_(True)
+loss = contrastive_loss(local_v, local_a, torch.tensor(10.0), torch.tensor(10.0))
+loss.backward()
+torch.save((loss.detach(), local_v.grad, local_a.grad), f"{folder}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_contrastive_loss_gathers_negatives_across_ranks(tmp_path):
+    """Two gloo ranks holding half the batch each reproduce the one-device loss and gradients."""
+    g = seeded(6)
+    f_v = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    f_a = F.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    torch.save((f_v, f_a), tmp_path / "features.pt")
+    (tmp_path / "rank.py").write_text(_RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "rank.py"), str(r), "2", str(port), str(tmp_path)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for r in range(2)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in ranks)
+    out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    full_v, full_a = f_v.clone().requires_grad_(True), f_a.clone().requires_grad_(True)
+    full = contrastive_loss(full_v, full_a, torch.tensor(10.0), torch.tensor(10.0))
+    full.backward()
+    torch.testing.assert_close((out[0][0] + out[1][0]) / 2, full.detach())
+    # all_gather with autograd sends each rank's share of the gradient back to the owner, so the
+    # per-rank gradients (averaged as DDP does) are the full-batch ones.
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]) / 2, full_v.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]) / 2, full_a.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_adversarial_term_reaches_the_model_through_the_frozen_vae(model, vae, discriminator):
+    losses = model.training_losses(
+        make_batch(model.cfg), vae, discriminator=discriminator, generator=seeded(8)
+    )
+    params = [p for p in model.decoder.parameters()] + list(model.video_features.parameters())
+    grads = torch.autograd.grad(losses["adv_g"], params, allow_unused=True)
+    assert sum(g.abs().sum() for g in grads if g is not None) > 0
+    assert all(not p.requires_grad for p in vae.parameters())
+
+
+def test_guidance_dropout_proportions_and_what_it_zeroes(model, vae):
+    keep_a, keep_v = model.guidance_keep_masks(40_000, "cpu", seeded(9))
+    assert (~keep_a).float().mean() == pytest.approx(0.1, abs=0.01)
+    assert (~keep_v).float().mean() == pytest.approx(0.1, abs=0.01)
+    assert (~keep_a & ~keep_v).float().mean() == pytest.approx(0.01, abs=0.003)  # independent
+
+    dropping = copy.deepcopy(model)
+    dropping.cfg.guidance_dropout = 0.999
+    dropping.cfg.adversarial = False
+    seen = {}
+    dropping.video_encoder.register_forward_hook(lambda m, i, o: seen.update(video_in=i[0]))
+    dropping.audio_encoder.register_forward_hook(lambda m, i, o: seen.update(audio_in=i[0]))
+    dropping.decoder.register_forward_hook(lambda m, i, o: seen.update(context=i[2].context))
+    losses = dropping.training_losses(make_batch(model.cfg), vae, generator=seeded(10))
+    assert losses["guidance_drop_audio"] == 1 and losses["guidance_drop_video"] == 1
+    # Both encoders saw all-zero VAE latents, and every item saw a zero prompt.
+    assert torch.count_nonzero(seen["video_in"]) == 0 and torch.count_nonzero(seen["audio_in"]) == 0
+    assert torch.count_nonzero(seen["context"][:, : model.cfg.prompt_tokens]) == 0
+
+
+@pytest.mark.parametrize(
+    "toggle",
+    [
+        "learnable_prompt",
+        "content_embedding",
+        "class_embedding",
+        "semantic_context",
+        "detach_semantic_inputs",
+    ],
+)
+def test_ablation_toggles_build_and_train(vae, toggle):
+    cfg = small_config(adversarial=False, **{toggle: toggle == "detach_semantic_inputs"})
+    torch.manual_seed(0)
+    model = MultiModalAutoencoder(cfg, NUM_CLASSES)
+    seen = {}
+    model.decoder.register_forward_hook(lambda m, i, o: seen.update(context=i[2].context))
+    losses = model.training_losses(make_batch(cfg), vae, generator=seeded(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and seen["context"].shape[1] == cfg.context_tokens
+    encoder_grad = model.video_encoder.conv_in.weight.grad
+    if toggle == "detach_semantic_inputs":  # semantic losses alone no longer reach the encoders
+        model.zero_grad()
+        model.training_losses(make_batch(cfg), vae, generator=seeded(0))["con"].backward()
+        assert (
+            model.video_encoder.conv_in.weight.grad is None
+            or model.video_encoder.conv_in.weight.grad.abs().sum() == 0
+        )
+    else:
+        assert encoder_grad.abs().sum() > 0
+
+
+def test_semantic_losses_reach_the_encoders_by_default(model, vae):
+    model = copy.deepcopy(model)
+    model.cfg.adversarial = False
+    model.training_losses(make_batch(model.cfg), vae, generator=seeded(0))["con"].backward()
+    assert model.video_encoder.conv_in.weight.grad.abs().sum() > 0
+    assert model.audio_encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ weights and decode
+
+
+def test_unet_initialisation_from_a_local_folder(tmp_path, model):
+    source = copy.deepcopy(model.decoder.unet)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01)
+    source.save_pretrained(tmp_path / "sd" / "unet")
+    torch.manual_seed(0)
+    loaded = MultiModalAutoencoder(small_config(unet_init=str(tmp_path / "sd")), NUM_CLASSES)
+    for (name, ours), theirs in zip(
+        loaded.decoder.unet.state_dict().items(), source.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
+    with pytest.raises(ValueError, match="does not match"):
+        MultiModalAutoencoder(
+            small_config(unet_init=str(tmp_path / "sd"), unet_heads=2, semantic_dim=32), NUM_CLASSES
+        )
+
+
+def test_schedules_are_the_ldm_ones():
+    train = build_train_scheduler()
+    assert train.config.beta_schedule == "scaled_linear" and train.config.prediction_type == "epsilon"
+    assert train.betas[0].item() == pytest.approx(0.00085) and train.betas[-1].item() == pytest.approx(0.012)
+    ddim = build_sampling_scheduler(steps=50)
+    assert ddim.timesteps[0] == 981 and ddim.timesteps[-1] == 1 and len(ddim.timesteps) == 50
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999])
+    torch.testing.assert_close(
+        predict_x0(train, q_sample(train, x0, noise, t), noise, t), x0, rtol=1e-3, atol=1e-3
+    )
+
+
+def test_decode_shapes_and_determinism(model):
+    batch = make_batch(model.cfg)
+    z_v, z_a = model.encode(batch["key_latents"], batch["audio_latents"])
+    frames, audio = model.decode(z_v, z_a, num_frames=3, steps=2, generator=seeded(11))
+    assert frames.shape == (2, 3, 4, 16, 16) and audio.shape == (2, 4, 16, 16)
+    assert torch.isfinite(frames).all() and torch.isfinite(audio).all()
+    again = model.decode(z_v, z_a, num_frames=3, steps=2, generator=seeded(11))
+    assert torch.equal(frames, again[0]) and torch.equal(audio, again[1])
+    other = model.decode(z_v, z_a, num_frames=3, steps=2, generator=seeded(12))
+    assert not torch.equal(frames, other[0])
+    unguided = model.decode(
+        z_v,
+        z_a,
+        num_frames=3,
+        steps=2,
+        guidance_audio=1.0,
+        guidance_video=1.0,
+        generator=seeded(11),
+        class_id=torch.tensor([0, -1]),
+    )
+    assert unguided[0].shape == frames.shape and not torch.equal(unguided[0], frames)
+    assert math.isfinite(unguided[1].abs().sum().item())
