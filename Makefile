@@ -24,7 +24,24 @@ PRESET     := paper
 DATA_READY :=
 endif
 
-.PHONY: setup test lint demo clean data-synthetic train-vae
+# The tiny autoencoder needs the tiny VAE of stage 0; real datasets take SD's VAE via ARGS.
+TINY_VAE := outputs/runs/vae-synthetic-tiny/vae
+ifeq ($(DATASET),synthetic)
+AE_NEEDS := $(TINY_VAE)/config.json
+AE_VAE   := vae.weights=$(TINY_VAE)
+else
+AE_NEEDS :=
+AE_VAE   :=
+endif
+AE_RUN ?= outputs/runs/ae-$(DATASET)-$(PRESET)
+ifeq ($(DATASET),synthetic)
+DIT ?= tiny
+else
+DIT ?= S
+endif
+DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
+
+.PHONY: setup test lint demo clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
 
 setup: $(STAMP)
 
@@ -53,6 +70,30 @@ data/synthetic/metadata.json: | setup
 
 train-vae: setup $(DATA_READY)
 	$(PY) tools/train_vae.py dataset=$(DATASET) vae=$(VAE_PRESET) train=vae_$(VAE_PRESET) $(ARGS)
+
+$(TINY_VAE)/config.json: | data/synthetic/metadata.json
+	$(PY) tools/train_vae.py dataset=synthetic vae=tiny train=vae_tiny
+
+train-ae: setup $(DATA_READY) $(AE_NEEDS)
+	$(PY) tools/train_ae.py dataset=$(DATASET) vae=$(VAE_PRESET) ae=$(PRESET) train=ae_$(PRESET) $(AE_VAE) $(ARGS)
+
+train-dit: setup $(DATA_READY)
+	$(PY) tools/train_dit.py dataset=$(DATASET) dit=$(DIT) train=dit_$(PRESET) ae_run=$(AE_RUN) $(ARGS)
+
+train-dit-long: setup $(DATA_READY)
+	$(PY) tools/train_dit.py --config-name train_dit_long dataset=$(DATASET) dit=$(DIT) train=dit_$(PRESET) ae_run=$(AE_RUN) $(ARGS)
+
+# make sample ARGS="task=a2v"; long and continuations: make sample DIT_RUN=<a train-dit-long run> ARGS="task=long"
+sample: setup
+	$(PY) tools/sample.py run=$(DIT_RUN) $(ARGS)
+
+# Side-by-side reconstructions (mp4 with sound) of a trained autoencoder: make reconstruct [AE_RUN=...]
+reconstruct: setup
+	$(PY) tools/reconstruct.py $(AE_RUN) --out $(AE_RUN)/reconstructions $(ARGS)
+
+# make eval GENERATED=samples/ DATASET=landscape ARGS="data_root=/data/landscape --out results/eval.json"
+eval: setup
+	$(PY) tools/eval_fvd_fad.py --generated $(GENERATED) --real dataset=$(DATASET) $(ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

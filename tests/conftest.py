@@ -49,3 +49,50 @@ def run_tool(script: str, *args: str, check: bool = True) -> subprocess.Complete
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+# The generator stage's tests need a trained autoencoder only for its layout and shapes: a random
+# tiny one (32^2 frames, 2-block VAE -> z_v 8x8x8, z_a 8x4x4: the tiny DiT's latents) written as a
+# tools/train_ae.py run.
+TINY_AE_DATASET = {"resolution": 32, "mel": {"image_size": 32}, "window_stride": 8, "val_fraction": 0.2}  # as conf/dataset/synthetic.yaml
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_run(synthetic_root, tmp_path_factory) -> Path:
+    import torch
+
+    from mmldm_ae.autoencoder import MultiModalAutoencoder, ae_preset
+    from mmldm_ae.pipeline import AutoencoderPipeline
+    from mmldm_ae.train_ae import AETrainingTask
+    from mmldm_ae.training import TrainConfig, Trainer
+    from mmldm_ae.vae import VAEConfig, build_vae
+    from mmldm_data.config import DatasetConfig, to_plain_dict, to_typed
+    from mmldm_data.dataset import SoundingVideoDataset
+
+    root = tmp_path_factory.mktemp("ae-run")
+    torch.manual_seed(0)
+    build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).save_pretrained(root / "vae")
+    vae_config = VAEConfig(preset="tiny", weights=str(root / "vae"))
+    dataset = to_typed(DatasetConfig, {"data_root": str(synthetic_root), **TINY_AE_DATASET})
+    class_names = SoundingVideoDataset(dataset).class_names
+    ae_config = ae_preset("tiny", resolution=32, vae_downsample=2)
+    model = MultiModalAutoencoder(ae_config, num_classes=len(class_names))
+    pipeline = AutoencoderPipeline(model, build_vae(vae_config), dataset, class_names)
+    architecture = {"num_classes": len(class_names), "class_names": class_names}
+    task = AETrainingTask(pipeline, None, {}, architecture)
+    run_config = {"ae": to_plain_dict(ae_config), "vae": to_plain_dict(vae_config), "dataset": to_plain_dict(dataset)}
+    Trainer(task, [], TrainConfig(), root / "run", run_config=run_config).save_checkpoint()
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_dit_cache(tiny_ae_run, synthetic_root, tmp_path_factory) -> Path:
+    """The DiT latent cache of `tiny_ae_run` over `synthetic_root` (36 windows), built once."""
+    from mmldm_ae.pipeline import load_autoencoder
+    from mmldm_data.config import DatasetConfig, to_typed
+    from mmldm_data.dataset import SoundingVideoDataset
+    from mmldm_dit.latents import build_dit_latent_cache
+
+    dataset = SoundingVideoDataset(to_typed(DatasetConfig, {"data_root": str(synthetic_root), **TINY_AE_DATASET}))
+    out_dir = tmp_path_factory.mktemp("dit-latents") / "cache"
+    return build_dit_latent_cache(dataset, load_autoencoder(tiny_ae_run), out_dir, batch_size=8, progress=False)

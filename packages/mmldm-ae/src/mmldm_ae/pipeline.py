@@ -7,6 +7,7 @@ evaluator's reconstruction metrics use both. `load_autoencoder` rebuilds one fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
-from mmldm_ae.training import checkpoint_dirs, load_module_weights
+from mmldm_ae.training import load_ema_weights, load_module_weights, resolve_checkpoint
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_data.audio import (
     IMAGE_FLOOR_LOGMEL,
@@ -94,6 +95,14 @@ class AutoencoderPipeline:
         )
         frames = self.vae.decode(frame_latents.flatten(0, 1)).unflatten(0, frame_latents.shape[:2])
         return DecodedClips(frames=frames.clamp(-1, 1), audio_images=self.vae.decode(audio_latents).clamp(-1, 1))
+
+    def fingerprint(self) -> str:
+        """A hash of the autoencoder's and the VAE's weights: identifies what encoded a cache of perceptual latents."""
+        digest = hashlib.sha1(self.vae.fingerprint().encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def vocoder(self, name: str = "hifigan-universal"):
         if name not in self._vocoders:
@@ -191,16 +200,7 @@ def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device =
     The checkpoint's state.json holds the composed config of the run, so nothing else is needed;
     `vae_weights` points elsewhere when the run's VAE folder moved.
     """
-    path = Path(run_or_checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"autoencoder checkpoint {path} does not exist: give a run_dir of tools/train_ae.py "
-                                "or one of its checkpoints/step_* folders")
-    if not (path / "state.json").is_file():
-        finished = checkpoint_dirs(path)
-        if not finished:
-            raise FileNotFoundError(f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): "
-                                    "train one with `make train-ae`")
-        path = finished[-1]
+    path = resolve_checkpoint(run_or_checkpoint, "train one with `make train-ae`")
     state = json.loads((path / "state.json").read_text())
     config = state["config"]
     if "ae" not in config:
@@ -209,13 +209,8 @@ def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device =
     vae = build_vae(vae_config)
     model = MultiModalAutoencoder(to_typed(AEConfig, config["ae"]), num_classes=state["architecture"]["num_classes"])
     load_module_weights(model, path, "autoencoder")
-    if use_ema and (path / "ema.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        shadow = load_file(path / "ema.safetensors")
-        with torch.no_grad():
-            for index, parameter in enumerate(model.parameters()):
-                parameter.copy_(shadow[f"{index}"])
+    if use_ema:
+        load_ema_weights(model, path)
     dataset = to_typed(DatasetConfig, config["dataset"])
     return AutoencoderPipeline(model.to(device), vae.to(device), dataset, state["architecture"]["class_names"])
 

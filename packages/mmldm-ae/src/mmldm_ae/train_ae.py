@@ -9,19 +9,25 @@ or latents from a cache (`mmldm_ae.latent_cache`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmldm_ae.autoencoder import MultiModalAutoencoder
-from mmldm_ae.discriminator import discriminator_losses
+from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
+from mmldm_ae.discriminator import build_discriminator, discriminator_losses
+from mmldm_ae.latent_cache import LatentCacheDataset, build_latent_cache
 from mmldm_ae.pipeline import AutoencoderPipeline, pixels_to_latents, write_reconstructions
-from mmldm_ae.training import TrainingTask
-from mmldm_ae.vae import KLVAE
-from mmldm_ae.wandb_logger import WandbLogger
+from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
+from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+from mmldm_data.cli import collate
+from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
+from mmldm_data.dataset import SoundingVideoDataset
 
 
 class AETrainingTask(TrainingTask):
@@ -58,7 +64,7 @@ class AETrainingTask(TrainingTask):
             if self._pixels is None:
                 return None, {}
             losses = discriminator_losses(modules["discriminator"], self._pixels["real"], self._pixels["fake"])
-            return losses["loss_d"], {k: float(v) for k, v in losses.items()}
+            return losses["loss_d"], {k: v.item() for k, v in losses.items()}
         latents = batch if "key_latents" in batch else pixels_to_latents(self.vae, batch)
         losses = modules["autoencoder"](latents, self.vae, discriminator=modules.get("discriminator"))
         self._pixels = {"real": losses["disc_real"], "fake": losses["disc_fake"]} if "disc_real" in losses else None
@@ -71,3 +77,74 @@ class AETrainingTask(TrainingTask):
             logger.log_video(f"reconstruction/clip{index}", video, step, caption="input | reconstruction (decoded sound)")
         logger.log_image("reconstruction/contact_sheet", np.asarray(written.sheet), step,
                          caption="first/last frame: input, reconstruction; spectrogram: input, reconstruction")
+
+
+def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig) -> None:
+    problems = []
+    if vae_config.weights is None:
+        problems.append(
+            "vae.weights is not set: the autoencoder needs a trained KL-VAE. For the tiny presets run "
+            "`make train-vae DATASET=synthetic` (it writes outputs/runs/vae-synthetic-tiny/vae); for the paper "
+            "preset give SD's KL-f8 VAE folder (the vae/ folder of a Stable Diffusion v1.x diffusers repository)"
+        )
+    if ae.resolution != dataset.resolution:
+        problems.append(f"ae.resolution ({ae.resolution}) must equal dataset.resolution ({dataset.resolution})")
+    if ae.num_key_frames != len(dataset.key_frame_indices):
+        problems.append(f"ae.num_key_frames ({ae.num_key_frames}) must equal the number of "
+                        f"dataset.key_frame_indices ({len(dataset.key_frame_indices)})")
+    if ae.num_target_frames != dataset.num_target_frames:
+        problems.append(f"ae.num_target_frames ({ae.num_target_frames}) must equal dataset.num_target_frames "
+                        f"({dataset.num_target_frames})")
+    if problems:
+        raise ConfigError("incompatible settings:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class AETraining:
+    trainer: Trainer
+    pipeline: AutoencoderPipeline
+    pixels: SoundingVideoDataset
+    run_dir: Path
+
+
+def build_ae_training(cfg: DictConfig) -> AETraining:
+    """Everything a stage-1 run needs, from a composed `conf/train_ae.yaml` (tools/train_ae.py, benchmarks)."""
+    dataset_config = dataset_config_from(cfg)
+    vae_config = to_typed(VAEConfig, cfg.vae)
+    ae_config = to_typed(AEConfig, cfg.ae)
+    train_config = to_typed(TrainConfig, cfg.train)
+    wandb_config = to_typed(WandbConfig, cfg.wandb)
+    check_compatible(dataset_config, vae_config, ae_config)
+    vae_config.weights = str(Path(vae_config.weights).resolve())
+    run_dir = Path(cfg.run_dir)
+
+    pixels = SoundingVideoDataset(dataset_config, return_all_frames=True, progress=True)
+    vae = build_vae(vae_config)
+    if vae.downsample != ae_config.vae_downsample or vae.latent_channels != ae_config.vae_channels:
+        raise ConfigError(f"the VAE in {vae_config.weights} makes {vae.latent_channels}-channel latents at 1/"
+                          f"{vae.downsample} size, but ae.vae_channels={ae_config.vae_channels} and "
+                          f"ae.vae_downsample={ae_config.vae_downsample}")
+    model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = AutoencoderPipeline(model, vae.to(device), dataset_config, pixels.class_names)
+    model.train()
+    spread = torch.linspace(0, len(pixels) - 1, cfg.preview_clips).long().tolist()
+    preview = collate([pixels[i] for i in spread])
+
+    training_data = pixels
+    if cfg.latent_cache:
+        cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
+        training_data = LatentCacheDataset(cache, num_target_frames=dataset_config.num_target_frames,
+                                           seed=dataset_config.seed, dataset_config=dataset_config, vae=vae)
+    architecture = {
+        "ae": to_plain_dict(ae_config),
+        "vae": {"downsample": vae.downsample, "channels": vae.latent_channels, "scale": vae.scale},
+        "num_classes": len(pixels.class_names),
+        "class_names": pixels.class_names,
+    }
+    task = AETrainingTask(pipeline, build_discriminator(ae_config), preview, architecture,
+                          preview_steps=cfg.preview_steps, vocoder=cfg.vocoder)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config |= {"dataset": to_plain_dict(dataset_config), "vae": to_plain_dict(vae_config)}
+    trainer = Trainer(task, training_data, train_config, run_dir, wandb_config, run_config=run_config)
+    return AETraining(trainer, pipeline, pixels, run_dir)

@@ -49,6 +49,8 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # Wall-clock budget of one invocation (None: none); a run stopped by it checkpoints and resumes.
+    max_minutes: float | None = None
     batch_size: int = 4  # per process, per micro-batch
     grad_accum: int = 1
     lr: float = 1e-4
@@ -78,6 +80,8 @@ class TrainConfig:
             problems.append(f"train.precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             problems.append(f"train.ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            problems.append(f"train.max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("train.checkpoint_every and train.log_every must be >= 1")
         if problems:
@@ -193,6 +197,32 @@ def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint weights {path} do not exist: give the folder of a finished checkpoint")
     load_model(module, str(path))
+
+
+def resolve_checkpoint(run_or_checkpoint: str | Path, how_to_train: str) -> Path:
+    """A checkpoint folder: the given one, or the newest finished one of a run_dir."""
+    path = Path(run_or_checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: give a run_dir or one of its checkpoints/step_* "
+                                f"folders ({how_to_train})")
+    if (path / "state.json").is_file():
+        return path
+    finished = checkpoint_dirs(path)
+    if not finished:
+        raise FileNotFoundError(f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): {how_to_train}")
+    return finished[-1]
+
+
+def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:
+    """Copy the EMA weights of a checkpoint (stored in parameter order) into `module`; False when it has none."""
+    path = checkpoint / "ema.safetensors"
+    if not path.is_file():
+        return False
+    shadow = load_file(path)
+    with torch.no_grad():
+        for index, parameter in enumerate(module.parameters()):
+            parameter.copy_(shadow[f"{index}"])
+    return True
 
 
 def describe_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
@@ -371,13 +401,19 @@ class Trainer:
         from tqdm.auto import tqdm
 
         batches = self._micro_batches()
+        # A bar on terminals; elsewhere (logs, CI) the status line every log_every steps says the same.
         progress = tqdm(total=config.max_steps, initial=self.state.step, desc="train", unit="step",
-                        disable=not self.is_main, dynamic_ncols=True, file=sys.stderr)
+                        disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr)
         window_start, window_samples, last_logs = time.perf_counter(), 0, {}
         started = time.perf_counter()
+        deadline = started + 60 * config.max_minutes if config.max_minutes else math.inf
         for module in self.modules.values():
             module.train()
         while self.state.step < config.max_steps:
+            if time.perf_counter() > deadline:
+                self._print(f"train.max_minutes={config.max_minutes} reached at step {self.state.step}; "
+                            "a rerun resumes from the checkpoint written now")
+                break
             micro = [next(batches) for _ in range(config.grad_accum)]
             logs = self._optimizer_steps(micro)
             self.state.samples_seen += config.batch_size * config.grad_accum
@@ -394,7 +430,7 @@ class Trainer:
                 logs["lr"] = self.optimizers[self.generator].param_groups[0]["lr"]
                 self.logger.log(logs, self.state.step)
                 progress.set_postfix_str(self._status(logs), refresh=False)
-                if not progress.disable and not sys.stderr.isatty():
+                if progress.disable:
                     self._print(f"step {self.state.step}/{config.max_steps} | {self._status(logs)}")
                 window_start, window_samples = time.perf_counter(), 0
             if config.sample_every and self.state.step % config.sample_every == 0:

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
@@ -183,23 +184,25 @@ def dit_training_loss(
     """
     cfg = cfg or DiTLossConfig()
     cfg.validate()
-    clean = {m: z for m, z in zip(MODALITIES, (z_a, z_v), strict=True) if m in model.cfg.modalities}
+    # `model` may be DDP-wrapped for the call; its settings live on the module inside.
+    spec: MMDiT = extract_model_from_parallel(model)
+    clean = {m: z for m, z in zip(MODALITIES, (z_a, z_v), strict=True) if m in spec.cfg.modalities}
     if any(z is None for z in clean.values()):
-        raise ValueError(f"dit_training_loss needs a latent for every modality in {model.cfg.modalities}")
+        raise ValueError(f"dit_training_loss needs a latent for every modality in {spec.cfg.modalities}")
     some = next(iter(clean.values()))
     batch_size, device = some.shape[0], some.device
 
     t = sample_timesteps(scheduler, batch_size, device, generator)
-    masks = draw_task_masks(batch_size, cfg, device, generator, cross_modal=model.cfg.joint)
+    masks = draw_task_masks(batch_size, cfg, device, generator, cross_modal=spec.cfg.joint)
     noise = {m: _randn_like(z, generator) for m, z in clean.items()}
     noisy = {m: q_sample(scheduler, z, noise[m], t) for m, z in clean.items()}
     condition_rows = {"audio": masks.a2v, "video": masks.v2a}
 
     inputs: dict[str, Tensor | None] = {"drop_context": masks.drop_context}
-    if model.cfg.joint:
+    if spec.cfg.joint:
         inputs["cond_a"] = _zero_rows(clean["audio"], ~masks.a2v)
         inputs["cond_v"] = _zero_rows(clean["video"], ~masks.v2a)
-    if model.previous_encoder is not None:
+    if spec.previous_encoder is not None:
         previous = {"audio": prev_a, "video": prev_v}
         for m in clean:
             if previous[m] is None:

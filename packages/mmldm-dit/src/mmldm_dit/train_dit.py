@@ -1,0 +1,164 @@
+"""Stage 2: train the DiT generator over cached perceptual latents (DESIGN section 5, the paper's MM-LDM*).
+
+`DiTTrainingTask` is the task for the shared `Trainer`: standardised latents of the cache, the
+multi-task loss of `dit_training_loss` (context / a2v / v2a masks; previous-clip masks for the
+long-generation model), and previews for people: a few svg (or long) samples decoded through the
+autoencoder and the vocoder into mp4s with sound and contact sheets. The Trainer swaps in the EMA
+weights before previews. `train_from_config` is the whole stage from a composed Hydra config,
+shared by `tools/train_dit.py` and `tools/bench_dit_learning.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch import nn
+
+from mmldm_ae.diffusion import build_train_scheduler
+from mmldm_ae.latent_cache import _hash, encoded_dataset_config
+from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
+from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
+from mmldm_data.dataset import SoundingVideoDataset
+from mmldm_dit.dit import DiTConfig, MMDiT
+from mmldm_dit.generate import Generator, SampleConfig, generate
+from mmldm_dit.latents import DiTLatentDataset, LatentStats, build_dit_latent_cache
+from mmldm_dit.sampling import DiTLossConfig, dit_training_loss
+
+# Dataset settings that decide what the autoencoder sees; the DiT's data must share them with the AE's.
+AE_INPUT_SETTINGS = ("fps", "num_frames", "key_frame_indices", "resolution", "frame_mode", "mel")
+# Batch keys of the latent dataset (raw latents) and their modality.
+LATENT_MODALITY = {"z_a": "audio", "z_v": "video", "prev_z_a": "audio", "prev_z_v": "video"}
+
+
+@dataclasses.dataclass
+class PreviewConfig:
+    samples: int = 2
+    steps: int = 25  # DDIM steps of the DiT
+    ae_steps: int = 25  # DDIM steps of the autoencoder's decoder
+    clips: int = 2  # long-generation model: clips per preview sample
+    vocoder: str = "hifigan-universal"
+
+
+class DiTTrainingTask(TrainingTask):
+    def __init__(self, model: MMDiT, stats: LatentStats, loss_config: DiTLossConfig, architecture: dict[str, Any],
+                 pipeline: AutoencoderPipeline, preview: PreviewConfig):
+        self.model, self.stats, self.loss_config = model, stats, loss_config
+        self.pipeline, self.preview = pipeline, preview
+        self._architecture = architecture
+        self.scheduler = build_train_scheduler()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"dit": self.model}
+
+    def optimizer_modules(self) -> list[str]:
+        return ["dit"]
+
+    def architecture(self) -> dict[str, Any]:
+        return self._architecture
+
+    def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
+        # The loss draws t, masks and noise from the global RNG, which checkpoints restore: resumes are exact.
+        latents = {key: self.stats.standardise(modality, batch[key].float())
+                   for key, modality in LATENT_MODALITY.items() if key in batch}
+        losses = dit_training_loss(modules["dit"], latents.get("z_a"), latents.get("z_v"), self.scheduler,
+                                   cfg=self.loss_config, prev_a=latents.get("prev_z_a"), prev_v=latents.get("prev_z_v"))
+        return losses["loss"], {k: float(v) for k, v in losses.items() if k != "loss"}
+
+    def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
+        long = self.model.previous_encoder is not None
+        folder = run_dir / "samples" / f"step_{step:07d}"
+        preview = self.preview
+        generator = Generator(self.model, self.stats, self.pipeline, None, run_dir)
+        generate(generator, SampleConfig(
+            run=str(run_dir), task="long" if long else "svg", out_dir=str(folder), num_samples=preview.samples,
+            batch_size=preview.samples, steps=preview.steps, num_clips=preview.clips, ae_steps=preview.ae_steps,
+            vocoder=preview.vocoder,
+        ))
+        for video in sorted(folder.glob("*.mp4")):
+            logger.log_video(f"samples/{video.stem}", video, step, caption="generated video with its generated sound")
+        for sheet in sorted(folder.glob("*.png")):
+            logger.log_image(f"samples/{sheet.stem}", np.asarray(Image.open(sheet).convert("RGB")), step,
+                             caption="frames, then the spectrogram of the sound")
+
+
+def check_compatible(dataset: DatasetConfig, dit: DiTConfig, pipeline: AutoencoderPipeline, ae_run: str) -> None:
+    """The DiT's data and latent shapes must be those of its autoencoder."""
+    problems = []
+    for name in AE_INPUT_SETTINGS:
+        ours, theirs = getattr(dataset, name), getattr(pipeline.dataset, name)
+        if ours != theirs:
+            problems.append(f"dataset.{name}={to_plain(ours)} but the autoencoder in {ae_run} was trained with "
+                            f"{to_plain(theirs)}: set dataset.{name} to that")
+    ae = pipeline.model.cfg
+    made = {"audio": (ae.latent_channels, ae.audio_latent_size), "video": (ae.latent_channels, ae.video_latent_size)}
+    for modality in dit.modalities:
+        channels, side, _ = dit.latent_shape(modality)
+        if (channels, side) != made[modality]:
+            problems.append(
+                f"dit.{modality}_latent_channels/size={channels}/{side} but the autoencoder makes {modality} latents "
+                f"{made[modality][0]}x{made[modality][1]}x{made[modality][1]}: set dit.{modality}_latent_channels="
+                f"{made[modality][0]} dit.{modality}_latent_size={made[modality][1]}"
+            )
+    if problems:
+        raise ConfigError("the DiT does not fit its autoencoder:\n  " + "\n  ".join(problems))
+
+
+def to_plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def default_cache_dir(ae_run: Path, dataset: DatasetConfig) -> Path:
+    """Beside the autoencoder, keyed by the dataset settings, so every DiT trained on that AE shares it."""
+    return ae_run / "dit_latents" / f"{dataset.name}-{_hash(encoded_dataset_config(dataset))[:12]}"
+
+
+def train_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 2 from a composed train_dit config: check everything, build or reuse the cache, train."""
+    dataset_config = dataset_config_from(cfg)
+    dit_config = to_typed(DiTConfig, cfg.dit)
+    loss_config = to_typed(DiTLossConfig, cfg.dit_loss)
+    loss_config.validate()
+    train_config = to_typed(TrainConfig, cfg.train)
+    wandb_config = to_typed(WandbConfig, cfg.wandb)
+    preview = to_typed(PreviewConfig, cfg.preview)
+    if not cfg.ae_run:
+        raise ConfigError("ae_run is not set: give the run_dir of a trained autoencoder (ae_run=outputs/runs/"
+                          "ae-synthetic-tiny after `make train-ae DATASET=synthetic`)")
+    ae_run = Path(cfg.ae_run).resolve()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = load_autoencoder(ae_run, device=device)
+    check_compatible(dataset_config, dit_config, pipeline, str(ae_run))
+
+    cache_dir = Path(cfg.latent_cache).resolve() if cfg.latent_cache else default_cache_dir(ae_run, dataset_config)
+    print(f"latent cache: {cache_dir}", file=sys.stderr, flush=True)
+    pixels = SoundingVideoDataset(dataset_config, progress=True)
+    build_dit_latent_cache(pixels, pipeline, cache_dir, batch_size=cfg.encode_batch_size, progress=True)
+    long = dit_config.previous_clip_depth > 0
+    data = DiTLatentDataset(cache_dir, previous_clips=long, dataset_config=dataset_config, pipeline=pipeline)
+
+    torch.manual_seed(train_config.seed)
+    model = MMDiT(dit_config)
+    architecture = {"dit": to_plain_dict(dit_config), "latent_stats": data.stats.to_dict(),
+                    "autoencoder_fingerprint": pipeline.fingerprint()}
+    task = DiTTrainingTask(model, data.stats, loss_config, architecture, pipeline, preview)
+    run_config = OmegaConf.to_container(cfg, resolve=True) | {
+        "dataset": to_plain_dict(dataset_config), "dit": to_plain_dict(dit_config), "ae_run": str(ae_run),
+        "latent_cache": str(cache_dir),
+    }
+    print(f"training on {len(data)} {'(previous, current) pairs' if long else 'windows'} of {cache_dir}",
+          file=sys.stderr, flush=True)
+    trainer = Trainer(task, data, train_config, cfg.run_dir, wandb_config, run_config=run_config)
+    summary = trainer.train()
+    summary["samples"] = str(Path(cfg.run_dir) / "samples")
+    summary["latent_cache"] = str(cache_dir)
+    summary["training_items"] = len(data)
+    return summary | {"is_main": trainer.is_main}
