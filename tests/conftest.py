@@ -22,6 +22,20 @@ def _isolated_caches(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.getbasetemp() / "wandb"))
 
 
+@pytest.fixture
+def plain_single_thread_cpu():
+    """oneDNN builds a kernel per new convolution shape (about a second each on this CPU); tests
+    that see many shapes once run faster on the plain kernels, and small tensors on one thread."""
+    import torch
+
+    enabled, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)
+    yield
+    torch.backends.mkldnn.enabled = enabled
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

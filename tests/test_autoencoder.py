@@ -78,16 +78,7 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(autouse=True)
-def _plain_single_thread_cpu():
-    """oneDNN builds a kernel per new convolution shape (about a second each on this CPU); these
-    tests see many shapes once, so the plain kernels are faster for them."""
-    enabled, threads = torch.backends.mkldnn.enabled, torch.get_num_threads()
-    torch.backends.mkldnn.enabled = False
-    torch.set_num_threads(1)  # small tensors: threads cost more than they bring on a shared CPU
-    yield
-    torch.backends.mkldnn.enabled = enabled
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("plain_single_thread_cpu")
 
 
 @pytest.fixture(scope="module")
