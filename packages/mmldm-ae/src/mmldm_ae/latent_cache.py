@@ -64,31 +64,31 @@ def encoded_dataset_config(config: DatasetConfig) -> dict:
     return fields
 
 
-def _hash(payload: object) -> str:
+def settings_hash(payload: object) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _data_fingerprint(dataset: SoundingVideoDataset) -> str:
+def data_fingerprint(dataset: SoundingVideoDataset) -> str:
     """The files and windows behind the dataset: catches videos added, removed or changed on disk."""
     files = [(f.path, f.size, f.mtime_ns) for f in dataset.files]
-    return _hash({"files": files, "windows": dataset.windows, "classes": dataset.file_classes})
+    return settings_hash({"files": files, "windows": dataset.windows, "classes": dataset.file_classes})
 
 
 @dataclass
-class _Shard:
+class Shard:
     file: str
     start: int
     count: int
 
 
-def _plan_shards(count: int, shard_size: int) -> list[_Shard]:
+def plan_shards(count: int, shard_size: int) -> list[Shard]:
     return [
-        _Shard(f"shard-{i:05d}.safetensors", start, min(shard_size, count - start))
+        Shard(f"shard-{i:05d}.safetensors", start, min(shard_size, count - start))
         for i, start in enumerate(range(0, count, shard_size))
     ]
 
 
-def _read_shard_metadata(path: Path) -> dict[str, str] | None:
+def read_shard_metadata(path: Path) -> dict[str, str] | None:
     try:
         with safe_open(path, framework="pt") as handle:
             return handle.metadata() or {}
@@ -129,8 +129,8 @@ def build_latent_cache(
     header = {
         "version": CACHE_VERSION,
         "dataset_config": encoded_config,
-        "dataset_config_hash": _hash(encoded_config),
-        "data_fingerprint": _data_fingerprint(dataset),
+        "dataset_config_hash": settings_hash(encoded_config),
+        "data_fingerprint": data_fingerprint(dataset),
         "vae": {
             "fingerprint": vae.fingerprint(),
             "latent_channels": vae.latent_channels,
@@ -145,13 +145,13 @@ def build_latent_cache(
         "count": len(dataset),
         "shard_size": shard_size,
     }
-    build_key = _hash(header)
-    shards = _plan_shards(len(dataset), shard_size)
+    build_key = settings_hash(header)
+    shards = plan_shards(len(dataset), shard_size)
 
     metadata: dict[str, dict[str, str]] = {}
-    pending: list[_Shard] = []
+    pending: list[Shard] = []
     for shard in shards:
-        found = _read_shard_metadata(out_dir / shard.file) if (out_dir / shard.file).is_file() else None
+        found = read_shard_metadata(out_dir / shard.file) if (out_dir / shard.file).is_file() else None
         if found and found.get("build_key") == build_key:
             metadata[shard.file] = found
         else:
@@ -189,7 +189,7 @@ def _encode_shards(
     dataset: SoundingVideoDataset,
     vae: KLVAE,
     out_dir: Path,
-    pending: list[_Shard],
+    pending: list[Shard],
     build_key: str,
     batch_size: int,
     num_workers: int,
@@ -223,7 +223,7 @@ def _encode_shards(
     return written
 
 
-def _write_shard(out_dir: Path, shard: _Shard, rows: dict[str, list], build_key: str) -> dict[str, str]:
+def _write_shard(out_dir: Path, shard: Shard, rows: dict[str, list], build_key: str) -> dict[str, str]:
     metadata = {
         "build_key": build_key,
         "start": str(shard.start),
@@ -274,7 +274,7 @@ def cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, vae: KLVA
     if dataset_config.flip_p > 0:
         return f"dataset.flip_p={dataset_config.flip_p}, but the cache holds unflipped frames only"
     wanted = encoded_dataset_config(dataset_config)
-    if _hash(wanted) != index["dataset_config_hash"]:
+    if settings_hash(wanted) != index["dataset_config_hash"]:
         changed = sorted(
             k
             for k in wanted.keys() | index["dataset_config"].keys()
@@ -327,7 +327,7 @@ class LatentCacheDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.key_frame_indices = self.index["key_frame_indices"]
-        self.shards = [_Shard(**s) for s in self.index["shards"]]
+        self.shards = [Shard(**s) for s in self.index["shards"]]
         self._shard_starts = [s.start for s in self.shards]
         self._handles: dict[str, object] = {}  # opened lazily, per worker process
 

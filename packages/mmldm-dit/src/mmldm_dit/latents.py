@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 
 from mmldm_ae.latent_cache import (
     LatentCacheError,
-    _data_fingerprint,
-    _hash,
-    _plan_shards,
-    _read_shard_metadata,
-    _Shard,
+    Shard,
+    data_fingerprint,
     encoded_dataset_config,
+    plan_shards,
+    read_shard_metadata,
+    settings_hash,
 )
 from mmldm_ae.pipeline import AutoencoderPipeline
 from mmldm_data.config import DatasetConfig
@@ -92,8 +92,8 @@ def _cache_header(dataset: SoundingVideoDataset, pipeline: AutoencoderPipeline) 
     return {
         "version": CACHE_VERSION,
         "dataset_config": encoded,
-        "dataset_config_hash": _hash(encoded),
-        "data_fingerprint": _data_fingerprint(dataset),
+        "dataset_config_hash": settings_hash(encoded),
+        "data_fingerprint": data_fingerprint(dataset),
         "autoencoder_fingerprint": pipeline.fingerprint(),
         "latent_shapes": {
             "audio": [ae.latent_channels, ae.audio_latent_size, ae.audio_latent_size],
@@ -121,11 +121,11 @@ def build_dit_latent_cache(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     header = _cache_header(dataset, pipeline) | {"shard_size": shard_size}
-    build_key = _hash(header)
+    build_key = settings_hash(header)
     stale = dit_cache_mismatch(out_dir, dataset.config, pipeline) if (out_dir / INDEX_FILE).is_file() else None
     if stale:
         log.warning("%s; re-encoding", stale)
-    shards = _plan_shards(len(dataset), shard_size)
+    shards = plan_shards(len(dataset), shard_size)
     pending = [s for s in shards if not _shard_finished(out_dir / s.file, build_key)]
     strays = set(out_dir.glob(SHARD_GLOB)) - {out_dir / s.file for s in shards}
     if pending or strays:
@@ -159,7 +159,7 @@ def build_dit_latent_cache(
 
 
 def _shard_finished(path: Path, build_key: str) -> bool:
-    return path.is_file() and (_read_shard_metadata(path) or {}).get("build_key") == build_key
+    return path.is_file() and (read_shard_metadata(path) or {}).get("build_key") == build_key
 
 
 @torch.inference_mode()
@@ -167,7 +167,7 @@ def _encode_shards(
     dataset: SoundingVideoDataset,
     pipeline: AutoencoderPipeline,
     out_dir: Path,
-    pending: list[_Shard],
+    pending: list[Shard],
     build_key: str,
     batch_size: int,
     num_workers: int,
@@ -195,7 +195,7 @@ def _encode_shards(
     bar.close()
 
 
-def _statistics(out_dir: Path, shards: list[_Shard]) -> LatentStats:
+def _statistics(out_dir: Path, shards: list[Shard]) -> LatentStats:
     """Mean and std of every latent value per modality, accumulated in float64 shard by shard."""
     sums = {key: torch.zeros(3, dtype=torch.float64) for key in LATENT_KEYS.values()}  # count, sum, sum of squares
     for shard in shards:
@@ -244,7 +244,7 @@ def dit_cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, pipel
     except LatentCacheError as error:
         return str(error)
     wanted = encoded_dataset_config(dataset_config)
-    if _hash(wanted) != index["dataset_config_hash"]:
+    if settings_hash(wanted) != index["dataset_config_hash"]:
         cached = index["dataset_config"]
         changed = ", ".join(
             f"{k}: cached {cached.get(k)!r}, now {wanted.get(k)!r}"
@@ -283,7 +283,7 @@ class DiTLatentDataset(Dataset):
                 raise LatentCacheError(f"{reason}; rebuild it (tools/train_dit.py does) or use another latent_cache")
         self.stats = LatentStats(**self.index["stats"])
         self.class_names: list[str] = self.index["class_names"]
-        self.shards = [_Shard(**s) for s in self.index["shards"]]
+        self.shards = [Shard(**s) for s in self.index["shards"]]
         self._shard_starts = [s.start for s in self.shards]
         self._handles: dict[str, object] = {}  # opened lazily, per worker process
         self.previous = self._previous_windows()

@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from mmldm_ae.diffusion import build_train_scheduler
-from mmldm_ae.latent_cache import _hash, encoded_dataset_config
+from mmldm_ae.latent_cache import encoded_dataset_config, settings_hash
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
@@ -118,7 +118,7 @@ def to_plain(value: Any) -> Any:
 
 def default_cache_dir(ae_run: Path, dataset: DatasetConfig) -> Path:
     """Beside the autoencoder, keyed by the dataset settings, so every DiT trained on that AE shares it."""
-    return ae_run / "dit_latents" / f"{dataset.name}-{_hash(encoded_dataset_config(dataset))[:12]}"
+    return ae_run / "dit_latents" / f"{dataset.name}-{settings_hash(encoded_dataset_config(dataset))[:12]}"
 
 
 def train_from_config(cfg: DictConfig) -> dict[str, Any]:
