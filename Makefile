@@ -28,7 +28,7 @@ endif
 TINY_VAE := outputs/runs/vae-synthetic-tiny/vae
 ifeq ($(DATASET),synthetic)
 AE_NEEDS := $(TINY_VAE)/config.json
-AE_VAE   := vae.weights=$(TINY_VAE)
+AE_VAE   := vae.weights=$(TINY_VAE) latent_cache=outputs/runs/vae-synthetic-tiny/latents
 else
 AE_NEEDS :=
 AE_VAE   :=
@@ -41,7 +41,7 @@ DIT ?= S
 endif
 DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 
-.PHONY: setup test lint demo clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
+.PHONY: setup test lint demo synth-bench sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
 
 setup: $(STAMP)
 
@@ -60,8 +60,13 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check packages tools tests
 
+# The whole method on CPU (about 15 minutes); a second run reuses every finished stage.
 demo: setup
-	$(PY) tools/demo.py --out outputs/demo
+	$(PY) tools/demo.py $(ARGS)
+
+# Longer training and the quality table (about 60 minutes; not part of the tests).
+synth-bench: setup
+	$(PY) tools/demo.py --config-name synth_bench $(ARGS)
 
 data-synthetic: data/synthetic/metadata.json
 
@@ -94,6 +99,21 @@ reconstruct: setup
 # make eval GENERATED=samples/ DATASET=landscape ARGS="data_root=/data/landscape --out results/eval.json"
 eval: setup
 	$(PY) tools/eval_fvd_fad.py --generated $(GENERATED) --real dataset=$(DATASET) $(ARGS)
+
+# The paper's studies on CPU (tiny presets, synthetic set, minutes each), then their tables. A failed
+# run does not stop the sweep; collect_results marks it. The full studies: README, "Experiments".
+sweep-sensitivity-tiny: setup $(TINY_VAE)/config.json
+	-$(PY) tools/train_ae.py -m +sweep=sensitivity_tiny vae.weights=$(TINY_VAE) $(ARGS)
+	$(PY) tools/collect_results.py outputs/sweeps/sensitivity-tiny
+
+sweep-ablation-tiny: setup $(TINY_VAE)/config.json
+	-$(PY) tools/train_ae.py -m +sweep=ablation_tiny $(ARGS)
+	$(PY) tools/collect_results.py outputs/sweeps/ablation-tiny
+
+# Needs the tiny autoencoder (make train-ae DATASET=synthetic).
+sweep-scale-tiny: setup
+	-$(PY) tools/train_dit.py -m +sweep=scale_tiny $(ARGS)
+	$(PY) tools/collect_results.py outputs/sweeps/scale-tiny
 
 clean:
 	rm -rf outputs .pytest_cache

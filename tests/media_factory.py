@@ -72,3 +72,13 @@ def truncate(path: Path, keep_fraction: float) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction)])
     return path
+
+
+def stream_seconds(path: Path) -> tuple[float, float, int]:
+    """(video seconds, audio seconds, decoded frames) of an mp4, read back with PyAV."""
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video))
+        video_seconds = float(video.duration * video.time_base)
+        audio_seconds = float(audio.duration * audio.time_base)
+    return video_seconds, audio_seconds, frames

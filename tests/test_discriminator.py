@@ -54,7 +54,7 @@ def test_shapes_and_attention_layout():
 
 def test_presets_and_toggle():
     assert build_discriminator(ae_preset("tiny", adversarial=False)) is None
-    tiny = build_discriminator(ae_preset("tiny"))
+    tiny = build_discriminator(ae_preset("tiny", adversarial=True))
     assert tiny(torch.zeros(1, 3, 3, 64, 64)).shape == (1,)
     with torch.device("meta"):
         paper = build_discriminator(ae_preset("paper"))

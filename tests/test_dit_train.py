@@ -22,7 +22,7 @@ from mmldm_dit.latents import (
     dit_cache_mismatch,
 )
 from mmldm_dit.sampling import DiTLossConfig
-from mmldm_dit.train_dit import DiTTrainingTask, PreviewConfig, train_from_config
+from mmldm_dit.train_dit import DiTTrainingTask, PreviewConfig, train_dit_from_config
 
 TOOL_SETTINGS = ["dataset.resolution=32", "dataset.mel.image_size=32",
                  "dataset.window_stride=8", "train.batch_size=4", "train.log_every=1", "preview.samples=1",
@@ -155,8 +155,8 @@ def compose_train_dit(*overrides: str):
 
 def test_train_dit_config_errors_name_the_fix(synthetic_root, tiny_ae_run, tmp_path):
     with pytest.raises(ConfigError, match="ae_run is not set"):
-        train_from_config(compose_train_dit())
+        train_dit_from_config(compose_train_dit())
     with pytest.raises(ConfigError, match=r"dit.audio_latent_channels/size=8/2 .* dit.audio_latent_size=4"):
-        train_from_config(compose_train_dit(f"ae_run={tiny_ae_run}", "dit.audio_latent_size=2"))
+        train_dit_from_config(compose_train_dit(f"ae_run={tiny_ae_run}", "dit.audio_latent_size=2"))
     with pytest.raises(ConfigError, match=r"dataset.fps=8.0 .* was trained with 10.0"):
-        train_from_config(compose_train_dit(f"ae_run={tiny_ae_run}", "dataset.fps=8"))
+        train_dit_from_config(compose_train_dit(f"ae_run={tiny_ae_run}", "dataset.fps=8"))

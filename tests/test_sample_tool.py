@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile
 import torch
 from conftest import REPO_ROOT, run_tool
+from media_factory import stream_seconds
 
 from mmldm_data.config import ConfigError, compose
 from mmldm_data.media import MediaError
 from mmldm_dit.generate import SampleConfig, decode_media, generate, load_generator, sample_clips
-from mmldm_dit.train_dit import train_from_config
+from mmldm_dit.train_dit import train_dit_from_config
 
 QUICK = dict(num_samples=1, batch_size=1, steps=2, ae_steps=2, vocoder="griffinlim", num_clips=1)
 TRAIN_SETTINGS = ["dataset.resolution=32", "dataset.mel.image_size=32", "dataset.window_stride=8",
@@ -26,7 +26,7 @@ TRAIN_SETTINGS = ["dataset.resolution=32", "dataset.mel.image_size=32", "dataset
 def train_run(ae_run: Path, root: Path, cache: Path, run_dir: Path, *overrides: str) -> Path:
     cfg = compose(REPO_ROOT / "conf", "train_dit", [f"ae_run={ae_run}", f"data_root={root}", f"run_dir={run_dir}",
                                                     f"latent_cache={cache}", *TRAIN_SETTINGS, *overrides])
-    train_from_config(cfg)
+    train_dit_from_config(cfg)
     return run_dir
 
 
@@ -43,16 +43,6 @@ def runs(tiny_ae_run, synthetic_root, tiny_dit_cache, tmp_path_factory) -> dict[
 @pytest.fixture(scope="module")
 def generators(runs):
     return {name: load_generator(run) for name, run in runs.items()}
-
-
-def stream_seconds(path: Path) -> tuple[float, float, int]:
-    """(video seconds, audio seconds, decoded frames) of an mp4, read back with PyAV."""
-    with av.open(str(path)) as container:
-        video, audio = container.streams.video[0], container.streams.audio[0]
-        frames = sum(1 for _ in container.decode(video))
-        video_seconds = float(video.duration * video.time_base)
-        audio_seconds = float(audio.duration * audio.time_base)
-    return video_seconds, audio_seconds, frames
 
 
 @pytest.mark.parametrize("task", ["svg", "a2v", "v2a", "audio_continuation", "video_continuation", "long"])

@@ -55,7 +55,7 @@ class RecordingTask(AETrainingTask):
 def make_task(root: Path, vae_folder: Path) -> tuple[RecordingTask, SoundingVideoDataset]:
     torch.manual_seed(0)
     pixels = SoundingVideoDataset(dataset_config(root), return_all_frames=True)
-    cfg = ae_preset("tiny", resolution=RESOLUTION, vae_downsample=2)
+    cfg = ae_preset("tiny", resolution=RESOLUTION, vae_downsample=2, adversarial=True)  # both optimisers resume
     model = MultiModalAutoencoder(cfg, num_classes=len(pixels.class_names))
     vae = build_vae(VAEConfig(preset="tiny", weights=str(vae_folder)))
     pipeline = AutoencoderPipeline(model, vae, pixels.config, pixels.class_names)

@@ -32,7 +32,7 @@ from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.synthetic import CLASS_NAMES
 from mmldm_dit.generate import SampleConfig, decode_media, iterate_samples, load_generator
 from mmldm_dit.latents import DiTLatentDataset
-from mmldm_dit.train_dit import train_from_config
+from mmldm_dit.train_dit import train_dit_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def main() -> int:
             "preview.samples=1", f"preview.vocoder={args.vocoder}", *args.overrides,
         ])
         print(f"training the tiny DiT for at most {args.minutes:g} min into {args.run_dir} ...", file=sys.stderr)
-        training = train_from_config(cfg)
+        training = train_dit_from_config(cfg)
         generator = load_generator(args.run_dir)
         cache = DiTLatentDataset(training["latent_cache"])
         chosen = windows_per_class(cache, args.clips_per_class)

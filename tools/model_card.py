@@ -14,38 +14,14 @@ from __future__ import annotations
 
 import json
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
-from mmldm_dit.dit import DIT_PRESETS, MMDiT, preset_config
+from mmldm_dit.dit import DIT_PRESETS, model_card, preset_config
 
 # Paper Table 4: parameters and FLOPS (GMACs) of MM-LDM-S/B/L.
 PAPER_TABLE_4 = {"S": (131e6, 34), "B": (384e6, 101), "L": (1543e6, 407)}
-LINEAR_OPS = ("aten.addmm", "aten.mm", "aten.convolution")
-
-
-def measure(name: str) -> dict[str, float]:
-    cfg = preset_config(name)
-    with torch.device("meta"):
-        model = MMDiT(cfg)
-        x_a = torch.empty(1, *cfg.latent_shape("audio"))
-        x_v = torch.empty(1, *cfg.latent_shape("video"))
-        t = torch.zeros(1, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        model(x_a, x_v, t)
-    linear = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in LINEAR_OPS)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "gflops": round(counter.get_total_flops() / 1e9, 3),
-        "gmacs_linear": round(linear / 2e9, 3),
-        "tokens": cfg.sequence_length,
-        "width/depth/heads": f"{cfg.hidden_size}/{cfg.depth}/{cfg.num_heads}",
-    }
 
 
 def main() -> None:
-    cards = {name: measure(name) for name in DIT_PRESETS}
+    cards = {name: model_card(preset_config(name)) for name in DIT_PRESETS}
     header = f"{'preset':<7}{'width/depth/heads':>19}{'tokens':>8}{'params':>16}{'paper':>9}{'diff':>8}"
     header += f"{'GFLOPs':>10}{'GMACs linear':>14}{'paper':>7}"
     print(header)

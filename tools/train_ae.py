@@ -17,7 +17,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mmldm_ae.train_ae import build_ae_training
+from mmldm_ae.experiment import record_failure
+from mmldm_ae.train_ae import train_ae_from_config
 from mmldm_ae.training import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
@@ -25,12 +26,10 @@ from mmldm_data.cli import user_errors
 
 @hydra.main(config_path="../conf", config_name="train_ae", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with user_errors("train_ae", TrainingError, VAELoadError):
-        training = build_ae_training(cfg)
-        summary = training.trainer.train()
-        if training.trainer.is_main:
-            summary["samples"] = str(training.run_dir / "samples")
-            print(json.dumps(summary))
+    with user_errors("train_ae", TrainingError, VAELoadError), record_failure(cfg.run_dir):
+        summary = train_ae_from_config(cfg)
+    if summary.pop("is_main"):
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":

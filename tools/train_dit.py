@@ -19,21 +19,20 @@ import json
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from mmldm_ae.experiment import record_failure
 from mmldm_ae.latent_cache import LatentCacheError
 from mmldm_ae.training import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
-from mmldm_dit.train_dit import train_from_config
-
-OmegaConf.register_new_resolver("half", lambda value: int(value) // 2, replace=True)
+from mmldm_dit.train_dit import train_dit_from_config
 
 
 @hydra.main(config_path="../conf", config_name="train_dit", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    with user_errors("train_dit", TrainingError, VAELoadError, LatentCacheError):
-        summary = train_from_config(cfg)
+    with user_errors("train_dit", TrainingError, VAELoadError, LatentCacheError), record_failure(cfg.run_dir):
+        summary = train_dit_from_config(cfg)
     if summary.pop("is_main"):
         print(json.dumps(summary))
 

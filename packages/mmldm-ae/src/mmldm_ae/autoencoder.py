@@ -46,6 +46,7 @@ from mmldm_ae.diffusion import (
     NoiseScheduleConfig,
     build_sampling_scheduler,
     build_train_scheduler,
+    diffusion_target,
     guided_eps,
     predict_x0,
     q_sample,
@@ -84,6 +85,10 @@ class AEConfig:
 
     # Perceptual latents (KL posteriors).
     latent_channels: int = 16
+    # Log-variance the posteriors start at (LDM: 0, unit variance). With w_kl ~ 1e-8 the variance
+    # is effectively free, but at unit variance the first thousands of steps decode latents that
+    # are about half noise; a short CPU run learns much faster from nearly deterministic latents.
+    initial_posterior_logvar: float = 0.0
     encoder_channels: int = 320
     video_encoder_mult: list[int] = field(default_factory=lambda: [1, 2])
     audio_encoder_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
@@ -209,8 +214,8 @@ class AEConfig:
             problems.append(
                 f"ae.contrastive_temperature must be in (0, 1], got {self.contrastive_temperature}"
             )
-        if min(self.w_kl, self.w_cls, self.w_con, self.w_adv) < 0:
-            problems.append("loss weights ae.w_* must be >= 0")
+        problems += [f"loss weight ae.{name} must be >= 0, got {getattr(self, name)}"
+                     for name in ("w_kl", "w_cls", "w_con", "w_adv") if getattr(self, name) < 0]
         if self.adversarial and self.num_target_frames != 2:
             problems.append(
                 "the discriminator compares [audio, frame a, frame b]: ae.num_target_frames must be 2"
@@ -907,9 +912,10 @@ class MultiModalAutoencoder(nn.Module):
         nn.init.normal_(self.frame_index_embed.mlp[2].weight, std=0.02)
         if self.cfg.class_embedding:
             nn.init.normal_(self.class_embed.weight, std=0.02)
-        # Posteriors start at unit variance around the mean head's output.
-        zero_module(self.video_encoder.logvar_head[-1])
-        zero_module(self.audio_encoder.logvar_head[-1])
+        # Posteriors start at exp(initial_posterior_logvar) variance around the mean head's output.
+        for head in (self.video_encoder.logvar_head[-1], self.audio_encoder.logvar_head[-1]):
+            zero_module(head)
+            nn.init.constant_(head.bias, self.cfg.initial_posterior_logvar)
         # Conditions that start as exact no-ops: only their LAST layer is zero, so every earlier
         # layer gets a gradient as soon as that layer moves (the authors zeroed whole MLPs).
         for conv_out in (*self.video_features.zero_convs, *self.audio_features.zero_convs):
@@ -1104,9 +1110,10 @@ class MultiModalAutoencoder(nn.Module):
         timesteps = sample_timesteps(self.train_scheduler, x0.shape[0], device, generator)
         noise = random_normal(x0.shape, x0, generator)
         x_t = q_sample(self.train_scheduler, x0, noise, timesteps)
-        eps = self.decoder(x_t, timesteps, cond)
-        mse_audio = F.mse_loss(eps[:B], noise[:B])
-        mse_video = F.mse_loss(eps[B:], noise[B:])
+        target = diffusion_target(self.train_scheduler, x0, noise, timesteps)
+        prediction = self.decoder(x_t, timesteps, cond)
+        mse_audio = F.mse_loss(prediction[:B], target[:B])
+        mse_video = F.mse_loss(prediction[B:], target[B:])
 
         losses = {
             "mse_audio": mse_audio,
@@ -1125,7 +1132,7 @@ class MultiModalAutoencoder(nn.Module):
             # Fakes are the one-step x0 estimates decoded through the frozen VAE WITH gradients
             # (the authors decoded under no_grad, leaving this term without effect). Reals are
             # VAE decodes of the true latents, as the authors', so that D cannot win on VAE artefacts.
-            x0_hat = predict_x0(self.train_scheduler, x_t, eps, timesteps)
+            x0_hat = predict_x0(self.train_scheduler, x_t, prediction, timesteps)
             fake = self._slots(vae.decode(x0_hat), B)
             with torch.no_grad():
                 real = self._slots(vae.decode(x0), B)
@@ -1226,11 +1233,11 @@ class MultiModalAutoencoder(nn.Module):
         )
         for t in scheduler.timesteps:
             model_input = torch.cat([x, x]) if guided else x
-            eps = self.decoder(model_input, t.to(device).expand(model_input.shape[0]), cond)
+            output = self.decoder(model_input, t.to(device).expand(model_input.shape[0]), cond)  # eps or v
             if guided:
-                eps_cond, eps_uncond = eps.chunk(2)
-                eps = guided_eps(eps_uncond, eps_cond, scale)
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+                output_cond, output_uncond = output.chunk(2)
+                output = guided_eps(output_uncond, output_cond, scale)
+            x = scheduler.step(output, t, x, eta=0.0).prev_sample
         return rearrange(x[B:], "(b t) c h w -> b t c h w", b=B), x[:B]
 
 
@@ -1244,10 +1251,14 @@ AE_PRESETS: dict[str, AEConfig] = {
     "paper": AEConfig(),
     # CPU: 64^2 frames through the tiny KL-VAE (4x16x16); z_v 8x8x8, z_a 8x4x4, semantic 64x2x2,
     # a two-level UNet, 8 + 1 + 4 = 13 context tokens, 4 injections.
+    # Three settings differ from the paper's so that it learns within minutes on a CPU: v prediction,
+    # posteriors that start nearly deterministic, and no adversarial term (the discriminator made
+    # each step 5x slower); ae.adversarial=true etc. restore them.
     "tiny": AEConfig(
         resolution=64,
         vae_downsample=4,
         latent_channels=8,
+        initial_posterior_logvar=-6.0,
         encoder_channels=32,
         video_encoder_mult=[1, 2],
         audio_encoder_mult=[1, 2, 4],
@@ -1267,6 +1278,8 @@ AE_PRESETS: dict[str, AEConfig] = {
         unet_heads=4,
         unet_norm_groups=8,
         prompt_tokens=8,
+        adversarial=False,
+        schedule=NoiseScheduleConfig(prediction_type="v_prediction"),
         discriminator=DiscriminatorConfig(
             channels=16,
             channel_mult=[1, 2, 2, 4],

@@ -5,6 +5,12 @@ Both stages use the LDM schedule (DESIGN sections 4 and 5): T = 1000, scaled-lin
 DDIM sampling with 50 uniform steps (timesteps 981, 961, ..., 1) and eta = 0. The schedules
 themselves come from diffusers; this module only fixes their settings and adds the small tensor
 helpers that training and guidance need.
+
+`prediction_type: v_prediction` (SD 2.x) is an option for the autoencoder's decoder: under the
+epsilon loss the noisiest steps, where a conditional decoder must take its content from the
+condition, weigh about abar_t / (1 - abar_t) ~ 0.01 as much as the rest, so a short run (the
+CPU preset) learns to use the condition far faster when the model predicts v = sqrt(abar) eps -
+sqrt(1 - abar) x0, which is mostly -x0 at those steps.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from mmldm_data.config import ConfigError
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass
 class NoiseScheduleConfig:
@@ -23,8 +31,11 @@ class NoiseScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"  # or "v_prediction"
 
     def validate(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"schedule.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         if self.num_train_timesteps < 2:
             raise ConfigError(f"schedule.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -34,7 +45,7 @@ class NoiseScheduleConfig:
 
 
 def build_train_scheduler(cfg: NoiseScheduleConfig | None = None) -> DDPMScheduler:
-    """The forward (noising) process used for training, epsilon prediction."""
+    """The forward (noising) process used for training; its config carries the prediction type."""
     cfg = cfg or NoiseScheduleConfig()
     cfg.validate()
     # The schedule's tables are real CPU tensors even when a model is being built on the meta device.
@@ -44,7 +55,7 @@ def build_train_scheduler(cfg: NoiseScheduleConfig | None = None) -> DDPMSchedul
             beta_start=cfg.beta_start,
             beta_end=cfg.beta_end,
             beta_schedule=cfg.beta_schedule,
-            prediction_type="epsilon",
+            prediction_type=cfg.prediction_type,
             clip_sample=False,
         )
 
@@ -79,16 +90,30 @@ def q_sample(
     return scheduler.add_noise(x0, noise, timesteps.to(x0.device))
 
 
-def predict_x0(
-    scheduler: DDPMScheduler, x_t: torch.Tensor, eps: torch.Tensor, timesteps: torch.Tensor
+def diffusion_target(
+    scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
-    """The one-step clean estimate x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); differentiable."""
+    """What the model learns to output: the noise, or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x0."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps.to(x0.device))
+    return noise
+
+
+def predict_x0(
+    scheduler: DDPMScheduler, x_t: torch.Tensor, output: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """The one-step clean estimate from the model's output; differentiable.
+
+    epsilon: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t); v: x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v.
+    """
     alpha_bar = _per_item(scheduler.alphas_cumprod, timesteps, x_t)
-    return (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_t - (1.0 - alpha_bar).sqrt() * output
+    return (x_t - (1.0 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
 
 
 def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s may be a per-item tensor."""
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s may be a per-item tensor. Also for v outputs."""
     if isinstance(scale, torch.Tensor):
         scale = scale.to(eps_cond).reshape(-1, *([1] * (eps_cond.ndim - 1)))
     return eps_uncond + scale * (eps_cond - eps_uncond)

@@ -33,7 +33,9 @@ from mmldm_data.audio import (
 from mmldm_data.config import ConfigError, DatasetConfig, to_typed
 from mmldm_data.media import write_video
 from mmldm_data.metrics.evaluate import ClipBatch
+from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
+from mmldm_data.synthetic import CLASS_NAMES
 from mmldm_data.video import to_uint8_frames
 from mmldm_data.vocoder import load_vocoder
 
@@ -160,15 +162,21 @@ def write_reconstructions(
 @torch.no_grad()
 def reconstruction_metrics(
     pipeline: AutoencoderPipeline, dataset, indices: list[int], steps: int | None = None,
-    batch_size: int = 8, seed: int = 0,
+    batch_size: int = 8, seed: int = 0, oracle_vocoder: str | None = None,
 ) -> dict[str, float]:
     """How well clips survive encode -> decode: PSNR of all decoded frames (dB, on [0, 1] pixels),
     log-mel L1 of the decoded audio images against the input audio (over the [-80, +20] dB range
-    an audio image holds), and the classification head's accuracy on these clips."""
+    an audio image holds), and the classification head's accuracy on these clips.
+
+    With `oracle_vocoder` (synthetic data only), also the fraction of clips whose decoded frames,
+    and whose decoded sound through that vocoder, the synthetic oracles read as the clip's class:
+    what a generator on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy).
+    """
     config = pipeline.dataset
     num_mel_frames = config.mel.num_frames(config.clip_samples)
     floor = lambda logmel: logmel.clamp(min=IMAGE_FLOOR_LOGMEL)
     squared_errors, logmel_errors, correct, labelled = [], [], 0, 0
+    oracle_hits: dict[str, list[bool]] = {"video": [], "audio": []}
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     for start in range(0, len(indices), batch_size):
         batch = default_collate([dataset[i] for i in indices[start : start + batch_size]])
@@ -184,13 +192,23 @@ def reconstruction_metrics(
             predicted = pipeline.model.predict_class(z_v, z_a).cpu()
             correct += int((predicted[known] == batch["class_id"][known]).sum())
             labelled += int(known.sum())
+        if oracle_vocoder is not None:
+            truth = [dataset.class_names[c] if c >= 0 else None for c in batch["class_id"].tolist()]
+            for (frames, wave), name in zip(pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder),
+                                            truth, strict=True):
+                reading = read_oracles(frames, wave, config.fps, config.mel.sample_rate)
+                for modality, found in (("video", reading.video_class), ("audio", reading.audio_class)):
+                    oracle_hits[modality].append(name is not None and found >= 0 and CLASS_NAMES[found] == name)
     mse = torch.cat(squared_errors)
-    return {
+    metrics = {
         "clips": len(indices),
         "psnr": float((10 * torch.log10(1.0 / mse.clamp(min=1e-10))).mean()),
         "logmel_l1": float(torch.cat(logmel_errors).mean()),
         "class_accuracy": correct / labelled if labelled else float("nan"),
     }
+    if oracle_vocoder is not None:
+        metrics |= {f"{m}_oracle_accuracy": float(np.mean(hits)) for m, hits in oracle_hits.items()}
+    return metrics
 
 
 def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,

@@ -20,14 +20,22 @@ from torch import nn
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
 from mmldm_ae.discriminator import build_discriminator, discriminator_losses
+from mmldm_ae.experiment import EvalPlan, ExperimentConfig, write_results
 from mmldm_ae.latent_cache import LatentCacheDataset, build_latent_cache
-from mmldm_ae.pipeline import AutoencoderPipeline, pixels_to_latents, write_reconstructions
+from mmldm_ae.pipeline import (
+    AutoencoderPipeline,
+    AutoencoderReconstructor,
+    load_autoencoder,
+    pixels_to_latents,
+    write_reconstructions,
+)
 from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
 from mmldm_data.cli import collate
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
+from mmldm_data.metrics.evaluate import EvalSets, evaluate, load_models
 
 
 class AETrainingTask(TrainingTask):
@@ -148,3 +156,31 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     run_config |= {"dataset": to_plain_dict(dataset_config), "vae": to_plain_dict(vae_config)}
     trainer = Trainer(task, training_data, train_config, run_dir, wandb_config, run_config=run_config)
     return AETraining(trainer, pipeline, pixels, run_dir)
+
+
+def evaluate_autoencoder(run_dir: Path, plan: EvalPlan, dataset: DatasetConfig) -> dict[str, Any]:
+    """rFVD / rKVD / rFAD (paper Table 5) of `plan.clips` real windows round-tripped through the run's
+    autoencoder, with AV-Align and, on the synthetic set, the oracle readings of the reconstructions."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    reconstructor = AutoencoderReconstructor(load_autoencoder(run_dir, device=device))
+    protocol = plan.protocol(dataset.fps, dataset.num_frames)
+    sets = EvalSets.scan(dataset.data_root, protocol, reconstructor=reconstructor)
+    report = evaluate(sets, protocol, load_models(protocol, device), seeds=[plan.seed], batch_size=plan.batch_size)
+    return {key: value for key, value in report.items() if value is None or isinstance(value, int | float)}
+
+
+def train_ae_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 1 from a composed `conf/train_ae.yaml` (tools/train_ae.py, the demo, sweeps); returns the summary.
+
+    With evaluate.clips > 0 the run is then evaluated and <run_dir>/metrics.json written (sweeps).
+    """
+    experiment, plan = to_typed(ExperimentConfig, cfg.experiment), to_typed(EvalPlan, cfg.evaluate)
+    training = build_ae_training(cfg)
+    summary = training.trainer.train()
+    summary |= {"samples": str(training.run_dir / "samples"), "is_main": training.trainer.is_main}
+    if plan.clips and training.trainer.is_main:
+        metrics = evaluate_autoencoder(training.run_dir, plan, training.pipeline.dataset)
+        write_results(training.run_dir, experiment, metrics | {"step": summary["step"]},
+                      to_typed(WandbConfig, cfg.wandb), training.trainer.run_config)
+        summary["metrics"] = metrics
+    return summary

@@ -13,11 +13,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmldm_ae.training import TrainingTask
-from mmldm_ae.vae import KLVAE, PatchDiscriminator, Stage0Config, patch_discriminator_loss, vae_losses
-from mmldm_ae.wandb_logger import WandbLogger
+from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.vae import (
+    KLVAE,
+    PatchDiscriminator,
+    Stage0Config,
+    VAEConfig,
+    build_vae,
+    patch_discriminator_loss,
+    vae_losses,
+)
+from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+from mmldm_data.cli import collate
+from mmldm_data.config import dataset_config_from, to_plain_dict, to_typed
+from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.preview import contact_sheet, save_png
 from mmldm_data.video import to_uint8_frames
 
@@ -76,3 +88,36 @@ class VAETrainingTask(TrainingTask):
         sheet = contact_sheet(rows, ["input", "decoded"], cell=96)
         save_png(sheet, run_dir / "samples" / f"vae_{step:07d}.png")
         logger.log_image("reconstruction", np.asarray(sheet), step)
+
+
+def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 0 from a composed `conf/train_vae.yaml` (tools/train_vae.py, the demo); returns the summary.
+
+    The finished VAE goes to <run_dir>/vae with a latent scale fitted to the data: SD's 0.18215
+    belongs to SD's VAE, a VAE trained here gets the scale that gives its latents unit variance.
+    """
+    vae_config = to_typed(VAEConfig, cfg.vae)
+    train_config = to_typed(TrainConfig, cfg.train)
+    wandb_config = to_typed(WandbConfig, cfg.wandb)
+    dataset_config = dataset_config_from(cfg)  # last: it looks at the data folder
+    run_dir = Path(cfg.run_dir)
+
+    dataset = SoundingVideoDataset(dataset_config, progress=True)
+    vae = build_vae(vae_config)
+    preview = collate([dataset[i * len(dataset) // 4] for i in range(4)])
+    architecture = {"vae": to_plain_dict(vae_config) | {"stage0": None}, "resolution": dataset_config.resolution}
+    task = VAETrainingTask(vae, vae_config.stage0, preview, architecture)
+    trainer = Trainer(task, dataset, train_config, run_dir, wandb_config,
+                      run_config=OmegaConf.to_container(cfg, resolve=True))
+    summary = trainer.train()
+    summary["is_main"] = trainer.is_main
+    if trainer.is_main:
+        spread = torch.linspace(0, len(dataset) - 1, 16).long().tolist()
+        sample = images_of(collate([dataset[i] for i in spread]))
+        exported = run_dir / "vae"
+        vae = trainer.accelerator.unwrap_model(trainer.modules["vae"])
+        if vae_config.stage0.train_encoder:
+            summary["scale"] = vae.fit_scale(sample.to(trainer.accelerator.device))
+        vae.save_pretrained(exported)
+        summary["vae"] = str(exported)
+    return summary

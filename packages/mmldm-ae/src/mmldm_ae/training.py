@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import resource
 import shutil
@@ -76,6 +77,8 @@ class TrainConfig:
             problems.append(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("train.batch_size and train.grad_accum must be >= 1")
+        if self.lr <= 0 or (self.disc_lr is not None and self.disc_lr <= 0):
+            problems.append(f"train.lr (and train.disc_lr when set) must be > 0, got {self.lr} / {self.disc_lr}")
         if self.precision not in ("no", "bf16", "fp16"):
             problems.append(f"train.precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -184,6 +187,19 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def export_submitit_distributed_env() -> None:
+    """Inside a multi-task SLURM job started by Hydra's submitit launcher (conf/hydra/launcher/slurm.yaml),
+    set RANK / WORLD_SIZE / MASTER_ADDR ... from SLURM's variables so that Accelerate joins the tasks
+    into one torch.distributed world, as `accelerate launch` would."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if "RANK" in os.environ:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Finished checkpoints of a run, oldest first."""
     folder = run_dir / "checkpoints"
@@ -265,6 +281,7 @@ class Trainer:
         self.task, self.dataset, self.config = task, dataset, config
         self.run_dir = Path(run_dir)
         self.run_config = run_config or {}
+        export_submitit_distributed_env()
         self.accelerator = Accelerator(
             mixed_precision=config.precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
         )

@@ -42,7 +42,7 @@ class WandbLogger:
             project=config.project,
             entity=config.entity,
             group=config.group,
-            tags=config.tags or None,
+            tags=[tag[:64] for tag in config.tags] or None,  # W&B refuses tags over 64 characters
             name=config.name or run_dir.name,
             id=run_id(run_dir),
             resume="allow",
@@ -54,6 +54,11 @@ class WandbLogger:
     def log(self, values: dict[str, float], step: int) -> None:
         if self.run is not None:
             self.run.log(values, step=step)
+
+    def log_summary(self, values: dict[str, Any]) -> None:
+        """Final numbers of the run (what W&B tables and sweep views show)."""
+        if self.run is not None:
+            self.run.summary.update(values)
 
     def log_video(self, name: str, path: Path, step: int, caption: str | None = None) -> None:
         """An mp4 already written (with its sound) by mmldm_data.media.write_video."""

@@ -16,12 +16,33 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DatasetError, Media
 
 @contextmanager
 def user_errors(program: str, *more: type[BaseException]) -> Iterator[None]:
-    """Turn the expected errors of a tool into `program: error: message` and exit status 2."""
+    """Turn the expected errors of a tool into `program: error: message` and exit status 2.
+
+    In a Hydra multirun the error is re-raised after the message instead, so that Hydra records
+    the failed job and goes on with the others.
+    """
     try:
         yield
     except (*USER_ERRORS, *more) as error:
         print(f"{program}: error: {error}", file=sys.stderr)
+        if in_multirun():
+            raise
         sys.exit(2)
+
+
+def in_multirun() -> bool:
+    """Whether this process runs jobs of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of the running Hydra job ([] outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def collate(items: list[dict]) -> dict:

@@ -510,6 +510,11 @@ DIT_PRESETS: dict[str, dict[str, Any]] = {
         video_latent_size=8,
     ),
 }
+# The scale study (paper Table 4's S / B / L) on CPU: the tiny preset at three widths and depths.
+DIT_PRESETS |= {
+    f"tiny_{name}": {**DIT_PRESETS["tiny"], "hidden_size": width, "context_dim": width, "depth": depth}
+    for name, width, depth in (("S", 64, 2), ("B", 96, 3), ("L", 128, 4))
+}
 
 
 def preset_config(name: str, **overrides: Any) -> DiTConfig:
@@ -519,3 +524,33 @@ def preset_config(name: str, **overrides: Any) -> DiTConfig:
     cfg = DiTConfig(**{**DIT_PRESETS[name], **overrides})
     cfg.validate()
     return cfg
+
+
+# Ops whose FLOPs the paper's Table 4 counts (as multiply-accumulates): the linear layers.
+LINEAR_OPS = ("aten.addmm", "aten.mm", "aten.convolution")
+
+
+def model_card(cfg: DiTConfig) -> dict[str, Any]:
+    """Parameters and forward FLOPs for one sample (batch 1, full sequence), counted on the meta device.
+
+    gflops: torch's FlopCounterMode (2 per multiply-accumulate, attention included); gmacs_linear:
+    multiply-accumulates of the linear layers only, the paper's Table 4 "FLOPS" convention.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = MMDiT(cfg)
+        x_a = torch.empty(1, *cfg.latent_shape("audio"))
+        x_v = torch.empty(1, *cfg.latent_shape("video"))
+        t = torch.zeros(1, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x_a, x_v, t)
+    linear = sum(n for op, n in counter.get_flop_counts()["Global"].items() if str(op) in LINEAR_OPS)
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": round(counter.get_total_flops() / 1e9, 3),
+        "gmacs_linear": round(linear / 2e9, 3),
+        "tokens": cfg.sequence_length,
+        "width/depth/heads": f"{cfg.hidden_size}/{cfg.depth}/{cfg.num_heads}",
+    }

@@ -189,6 +189,21 @@ def load_conditioning(generator: Generator, config: SampleConfig) -> Conditionin
 
 
 @torch.no_grad()
+def conditioning_from_items(generator: Generator, items: list[dict], modality: str, sources: list[str]) -> Conditioning:
+    """Conditioning on clips outside the latent cache (e.g. held-out windows of a dataset): items of
+    `SoundingVideoDataset`, encoded by the generator's autoencoder."""
+    latents = []
+    for start in range(0, len(items), 8):
+        batch = items[start : start + 8]
+        z_v, z_a = generator.pipeline.encode_clips({
+            "key_frames": torch.stack([item["key_frames"] for item in batch]),
+            "audio_image": torch.stack([item["audio_image"] for item in batch]),
+        })
+        latents.append((z_a if modality == "audio" else z_v).cpu())
+    return Conditioning(modality, torch.cat(latents), [int(item["class_id"]) for item in items], list(sources))
+
+
+@torch.no_grad()
 def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Tensor:
     """One clip of a media file -> its raw perceptual latent [1, C, S, S], with a warning for what was adapted."""
     config = pipeline.dataset
@@ -325,10 +340,18 @@ def check_task(generator: Generator, config: SampleConfig) -> None:
                           f"dit.modalities={generator.model.cfg.modalities}")
 
 
-def iterate_samples(generator: Generator, config: SampleConfig) -> Iterator[tuple[int, SampleMedia, int, str]]:
-    """(sample index, its media, its conditioning class id or -1, its conditioning source), batch by batch."""
+def iterate_samples(generator: Generator, config: SampleConfig, conditioning: Conditioning | None = None,
+                    ) -> Iterator[tuple[int, SampleMedia, int, str]]:
+    """(sample index, its media, its conditioning class id or -1, its conditioning source), batch by batch.
+
+    `conditioning` replaces what config.input / config.clips name (one entry per sample).
+    """
     check_task(generator, config)
-    conditioning = load_conditioning(generator, config)
+    if conditioning is None:
+        conditioning = load_conditioning(generator, config)
+    elif conditioning.modality != GIVEN_MODALITY[config.task] or len(conditioning.class_ids) != config.num_samples:
+        raise ConfigError(f"task {config.task} with num_samples={config.num_samples} was given {conditioning.modality} "
+                          f"conditioning for {len(conditioning.class_ids)} samples")
     clips = config.num_clips if config.task in CONTINUING_TASKS else 1
     for batch_index, start in enumerate(range(0, config.num_samples, config.batch_size)):
         rows = range(start, min(start + config.batch_size, config.num_samples))
@@ -341,11 +364,11 @@ def iterate_samples(generator: Generator, config: SampleConfig) -> Iterator[tupl
         print(f"{config.task}: {rows.stop}/{config.num_samples} samples", file=sys.stderr, flush=True)
 
 
-def generate(generator: Generator, config: SampleConfig) -> dict:
-    """Run one task and write its samples to config.out_dir; returns a summary."""
+def generate(generator: Generator, config: SampleConfig, conditioning: Conditioning | None = None) -> dict:
+    """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`)."""
     out_dir = Path(config.out_dir)
     started, files, conditions, sources = time.perf_counter(), 0, {}, set()
-    for row, media, class_id, source in iterate_samples(generator, config):
+    for row, media, class_id, source in iterate_samples(generator, config, conditioning):
         sources.add(source)
         name = f"{config.task}_{row:04d}"
         out_dir.mkdir(parents=True, exist_ok=True)

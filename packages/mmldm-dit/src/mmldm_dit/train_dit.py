@@ -4,7 +4,7 @@
 multi-task loss of `dit_training_loss` (context / a2v / v2a masks; previous-clip masks for the
 long-generation model), and previews for people: a few svg (or long) samples decoded through the
 autoencoder and the vocoder into mp4s with sound and contact sheets. The Trainer swaps in the EMA
-weights before previews. `train_from_config` is the whole stage from a composed Hydra config,
+weights before previews. `train_dit_from_config` is the whole stage from a composed Hydra config,
 shared by `tools/train_dit.py` and `tools/bench_dit_learning.py`.
 """
 
@@ -22,21 +22,37 @@ from PIL import Image
 from torch import nn
 
 from mmldm_ae.diffusion import build_train_scheduler
+from mmldm_ae.experiment import EvalPlan, ExperimentConfig, write_results
 from mmldm_ae.latent_cache import encoded_dataset_config, settings_hash
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_dit.dit import DiTConfig, MMDiT
-from mmldm_dit.generate import Generator, SampleConfig, generate
+from mmldm_data.metrics.evaluate import EvalSets, evaluate, load_models
+from mmldm_dit.dit import DiTConfig, MMDiT, model_card
+from mmldm_dit.generate import Generator, SampleConfig, generate, load_generator
 from mmldm_dit.latents import DiTLatentDataset, LatentStats, build_dit_latent_cache
 from mmldm_dit.sampling import DiTLossConfig, dit_training_loss
+
+# conf/train_dit_long.yaml sizes the previous-clip encoder as ${half:${dit.depth}}.
+OmegaConf.register_new_resolver("half", lambda value: int(value) // 2, replace=True)
 
 # Dataset settings that decide what the autoencoder sees; the DiT's data must share them with the AE's.
 AE_INPUT_SETTINGS = ("fps", "num_frames", "key_frame_indices", "resolution", "frame_mode", "mel")
 # Batch keys of the latent dataset (raw latents) and their modality.
 LATENT_MODALITY = {"z_a": "audio", "z_v": "video", "prev_z_a": "audio", "prev_z_v": "video"}
+
+
+@dataclasses.dataclass
+class EvalSampling:
+    """How the post-training evaluation draws its svg samples (`evaluate_sampling` in conf/train_dit.yaml)."""
+
+    steps: int = 50
+    ae_steps: int | None = None  # DDIM steps of the autoencoder's decoder (None: its ae.decode_steps)
+    guidance: float = 8.0  # paper Eq. 9 s, both modalities
+    batch_size: int = 8
+    vocoder: str = "hifigan-universal"
 
 
 @dataclasses.dataclass
@@ -121,8 +137,32 @@ def default_cache_dir(ae_run: Path, dataset: DatasetConfig) -> Path:
     return ae_run / "dit_latents" / f"{dataset.name}-{settings_hash(encoded_dataset_config(dataset))[:12]}"
 
 
-def train_from_config(cfg: DictConfig) -> dict[str, Any]:
-    """Stage 2 from a composed train_dit config: check everything, build or reuse the cache, train."""
+def evaluate_generator(run_dir: Path, plan: EvalPlan, sampling: EvalSampling, dataset: DatasetConfig) -> dict[str, Any]:
+    """FVD / KVD / FAD (paper Table 4) of `plan.clips` svg samples against the real clips, with AV-Align,
+    the oracle readings on the synthetic set, and the DiT's parameters and forward FLOPs."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = load_generator(run_dir, device=device)
+    samples = Path(run_dir) / "evaluation" / "svg"
+    generate(generator, SampleConfig(
+        run=str(run_dir), task="svg", out_dir=str(samples), num_samples=plan.clips, batch_size=sampling.batch_size,
+        seed=plan.seed, steps=sampling.steps, ae_steps=sampling.ae_steps, guidance_audio=sampling.guidance,
+        guidance_video=sampling.guidance, vocoder=sampling.vocoder,
+    ))
+    protocol = plan.protocol(dataset.fps, dataset.num_frames)
+    report = evaluate(EvalSets.scan(dataset.data_root, protocol, samples), protocol, load_models(protocol, device),
+                      seeds=[plan.seed], batch_size=plan.batch_size)
+    card = model_card(generator.model.cfg)
+    metrics = {key: value for key, value in report.items() if value is None or isinstance(value, int | float)}
+    return metrics | {key: card[key] for key in ("params", "gflops", "gmacs_linear")}
+
+
+def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
+    """Stage 2 from a composed train_dit config: check everything, build or reuse the cache, train.
+
+    With evaluate.clips > 0 the run is then evaluated and <run_dir>/metrics.json written (sweeps).
+    """
+    experiment, plan = to_typed(ExperimentConfig, cfg.experiment), to_typed(EvalPlan, cfg.evaluate)
+    eval_sampling = to_typed(EvalSampling, cfg.evaluate_sampling)
     dataset_config = dataset_config_from(cfg)
     dit_config = to_typed(DiTConfig, cfg.dit)
     loss_config = to_typed(DiTLossConfig, cfg.dit_loss)
@@ -161,4 +201,8 @@ def train_from_config(cfg: DictConfig) -> dict[str, Any]:
     summary["samples"] = str(Path(cfg.run_dir) / "samples")
     summary["latent_cache"] = str(cache_dir)
     summary["training_items"] = len(data)
+    if plan.clips and trainer.is_main:
+        metrics = evaluate_generator(Path(cfg.run_dir), plan, eval_sampling, dataset_config)
+        write_results(Path(cfg.run_dir), experiment, metrics | {"step": summary["step"]}, wandb_config, run_config)
+        summary["metrics"] = metrics
     return summary | {"is_main": trainer.is_main}

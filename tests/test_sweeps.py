@@ -1,0 +1,213 @@
+"""Experiments (issue 7): every config composes, the tiny sweeps run as Hydra multiruns with W&B
+offline and tabulate, collect_results marks a failed run, and bad configs fail before any model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, run_tool
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from mmldm_ae.autoencoder import AEConfig
+from mmldm_ae.experiment import EvalPlan, ExperimentConfig
+from mmldm_ae.training import TrainConfig
+from mmldm_ae.vae import VAEConfig
+from mmldm_data.config import ConfigError, DatasetConfig, compose as compose_checked, dataset_config_from, to_typed
+from mmldm_dit.dit import DiTConfig
+from mmldm_dit.end_to_end import EndToEndConfig
+
+CONF = REPO_ROOT / "conf"
+GROUPS = {"train_vae": ("dataset", "vae", "train", "wandb"), "train_ae": ("dataset", "vae", "ae", "train", "ablation"),
+          "train_dit": ("dataset", "dit", "dit_loss", "train"), "train_dit_long": ("dit",)}
+SWEEPS = {"sensitivity": "train_ae", "sensitivity_tiny": "train_ae", "ablation": "train_ae",
+          "ablation_tiny": "train_ae", "scale": "train_dit", "scale_tiny": "train_dit"}
+
+
+def options(group: str) -> list[str]:
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def typed_sections(cfg) -> None:
+    """What the tools do first: every section of a composed config into its dataclass."""
+    dataset_config_from(cfg)
+    for key, schema in (("vae", VAEConfig), ("ae", AEConfig), ("dit", DiTConfig), ("train", TrainConfig),
+                        ("experiment", ExperimentConfig), ("evaluate", EvalPlan)):
+        if key in cfg and not (key == "vae" and OmegaConf.is_missing(cfg.vae, "weights")):
+            to_typed(schema, OmegaConf.to_container(cfg[key], resolve=True))
+
+
+def choices() -> list[tuple[str, str, str]]:
+    return [(name, group, option) for name, groups in GROUPS.items() for group in groups for option in options(group)]
+
+
+@pytest.mark.parametrize(("config_name", "group", "option"), choices())
+def test_every_group_option_composes_and_validates(config_name, group, option):
+    overrides = [f"{group}={option}", "run_dir=/tmp/unused"]
+    if group == "ablation":  # the rows read their VAEs from the sweep's ablation_vae
+        overrides.append("+ablation_vae={original: a, finetuned: b}")
+    cfg = compose_checked(CONF, config_name, overrides)
+    typed_sections(cfg)
+
+
+@pytest.mark.parametrize("sweep", sorted(SWEEPS))
+def test_every_sweep_composes_with_its_grid(sweep):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=SWEEPS[sweep], overrides=[f"+sweep={sweep}"], return_hydra_config=True)
+    assert cfg.experiment.study == sweep.removesuffix("_tiny")
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"  # named from overrides
+    grid = {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
+    if sweep.startswith("sensitivity"):
+        assert grid == {"ae.w_kl": ["1e-8", "1e-7"], "ae.w_cls": ["1.0", "0.3", "0.1"]}
+        assert cfg.ae.w_con == cfg.ae.w_cls
+    elif sweep == "ablation":
+        assert grid["ablation"] == options("ablation")
+    elif sweep == "scale":
+        assert grid == {"dit": ["S", "B", "L"]}
+    assert cfg.wandb.group == sweep.removesuffix("_tiny")
+
+
+def test_submitit_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train_ae", overrides=["+sweep=sensitivity", "hydra/launcher=slurm"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node
+
+
+def test_ablation_rows_are_cumulative():
+    toggles = ("learnable_prompt", "content_embedding", "class_embedding", "semantic_context", "adversarial")
+    previous = {toggle: False for toggle in toggles}
+    for row in options("ablation"):
+        ae = OmegaConf.load(CONF / "ablation" / f"{row}.yaml").ae
+        current = {toggle: bool(ae[toggle]) for toggle in toggles}
+        assert all(current[t] for t in toggles if previous[t]), row  # nothing switched on is switched off
+        previous = current
+    assert all(previous.values())
+
+
+def test_demo_configs_compose():
+    for name in ("demo", "synth_bench"):
+        to_typed(EndToEndConfig, OmegaConf.to_container(compose_checked(CONF, name, []), resolve=False) | {"out": "x"})
+
+
+@pytest.mark.parametrize(
+    ("tool", "override", "key"),
+    [
+        ("train_ae.py", "ae.w_klx=1", "w_klx"),
+        ("train_ae.py", "ae=huge", "ae"),
+        ("train_ae.py", "evaluate.resolution=100", "evaluate.resolution"),
+        ("train_ae.py", "experiment.study=scaling", "experiment.study"),
+        ("train_dit.py", "dit.patch_size=3", "dit.patch_size"),
+        ("train_dit.py", "dit=XXL", "dit"),
+        ("train_vae.py", "train.lr=-1", "train.lr"),
+    ],
+)
+def test_bad_overrides_fail_before_any_model_with_the_key(tool, override, key, tmp_path):
+    result = run_tool(tool, override, f"run_dir={tmp_path / 'run'}", "ae_run=none" if tool == "train_dit.py" else "data_root=none",
+                      check=False)
+    assert result.returncode != 0
+    assert key in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny sweeps, end to end
+# ---------------------------------------------------------------------------------------------
+
+FAST = ["train.max_steps=1", "train.log_every=1", "train.checkpoint_every=1", "evaluate.clips=2",
+        "evaluate.batch_size=2", "wandb.mode=offline", "dataset.window_stride=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    """A random tiny KL-VAE folder (64^2 -> 4x16x16), as stage 0 would export it."""
+    from mmldm_ae.vae import build_vae
+
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    build_vae(VAEConfig(preset="tiny")).save_pretrained(folder)
+    return folder
+
+
+def collect(sweep_dir: Path) -> str:
+    result = run_tool("collect_results.py", str(sweep_dir))
+    assert (sweep_dir / "results.md").read_text() in result.stdout
+    assert (sweep_dir / "results.csv").is_file()
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def sensitivity_sweep(tmp_path_factory, synthetic_root, tiny_vae) -> Path:
+    sweep = tmp_path_factory.mktemp("sweeps") / "sensitivity"
+    run_tool("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
+             f"vae.weights={tiny_vae}", f"latent_cache={sweep.parent / 'vae_latents'}", "ae.decode_steps=2",
+             "preview_steps=2", *FAST)
+    return sweep
+
+
+@pytest.mark.timeout(900)
+def test_tiny_sensitivity_sweep_gives_table_6(sensitivity_sweep):
+    runs = sorted(p.parent for p in sensitivity_sweep.glob("*/metrics.json"))
+    # Folders are named from the overrides (Hydra's override_dirname, paths and presets left out).
+    grid = {tuple(part for part in run.name.split(",") if part.startswith(("ae.w_kl=", "ae.w_cls="))) for run in runs}
+    assert grid == {(f"ae.w_cls={c}", f"ae.w_kl={k}") for k in ("1e-07", "1e-08") for c in ("0.1", "0.3", "1.0")}
+    assert not any("data_root" in run.name or "vae.weights" in run.name for run in runs)
+    record = json.loads((runs[0] / "metrics.json").read_text())
+    assert record["study"] == "sensitivity" and "ae.w_kl=1e-07" in record["overrides"]
+    assert {"rfvd", "rkvd", "rfad_aisfx"} <= set(record["metrics"])
+    assert list((runs[0] / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    table = collect(sensitivity_sweep)
+    assert "| # | w_kl | w_cls | w_con | Reso. | rFVD | rKVD | rFAD (aisfx) |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[1:4] for row in rows][:3] == [["1e-08", "1", "1"], ["1e-08", "0.3", "0.3"], ["1e-08", "0.1", "0.1"]]
+    assert "failed" not in table
+
+
+@pytest.mark.timeout(900)
+def test_tiny_ablation_sweep_gives_table_5(tmp_path, synthetic_root, tiny_vae):
+    sweep = tmp_path / "ablation"
+    run_tool("train_ae.py", "-m", "+sweep=ablation_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
+             f"ablation_vae.original={tiny_vae}", f"latent_cache={tmp_path / 'vae_latents'}", "ae.decode_steps=2",
+             "preview_steps=2", *FAST)
+    table = collect(sweep)
+    rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ")][1:]
+    # As in the paper, a row is named by the component it removes (with every one above it).
+    assert rows == [["| MM-LDM", "7_adversarial"], ["| Finetune KL-VAE decoder", "5_semantic"],
+                    ["| Semantic cross-modal feature", "4_class"], ["| Learnable class embedding", "3_pooling"],
+                    ["| Latent average pooling", "2_prompt"], ["| Weight initialization", "0_base"]]
+    assert "failed" not in table
+
+
+@pytest.mark.timeout(900)
+def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sweep):
+    ae_run = next(sensitivity_sweep.glob("*/metrics.json")).parent
+    sweep = tmp_path / "scale"
+    run_tool("train_dit.py", "-m", "+sweep=scale_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
+             f"ae_run='{ae_run}'", "evaluate_sampling.steps=2", "evaluate_sampling.ae_steps=2",  # quoted: = and ,
+             "evaluate_sampling.vocoder=griffinlim", "preview.steps=2", "preview.ae_steps=2",
+             "preview.vocoder=griffinlim", *FAST)
+    table = collect(sweep)
+    assert "| Model | Params | GFLOPs | FVD | KVD | FAD (aisfx) |" in table
+    models = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| MM-LDM")]
+    assert models == ["MM-LDM-tiny_S", "MM-LDM-tiny_B", "MM-LDM-tiny_L"]  # sorted by size
+
+
+def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
+    sweep = tmp_path / "sensitivity"
+    result = run_tool("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}",
+                      f"data_root={synthetic_root}", f"vae.weights={tiny_vae}", f"latent_cache={tmp_path / 'latents'}",
+                      "ae.w_kl=1e-8,-1", "ae.w_cls=0.1", "ae.decode_steps=2",
+                      "preview_steps=2", *FAST, check=False)
+    assert result.returncode != 0  # Hydra reports the failed job after running the others
+    failed = next(sweep.glob("*ae.w_kl=-1*"))
+    assert "w_kl" in (failed / "failed.txt").read_text()
+    table = collect(sweep)
+    assert table.count("| failed | failed | failed |") == 1
+    assert f"- failed: `{failed.name}`: ConfigError" in table
+
+
+def test_collect_results_refuses_a_folder_without_runs(tmp_path):
+    result = run_tool("collect_results.py", str(tmp_path), check=False)
+    assert result.returncode == 2 and "no runs" in result.stderr
