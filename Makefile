@@ -41,7 +41,7 @@ DIT ?= S
 endif
 DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 
-.PHONY: setup test lint demo synth-bench sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
+.PHONY: setup test lint demo synth-bench gpu-check sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
 
 setup: $(STAMP)
 
@@ -67,6 +67,10 @@ demo: setup
 # Longer training and the quality table (about 60 minutes; not part of the tests).
 synth-bench: setup
 	$(PY) tools/demo.py --config-name synth_bench $(ARGS)
+
+# Paper presets in bf16 on a GPU: a few steps of every stage and samples, with times and memory.
+gpu-check: setup
+	$(PY) tools/gpu_check.py $(ARGS)
 
 data-synthetic: data/synthetic/metadata.json
 

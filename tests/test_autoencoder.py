@@ -380,6 +380,23 @@ def test_classification_ignores_unlabelled_clips(model, vae):
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.classifier.parameters())
 
 
+def test_attention_over_more_sequences_than_a_cuda_grid_holds_goes_in_equal_slices(monkeypatch):
+    from mmldm_ae import autoencoder
+
+    layer = autoencoder.Attention(channels=8, head_dim=4, axis="time")
+    with torch.no_grad():
+        layer.proj.weight.normal_()  # the zero-initialised output would hide the attention
+    x = torch.randn(3, 8, 5, 4, 4)  # 3 clips x 16 positions = 48 sequences over time
+    whole = layer(x)
+    monkeypatch.setattr(autoencoder, "MAX_ATTENTION_BATCH", 7)
+    calls = []
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(autoencoder.F, "scaled_dot_product_attention",
+                        lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v))
+    torch.testing.assert_close(layer(x), whole)
+    assert calls == [7] * 6 + [6]
+
+
 def test_contrastive_loss_matches_a_hand_written_reference():
     g = seeded(5)
     f_v = F.normalize(torch.randn(5, 16, generator=g), dim=-1)

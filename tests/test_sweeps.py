@@ -15,7 +15,8 @@ from mmldm_ae.autoencoder import AEConfig
 from mmldm_ae.experiment import EvalPlan, ExperimentConfig
 from mmldm_ae.training import TrainConfig
 from mmldm_ae.vae import VAEConfig
-from mmldm_data.config import ConfigError, DatasetConfig, compose as compose_checked, dataset_config_from, to_typed
+from mmldm_data.config import compose as compose_checked
+from mmldm_data.config import dataset_config_from, to_typed
 from mmldm_dit.dit import DiTConfig
 from mmldm_dit.end_to_end import EndToEndConfig
 

@@ -375,6 +375,19 @@ _ATTENTION_TOKENS = {
 }
 
 
+# CUDA attention kernels put the batch on a grid axis of at most 65,535 blocks; temporal attention
+# over every pixel of a batch (the discriminator: 16 clips x 64 x 64 positions) passes that.
+MAX_ATTENTION_BATCH = 32768
+
+
+def _batched_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """scaled_dot_product_attention over [N, heads, L, d], in slices of MAX_ATTENTION_BATCH along N."""
+    if q.shape[0] <= MAX_ATTENTION_BATCH:
+        return F.scaled_dot_product_attention(q, k, v)
+    return torch.cat([F.scaled_dot_product_attention(*(y[start : start + MAX_ATTENTION_BATCH] for y in (q, k, v)))
+                      for start in range(0, q.shape[0], MAX_ATTENTION_BATCH)])
+
+
 class Attention(nn.Module):
     """Residual multi-head self-attention over space, time, or both; zero-initialised output.
 
@@ -405,7 +418,7 @@ class Attention(nn.Module):
         to_tokens, from_tokens = _ATTENTION_TOKENS[self.axis]
         q, k, v = self.qkv(rearrange(normed, to_tokens)).chunk(3, dim=-1)
         q, k, v = (rearrange(y, "n l (heads d) -> n heads l d", heads=self.heads) for y in (q, k, v))
-        out = rearrange(F.scaled_dot_product_attention(q, k, v), "n heads l d -> n l (heads d)")
+        out = rearrange(_batched_attention(q, k, v), "n heads l d -> n l (heads d)")
         x = x + rearrange(self.proj(out), from_tokens, b=b, t=t, h=h, w=w)
         return x.squeeze(2) if image else x
 

@@ -286,6 +286,10 @@ class Trainer:
             mixed_precision=config.precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
         )
         torch.manual_seed(config.seed + self.accelerator.process_index)
+        if torch.cuda.is_available():
+            # cuDNN's fused attention fails in the backward pass of the autoencoder's bf16 attention
+            # (H100, torch 2.11: "mha_graph.execute ... is_good()"); flash / memory-efficient kernels do not.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         modules = task.modules()
         optimized = task.optimizer_modules()
         unknown = [name for name in optimized if name not in modules]
@@ -443,7 +447,7 @@ class Trainer:
             if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
                 elapsed = time.perf_counter() - window_start
                 logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
-                logs["peak_mem_gb"] = _peak_memory_gb()
+                logs["peak_mem_gb"] = peak_memory_gb()
                 logs["lr"] = self.optimizers[self.generator].param_groups[0]["lr"]
                 self.logger.log(logs, self.state.step)
                 progress.set_postfix_str(self._status(logs), refresh=False)
@@ -541,7 +545,8 @@ class Trainer:
             print(message, file=sys.stderr, flush=True)
 
 
-def _peak_memory_gb() -> float:
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated by this process (CPU: peak resident memory), in GiB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

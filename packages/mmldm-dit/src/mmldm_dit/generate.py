@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
-from mmldm_ae.training import load_ema_weights, load_module_weights, resolve_checkpoint
+from mmldm_ae.training import load_ema_weights, load_module_weights, peak_memory_gb, resolve_checkpoint
 from mmldm_data.audio import mel_spectrogram, pad_or_trim, waveform_to_audio_image
 from mmldm_data.config import ConfigError, to_typed
 from mmldm_data.media import MediaError, probe_media, read_audio, read_video, write_audio, write_video
@@ -385,6 +385,7 @@ def generate(generator: Generator, config: SampleConfig, conditioning: Condition
         "frames_per_sample": clips * generator.pipeline.dataset.num_frames,
         "seconds": round(seconds, 2),
         "seconds_per_sample": round(seconds / config.num_samples, 3),
+        "peak_mem_gb": round(peak_memory_gb(), 3),
         "out_dir": str(out_dir),
         "conditions": str(out_dir / CONDITIONS_FILE) if conditions else None,
         "sources": sorted(sources - {""}),
