@@ -88,7 +88,8 @@ def test_changed_settings_rerun_a_stage_and_an_interrupted_one_resumes(tmp_path)
 
 def test_quality_table_marks_the_bars():
     reports = {"svg": {"oracle_class_agreement": 0.9, "oracle_onset_error_frames": 2.0, "fvd": 100.0},
-               "a2v": {"oracle_a2v_accuracy": 0.5}, "real": {"oracle_class_agreement": 1.0, "fvd": 10.0}}
+               "a2v": {"oracle_a2v_accuracy": 0.5, "oracle_a2v_given_accuracy": 1.0},
+               "real": {"oracle_class_agreement": 1.0, "fvd": 10.0}}
     rows, table = quality_table(reports)
     by_label = {row["label"]: row for row in rows}
     assert by_label["joint (svg) cross-modal class agreement"]["passed"] is True
@@ -97,6 +98,8 @@ def test_quality_table_marks_the_bars():
     assert by_label["median onset-to-impact error (frames), svg"]["passed"] is False
     assert by_label["v2a oracle accuracy"]["value"] is None and by_label["v2a oracle accuracy"]["passed"] is None
     assert "| a2v oracle accuracy | 0.5 | n/a | >= 0.8 | **no** |" in table
+    ceiling = by_label["a2v: given sound read right after the autoencoder (ceiling)"]
+    assert ceiling["value"] == 1.0 and ceiling["bar"] is None and ceiling["passed"] is None
 
 
 def test_bad_end_to_end_config_names_the_key():

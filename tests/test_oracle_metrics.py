@@ -43,8 +43,21 @@ def test_conditional_accuracy_uses_the_generated_modality():
     metrics = oracle_metrics([reading, reading], [Condition("a2v", 2), Condition("v2a", 2)])
     assert metrics["oracle_a2v_accuracy"] == 1.0  # a2v generated the video: class 2 as asked
     assert metrics["oracle_v2a_accuracy"] == 0.0  # v2a generated the audio: class 4, not 2
+    assert metrics["oracle_a2v_given_accuracy"] == 0.0  # the given audio decoded as class 4
+    assert metrics["oracle_v2a_given_accuracy"] == 1.0
+    assert metrics["oracle_a2v_agreement"] == metrics["oracle_v2a_agreement"] == 0.0
     assert "oracle_class_agreement" not in metrics
     assert metrics["oracle_onset_error_frames"] == 0.5
+
+
+def test_a_generator_that_follows_a_misread_condition_agrees_but_misses():
+    # v2a given a video of class 1 whose latent decodes as class 3; the sound follows the latent.
+    followed = OracleReading(video_class=3, audio_class=3, impact_frames=(), onset_frames=())
+    silent = OracleReading(video_class=1, audio_class=-1, impact_frames=(), onset_frames=())
+    metrics = oracle_metrics([followed, silent], [Condition("v2a", 1), Condition("v2a", 1)])
+    assert metrics["oracle_v2a_accuracy"] == 0.0
+    assert metrics["oracle_v2a_given_accuracy"] == 0.5
+    assert metrics["oracle_v2a_agreement"] == 0.5  # silence never agrees
 
 
 def test_silence_never_counts_as_agreement():

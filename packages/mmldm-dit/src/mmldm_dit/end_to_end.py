@@ -271,6 +271,12 @@ QUALITY_ROWS = (
     ("joint (svg) cross-modal class agreement", "oracle_class_agreement", "svg", "real", (">=", 0.8)),
     ("a2v oracle accuracy", "oracle_a2v_accuracy", "a2v", None, (">=", 0.8)),
     ("v2a oracle accuracy", "oracle_v2a_accuracy", "v2a", None, (">=", 0.8)),
+    # What bounds the two above: the given clip as the generator sees it (its latent, decoded) and
+    # whether the generated modality follows that.
+    ("a2v: given sound read right after the autoencoder (ceiling)", "oracle_a2v_given_accuracy", "a2v", None, None),
+    ("a2v: video matches the given sound as decoded", "oracle_a2v_agreement", "a2v", None, None),
+    ("v2a: given video read right after the autoencoder (ceiling)", "oracle_v2a_given_accuracy", "v2a", None, None),
+    ("v2a: sound matches the given video as decoded", "oracle_v2a_agreement", "v2a", None, None),
     ("median onset-to-impact error (frames), svg", "oracle_onset_error_frames", "svg", "real", ("<=", 1.0)),
     ("FVD vs training clips, svg", "fvd", "svg", "real", None),
     ("FVD, time-shuffled held-out frames", "fvd", "shuffled", None, None),
