@@ -75,10 +75,11 @@ TINY_AE_DATASET = {"resolution": 32, "mel": {"image_size": 32}, "window_stride":
 def tiny_ae_run(synthetic_root, tmp_path_factory) -> Path:
     import torch
 
-    from mmldm_ae.autoencoder import MultiModalAutoencoder, ae_preset
+    from mmldm_ae.autoencoder import MultiModalAutoencoder
+    from mmldm_ae.autoencoder.config import ae_preset
+    from mmldm_ae.engine.trainer import TrainConfig, Trainer
     from mmldm_ae.pipeline import AutoencoderPipeline
     from mmldm_ae.train_ae import AETrainingTask
-    from mmldm_ae.training import TrainConfig, Trainer
     from mmldm_ae.vae import VAEConfig, build_vae
     from mmldm_data.config import DatasetConfig, to_plain_dict, to_typed
     from mmldm_data.dataset import SoundingVideoDataset

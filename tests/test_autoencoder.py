@@ -18,16 +18,11 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from omegaconf import OmegaConf
 
-from mmldm_ae.autoencoder import (
-    AE_PRESETS,
-    AEConfig,
-    DecoderConditions,
-    MultiModalAutoencoder,
-    ae_preset,
-    contrastive_loss,
-)
-from mmldm_ae.diffusion import build_sampling_scheduler, build_train_scheduler, predict_x0, q_sample
-from mmldm_ae.discriminator import build_discriminator
+from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator
+from mmldm_ae.autoencoder.config import AE_PRESETS, ae_preset
+from mmldm_ae.autoencoder.decoder import DecoderConditions
+from mmldm_ae.autoencoder.semantic import contrastive_loss
+from mmldm_ae.engine.diffusion import build_sampling_scheduler, build_train_scheduler, predict_x0, q_sample
 from mmldm_data.config import ConfigError, to_typed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -426,7 +421,6 @@ def test_contrastive_temperature_is_log_parametrised_and_clamped(model):
 
 _RANK_SCRIPT = """
 import sys, torch, torch.distributed as dist
-from mmldm_ae.autoencoder import contrastive_loss
 rank, world, port, folder = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 f_v, f_a = torch.load(f"{folder}/features.pt")

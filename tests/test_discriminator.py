@@ -1,4 +1,4 @@
-"""The cross-modal discriminator and its hinge losses (mmldm_ae.discriminator)."""
+"""The cross-modal discriminator and its hinge losses (mmldm_ae.autoencoder.discriminator)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from mmldm_ae.autoencoder import DiscriminatorConfig, ae_preset, hinge_loss
-from mmldm_ae.discriminator import (
+from mmldm_ae.autoencoder import DiscriminatorConfig
+from mmldm_ae.autoencoder.config import ae_preset
+from mmldm_ae.autoencoder.discriminator import (
     FAKE_KINDS,
     CrossModalDiscriminator,
     build_discriminator,
     discriminator_losses,
     discriminator_samples,
 )
+from mmldm_ae.autoencoder.layers import hinge_loss
 
 SMALL = DiscriminatorConfig(
     channels=8, channel_mult=[1, 2, 2], full_attention_ds=[4], temporal_attention_ds=[2], head_dim=8

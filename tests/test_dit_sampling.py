@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_dit import as_if_trained, tiny_inputs
 
-from mmldm_ae.diffusion import build_train_scheduler
+from mmldm_ae.engine.diffusion import build_train_scheduler
 from mmldm_data.config import ConfigError
 from mmldm_dit.dit import MMDiT, preset_config
 from mmldm_dit.sampling import (

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TINY_AE_DATASET, run_tool
 
-from mmldm_ae.latent_cache import LatentCacheError
+from mmldm_ae.engine.latent_cache import LatentCacheError
+from mmldm_ae.engine.trainer import TrainConfig, Trainer
 from mmldm_ae.pipeline import load_autoencoder
-from mmldm_ae.training import TrainConfig, Trainer
 from mmldm_data.config import ConfigError, DatasetConfig, compose, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_dit.dit import MMDiT, preset_config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmldm_ae.latent_cache import (
+from mmldm_ae.engine.latent_cache import (
     INDEX_FILE,
     LatentCacheDataset,
     LatentCacheError,

@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from mmldm_ae.autoencoder import AEConfig
-from mmldm_ae.experiment import EvalPlan, ExperimentConfig
-from mmldm_ae.training import TrainConfig
+from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig
+from mmldm_ae.engine.trainer import TrainConfig
 from mmldm_ae.vae import VAEConfig
 from mmldm_data.config import compose as compose_checked
 from mmldm_data.config import dataset_config_from, to_typed

@@ -9,11 +9,11 @@ import pytest
 import torch
 from conftest import run_tool
 
-from mmldm_ae.autoencoder import MultiModalAutoencoder, ae_preset
-from mmldm_ae.discriminator import build_discriminator
+from mmldm_ae.autoencoder import MultiModalAutoencoder, build_discriminator
+from mmldm_ae.autoencoder.config import ae_preset
+from mmldm_ae.engine.trainer import TrainConfig, Trainer
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_ae.train_ae import AETrainingTask
-from mmldm_ae.training import TrainConfig, Trainer
 from mmldm_ae.vae import VAEConfig, build_vae
 from mmldm_data.cli import collate
 from mmldm_data.config import DatasetConfig, to_typed

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmldm_ae.training import ResumableSampler, TrainConfig, Trainer, TrainingError, checkpoint_dirs
-from mmldm_ae.wandb_logger import WandbConfig
+from mmldm_ae.engine.checkpoint import checkpoint_dirs
+from mmldm_ae.engine.logger import WandbConfig
+from mmldm_ae.engine.trainer import ResumableSampler, TrainConfig, Trainer, TrainingError
 
 
 class NoisyPairs(Dataset):

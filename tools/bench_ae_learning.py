@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
+from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.pipeline import reconstruction_metrics
 from mmldm_ae.train_ae import build_ae_training
-from mmldm_ae.training import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import DatasetConfig, compose, to_plain_dict, to_typed

@@ -7,7 +7,7 @@
 
 A sweep folder is what `tools/train_ae.py -m +sweep=...` / `tools/train_dit.py -m +sweep=...`
 writes: one folder per run (named from its overrides) with Hydra's .hydra/config.yaml and, when
-the run finished, metrics.json (mmldm_ae.experiment). A run without metrics.json is listed as
+the run finished, metrics.json (mmldm_ae.engine.sweeps). A run without metrics.json is listed as
 failed, with the first line of its failed.txt when there is one, or as unfinished. Writes
 <sweep>/results.md and <sweep>/results.csv and prints the markdown table.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mmldm_ae.experiment import FAILED_FILE, RESULTS_FILE, STUDIES
+from mmldm_ae.engine.sweeps import FAILED_FILE, RESULTS_FILE, STUDIES
 
 # Paper Table 5 names each row by the component it removes, cumulatively from the full model down.
 ABLATION_ROWS = {

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mmldm_ae.latent_cache import LatentCacheError
-from mmldm_ae.training import TrainingError
+from mmldm_ae.engine.latent_cache import LatentCacheError
+from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import compose, to_typed

@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mmldm_ae.latent_cache import LatentCacheError
+from mmldm_ae.engine.latent_cache import LatentCacheError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import to_typed

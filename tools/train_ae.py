@@ -17,9 +17,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mmldm_ae.experiment import record_failure
+from mmldm_ae.engine.sweeps import record_failure
+from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.train_ae import train_ae_from_config
-from mmldm_ae.training import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 

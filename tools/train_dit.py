@@ -21,9 +21,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from mmldm_ae.experiment import record_failure
-from mmldm_ae.latent_cache import LatentCacheError
-from mmldm_ae.training import TrainingError
+from mmldm_ae.engine.latent_cache import LatentCacheError
+from mmldm_ae.engine.sweeps import record_failure
+from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_dit.train_dit import train_dit_from_config

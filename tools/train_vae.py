@@ -18,8 +18,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.train_vae import train_vae_from_config
-from mmldm_ae.training import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 

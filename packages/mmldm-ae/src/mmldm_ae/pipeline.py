@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import default_collate
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
-from mmldm_ae.training import load_ema_weights, load_module_weights, resolve_checkpoint
+from mmldm_ae.engine.checkpoint import load_ema_weights, load_module_weights, resolve_checkpoint
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_data.audio import (
     IMAGE_FLOOR_LOGMEL,

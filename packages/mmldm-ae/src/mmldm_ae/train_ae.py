@@ -4,7 +4,7 @@ The task for the shared `Trainer`: the generator step (diffusion MSE of both mod
 classification, contrastive and adversarial terms, all inside `MultiModalAutoencoder`), the
 cross-modal discriminator step, and reconstructions for people (mp4 with sound, side by side
 with the input, and spectrograms). Batches are pixels encoded by the frozen KL-VAE on the fly,
-or latents from a cache (`mmldm_ae.latent_cache`).
+or latents from a cache (`mmldm_ae.engine.latent_cache`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
-from mmldm_ae.discriminator import build_discriminator, discriminator_losses
-from mmldm_ae.experiment import EvalPlan, ExperimentConfig, write_results
-from mmldm_ae.latent_cache import LatentCacheDataset, build_latent_cache
+from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator, discriminator_losses
+from mmldm_ae.engine.latent_cache import LatentCacheDataset, build_latent_cache
+from mmldm_ae.engine.logger import WandbConfig, WandbLogger
+from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, write_results
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.pipeline import (
     AutoencoderPipeline,
     AutoencoderReconstructor,
@@ -29,9 +30,7 @@ from mmldm_ae.pipeline import (
     pixels_to_latents,
     write_reconstructions,
 )
-from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
-from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
 from mmldm_data.cli import collate
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset

@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.engine.logger import WandbConfig, WandbLogger
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.vae import (
     KLVAE,
     PatchDiscriminator,
@@ -26,7 +27,6 @@ from mmldm_ae.vae import (
     patch_discriminator_loss,
     vae_losses,
 )
-from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
 from mmldm_data.cli import collate
 from mmldm_data.config import dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset

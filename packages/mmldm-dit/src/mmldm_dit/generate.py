@@ -32,8 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mmldm_ae.engine.checkpoint import load_ema_weights, load_module_weights, resolve_checkpoint
+from mmldm_ae.engine.trainer import peak_memory_gb
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
-from mmldm_ae.training import load_ema_weights, load_module_weights, peak_memory_gb, resolve_checkpoint
 from mmldm_data.audio import mel_spectrogram, pad_or_trim, waveform_to_audio_image
 from mmldm_data.config import ConfigError, to_typed
 from mmldm_data.media import MediaError, probe_media, read_audio, read_video, write_audio, write_video

@@ -14,7 +14,7 @@ Layout of `out_dir`:
     ...
 Shards are written atomically and carry the build key, so an interrupted or repeated build reuses
 every finished shard whose key still matches; the index is written last. The shard helpers are
-those of the autoencoder's pixel-latent cache (`mmldm_ae.latent_cache`).
+those of the autoencoder's pixel-latent cache (`mmldm_ae.engine.latent_cache`).
 
 The long-generation model trains on (previous, current) pairs: window (file, s) is paired with
 window (file, s - num_frames) of the same file, the clip that ends where it starts.
@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from mmldm_ae.latent_cache import (
+from mmldm_ae.engine.latent_cache import (
     LatentCacheError,
     Shard,
     data_fingerprint,

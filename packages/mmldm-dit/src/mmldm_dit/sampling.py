@@ -45,7 +45,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mmldm_ae.diffusion import (
+from mmldm_ae.engine.diffusion import (
     NoiseScheduleConfig,
     build_sampling_scheduler,
     build_train_scheduler,

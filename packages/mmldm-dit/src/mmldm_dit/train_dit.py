@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
-from mmldm_ae.diffusion import build_train_scheduler
-from mmldm_ae.experiment import EvalPlan, ExperimentConfig, write_results
-from mmldm_ae.latent_cache import encoded_dataset_config, settings_hash
+from mmldm_ae.engine.diffusion import build_train_scheduler
+from mmldm_ae.engine.latent_cache import encoded_dataset_config, settings_hash
+from mmldm_ae.engine.logger import WandbConfig, WandbLogger
+from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, write_results
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
-from mmldm_ae.training import TrainConfig, Trainer, TrainingTask
-from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.metrics.evaluate import EvalSets, evaluate, load_models

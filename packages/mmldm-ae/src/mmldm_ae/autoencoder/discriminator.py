@@ -27,9 +27,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmldm_ae.autoencoder import (
-    AEConfig,
-    DiscriminatorConfig,
+from mmldm_ae.autoencoder.config import AEConfig, DiscriminatorConfig
+from mmldm_ae.autoencoder.layers import (
     hinge_loss,
     init_weights_,
     normalization,

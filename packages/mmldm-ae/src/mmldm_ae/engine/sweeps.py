@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_data.cli import hydra_overrides, in_multirun
 from mmldm_data.config import ConfigError
 from mmldm_data.metrics.evaluate import RESOLUTIONS, EvalProtocol

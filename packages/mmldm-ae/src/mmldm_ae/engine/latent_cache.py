@@ -245,7 +245,7 @@ def _read_index(out_dir: Path) -> dict:
     if not path.is_file():
         raise LatentCacheError(
             f"no finished latent cache in {str(out_dir)!r} ({INDEX_FILE} missing): build it with "
-            "mmldm_ae.latent_cache.build_latent_cache; a rerun finishes an interrupted build"
+            "mmldm_ae.engine.latent_cache.build_latent_cache; a rerun finishes an interrupted build"
         )
     try:
         index = json.loads(path.read_text())

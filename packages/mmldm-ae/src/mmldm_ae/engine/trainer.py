@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import random
 import resource
 import shutil
 import sys
@@ -34,13 +33,21 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mmldm_ae.wandb_logger import WandbConfig, WandbLogger
+from mmldm_ae.engine.checkpoint import (
+    checkpoint_dirs,
+    describe_mismatch,
+    load_module_weights,
+    rng_state,
+    set_rng_state,
+)
+from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 
 log = logging.getLogger(__name__)
+
 
 
 class TrainingError(RuntimeError):
@@ -156,35 +163,6 @@ class EpochIndexed(Dataset):
         return self.dataset[index]
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, torch.Tensor]:
-    numpy_state = np.random.get_state()
-    state = {
-        "python": torch.tensor(random.getstate()[1], dtype=torch.int64),
-        "python_position": torch.tensor(random.getstate()[2] if random.getstate()[2] is not None else -1),
-        "numpy_keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-        "numpy_position": torch.tensor([numpy_state[2], numpy_state[3]], dtype=torch.int64),
-        "numpy_gauss": torch.tensor(numpy_state[4], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    position = int(state["python_position"])
-    random.setstate((3, tuple(int(v) for v in state["python"]), None if position == -1 else position))
-    pos, has_gauss = state["numpy_position"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(state["numpy_gauss"])))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def export_submitit_distributed_env() -> None:
@@ -198,60 +176,6 @@ def export_submitit_distributed_env() -> None:
     from submitit.helpers import TorchDistributedEnvironment
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first."""
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("step_*") if (p / "state.json").is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
-    """Load `<checkpoint>/<name>.safetensors` into a module, naming the file when it is missing."""
-    path = checkpoint / f"{name}.safetensors"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint weights {path} do not exist: give the folder of a finished checkpoint")
-    load_model(module, str(path))
-
-
-def resolve_checkpoint(run_or_checkpoint: str | Path, how_to_train: str) -> Path:
-    """A checkpoint folder: the given one, or the newest finished one of a run_dir."""
-    path = Path(run_or_checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: give a run_dir or one of its checkpoints/step_* "
-                                f"folders ({how_to_train})")
-    if (path / "state.json").is_file():
-        return path
-    finished = checkpoint_dirs(path)
-    if not finished:
-        raise FileNotFoundError(f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): {how_to_train}")
-    return finished[-1]
-
-
-def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:
-    """Copy the EMA weights of a checkpoint (stored in parameter order) into `module`; False when it has none."""
-    path = checkpoint / "ema.safetensors"
-    if not path.is_file():
-        return False
-    shadow = load_file(path)
-    with torch.no_grad():
-        for index, parameter in enumerate(module.parameters()):
-            parameter.copy_(shadow[f"{index}"])
-    return True
-
-
-def describe_mismatch(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ between two nested settings dicts, as 'key: saved -> current'."""
-    differences = []
-    for key in sorted(set(saved) | set(current)):
-        name = f"{prefix}{key}"
-        old, new = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(old, dict) and isinstance(new, dict):
-            differences += describe_mismatch(old, new, f"{name}.")
-        elif old != new:
-            differences.append(f"{name}: {old!r} -> {new!r}")
-    return differences
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,7 +264,7 @@ class Trainer:
             torch.save({"optimizers": optimizer_states, "scaler": scaler.state_dict() if scaler else None,
                         "ema_step": self.ema.optimization_step if self.ema else 0}, partial / "optimizers.pt")
         self.accelerator.wait_for_everyone()
-        torch.save(_rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
+        torch.save(rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main:
             (partial / "state.json").write_text(json.dumps({
@@ -388,7 +312,7 @@ class Trainer:
             self.ema.optimization_step = rest["ema_step"]
         rng_file = checkpoint / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(torch.load(rng_file, weights_only=True))
         self.state = LoopState(step=saved["step"], samples_seen=saved["samples_seen"],
                                skipped_steps=saved["skipped_steps"])
 

@@ -1,0 +1,240 @@
+"""Configuration of the multi-modal autoencoder (paper section 3.1): sizes, Table 5 toggles, loss weights."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+from mmldm_ae.engine.diffusion import (
+    NoiseScheduleConfig,
+)
+from mmldm_data.config import ConfigError
+
+#################################################################################
+#                                   Config                                      #
+#################################################################################
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Cross-modal spatio-temporal discriminator over [audio image, frame a, frame b] in pixels.
+
+    Level i works at spatial downsampling 2**i; attention kinds are chosen by that factor.
+    """
+
+    channels: int = 32
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 4, 6, 6])
+    blocks_per_level: int = 1
+    full_attention_ds: list[int] = field(default_factory=lambda: [32])  # over (slot, h, w)
+    temporal_attention_ds: list[int] = field(default_factory=lambda: [4, 8, 16])  # over slots
+    head_dim: int = 32
+
+
+@dataclass
+class AEConfig:
+    # Inputs: frames and audio images of resolution^2 pixels, seen as frozen KL-VAE latents.
+    resolution: int = 256
+    vae_downsample: int = 8  # spatial factor of the KL-VAE (SD KL-f8)
+    vae_channels: int = 4
+    num_key_frames: int = 4
+    num_target_frames: int = 2  # frames per clip the decoder learns to reconstruct per step
+
+    # Perceptual latents (KL posteriors).
+    latent_channels: int = 16
+    # Log-variance the posteriors start at (LDM: 0, unit variance). With w_kl ~ 1e-8 the variance
+    # is effectively free, but at unit variance the first thousands of steps decode latents that
+    # are about half noise; a short CPU run learns much faster from nearly deterministic latents.
+    initial_posterior_logvar: float = 0.0
+    encoder_channels: int = 320
+    video_encoder_mult: list[int] = field(default_factory=lambda: [1, 2])
+    audio_encoder_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    encoder_blocks: int = 2  # residual blocks per level
+    encoder_head_dim: int = 64
+    dropout: float = 0.0
+
+    # Shared semantic space (its width is also the UNet's cross-attention width).
+    semantic_dim: int = 768
+    projector_channels: int = 128
+    video_projector_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    audio_projector_mult: list[int] = field(default_factory=lambda: [1, 2, 4])
+    video_projector_blocks: int = 3
+    audio_projector_blocks: int = 4
+    projector_head_dim: int = 32
+    contrastive_dim: int = 256
+    contrastive_temperature: float = 0.07  # initial value of both learnable temperatures
+
+    # Signal decoder: diffusers UNet2DConditionModel (defaults: SD-1.x).
+    unet_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    unet_cross_attention: list[bool] = field(default_factory=lambda: [True, True, True, False])
+    unet_layers_per_block: int = 2
+    unet_heads: int = 8
+    unet_norm_groups: int = 32
+    prompt_tokens: int = 77
+    # The authors embed the fractional index i/16 with a timestep sinusoid made for [0, 1000),
+    # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies.
+    frame_index_scale: float = 1000.0
+    # Local diffusers folder of an SD-1.x UNet (or a whole pipeline with a unet/ subfolder).
+    unet_init: str | None = None
+
+    # Ablation toggles of paper Table 5 (weight initialisation is `unet_init`).
+    learnable_prompt: bool = True  # off: the prompt slots hold fixed zeros
+    content_embedding: bool = True  # own latent -> MLP -> added to the time embedding
+    class_embedding: bool = True  # learnable class token in the context
+    semantic_context: bool = True  # the other modality's semantic tokens in the context
+    adversarial: bool = True
+    detach_semantic_inputs: bool = False  # True: the authors' behaviour (semantic losses stop at the latents)
+
+    # Loss weights (paper: w_kl 1e-8 AIST++ / 1e-9 Landscape; authors' configs: con 0.03).
+    w_kl: float = 1e-8
+    w_cls: float = 0.1
+    w_con: float = 0.1
+    w_adv: float = 0.1
+    guidance_dropout: float = 0.1  # per modality: its prompt and its encoder input are zeroed
+
+    # Decoding.
+    decode_steps: int = 50
+    guidance_audio: float = 2.5
+    guidance_video: float = 2.5
+
+    schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the VAE latent of one frame or audio image."""
+        return self.resolution // self.vae_downsample
+
+    @property
+    def video_latent_size(self) -> int:
+        return self.latent_size // 2 ** (len(self.video_encoder_mult) - 1)
+
+    @property
+    def audio_latent_size(self) -> int:
+        return self.latent_size // 2 ** (len(self.audio_encoder_mult) - 1)
+
+    @property
+    def semantic_size(self) -> int:
+        return self.video_latent_size // 2 ** (len(self.video_projector_mult) - 1)
+
+    @property
+    def semantic_tokens(self) -> int:
+        return self.semantic_size**2
+
+    @property
+    def context_tokens(self) -> int:
+        return (
+            self.prompt_tokens
+            + int(self.class_embedding)
+            + (self.semantic_tokens if self.semantic_context else 0)
+        )
+
+    def validate(self) -> None:
+        problems = []
+        if self.resolution % self.vae_downsample:
+            problems.append(
+                f"ae.resolution={self.resolution} is not a multiple of ae.vae_downsample={self.vae_downsample}"
+            )
+        unet_factor = 2 ** (len(self.unet_channels) - 1)
+        if self.latent_size % unet_factor:
+            problems.append(
+                f"latent side {self.latent_size} is not divisible by the UNet's {unet_factor}x downsampling"
+            )
+        for name, mult in (
+            ("video_encoder_mult", self.video_encoder_mult),
+            ("audio_encoder_mult", self.audio_encoder_mult),
+        ):
+            if not mult or self.latent_size % 2 ** (len(mult) - 1):
+                problems.append(f"ae.{name}={mult} does not divide the latent side {self.latent_size}")
+        if self.video_latent_size % 2 ** (len(self.video_projector_mult) - 1):
+            problems.append(
+                f"ae.video_projector_mult={self.video_projector_mult} does not divide the video latent side "
+                f"{self.video_latent_size}"
+            )
+        audio_semantic = self.audio_latent_size // 2 ** (len(self.audio_projector_mult) - 1)
+        if self.semantic_size < 1 or audio_semantic != self.semantic_size:
+            problems.append(
+                f"the projectors must end at the same size: video {self.semantic_size}, audio {audio_semantic} "
+                "(adjust ae.video_projector_mult / ae.audio_projector_mult)"
+            )
+        if len(self.unet_cross_attention) != len(self.unet_channels):
+            problems.append("ae.unet_cross_attention needs one flag per entry of ae.unet_channels")
+        if self.unet_channels[0] % self.unet_norm_groups:
+            problems.append(f"ae.unet_norm_groups={self.unet_norm_groups} must divide ae.unet_channels")
+        if self.prompt_tokens < 1:
+            problems.append(
+                "ae.prompt_tokens must be >= 1 (the prompt slots also carry the unconditional branch)"
+            )
+        if not 0.0 <= self.guidance_dropout < 1.0:
+            problems.append(f"ae.guidance_dropout must be in [0, 1), got {self.guidance_dropout}")
+        if not 0.0 < self.contrastive_temperature <= 1.0:
+            problems.append(
+                f"ae.contrastive_temperature must be in (0, 1], got {self.contrastive_temperature}"
+            )
+        problems += [f"loss weight ae.{name} must be >= 0, got {getattr(self, name)}"
+                     for name in ("w_kl", "w_cls", "w_con", "w_adv") if getattr(self, name) < 0]
+        if self.adversarial and self.num_target_frames != 2:
+            problems.append(
+                "the discriminator compares [audio, frame a, frame b]: ae.num_target_frames must be 2"
+            )
+        if self.decode_steps < 1:
+            problems.append("ae.decode_steps must be >= 1")
+        if problems:
+            raise ConfigError("invalid autoencoder config:\n  " + "\n  ".join(problems))
+        self.schedule.validate()
+
+
+#################################################################################
+#                                   Presets                                     #
+#################################################################################
+
+AE_PRESETS: dict[str, AEConfig] = {
+    # Paper / authors' configs: 256^2 frames -> SD KL-f8 latents 4x32x32; z_v 16x16x16,
+    # z_a 16x8x8, semantic 768x2x2, SD-1.x UNet, 77 + 1 + 4 = 82 context tokens, 12 injections.
+    "paper": AEConfig(),
+    # CPU: 64^2 frames through the tiny KL-VAE (4x16x16); z_v 8x8x8, z_a 8x4x4, semantic 64x2x2,
+    # a two-level UNet, 8 + 1 + 4 = 13 context tokens, 4 injections.
+    # Three settings differ from the paper's so that it learns within minutes on a CPU: v prediction,
+    # posteriors that start nearly deterministic, and no adversarial term (the discriminator made
+    # each step 5x slower); ae.adversarial=true etc. restore them.
+    "tiny": AEConfig(
+        resolution=64,
+        vae_downsample=4,
+        latent_channels=8,
+        initial_posterior_logvar=-6.0,
+        encoder_channels=32,
+        video_encoder_mult=[1, 2],
+        audio_encoder_mult=[1, 2, 4],
+        encoder_blocks=1,
+        encoder_head_dim=32,
+        semantic_dim=64,
+        projector_channels=32,
+        video_projector_mult=[1, 2, 2],
+        audio_projector_mult=[1, 2],
+        video_projector_blocks=1,
+        audio_projector_blocks=1,
+        projector_head_dim=32,
+        contrastive_dim=32,
+        unet_channels=[32, 64],
+        unet_cross_attention=[True, True],
+        unet_layers_per_block=1,
+        unet_heads=4,
+        unet_norm_groups=8,
+        prompt_tokens=8,
+        adversarial=False,
+        schedule=NoiseScheduleConfig(prediction_type="v_prediction"),
+        discriminator=DiscriminatorConfig(
+            channels=16,
+            channel_mult=[1, 2, 2, 4],
+            full_attention_ds=[8],
+            temporal_attention_ds=[2, 4],
+            head_dim=16,
+        ),
+    ),
+}
+
+
+def ae_preset(name: str, **overrides) -> AEConfig:
+    """A copy of a preset with some fields replaced."""
+    if name not in AE_PRESETS:
+        raise KeyError(f"unknown autoencoder preset {name!r}; choose one of {sorted(AE_PRESETS)}")
+    return replace(copy.deepcopy(AE_PRESETS[name]), **overrides)

@@ -1,0 +1,480 @@
+"""The hierarchical multi-modal autoencoder of MM-LDM (paper section 3.1, DESIGN section 4).
+
+Frames and audio images arrive as KL-VAE latents (4 x 32 x 32 at 256^2). Two modality-specific
+encoders compress them into perceptual latents (KL posteriors; z_v 16 x 16 x 16, z_a 16 x 8 x 8 in
+the paper preset). Two projectors lift each perceptual latent to four semantic tokens in a shared
+768-d space, trained by a classification head and a CLIP-style contrastive head. One diffusion
+UNet (diffusers `UNet2DConditionModel`, SD-1.x sized) reconstructs both modalities' VAE latents,
+conditioned on:
+
+  * multi-scale features of the item's own perceptual latent, added to the UNet encoder stream
+    after every down-path layer (video features also depend on the frame index);
+  * a content embedding of the own perceptual latent, added to the time embedding;
+  * cross-attention context = [modality prompt (77); class token (1); the OTHER modality's
+    semantic tokens (4)] = 82 tokens.
+
+Layout: config, helpers, embeddings, blocks, encoders, feature generator, projectors and heads,
+signal decoder, the model, presets. Tensor shapes are given with B clips, T frames per clip,
+K key frames, C VAE channels, L the VAE latent side, D the semantic / context width.
+
+Defects of the authors' code fixed here (DESIGN section 4): (a) the content and cross-modal
+context MLPs zero-initialise only their last layer; (b) the adversarial term reaches the model
+through the frozen VAE decoder; (c) the contrastive loss works on one device and gathers
+negatives with gradients across ranks; (d) the UNet time embedding trains; (e) semantic losses
+see non-detached latents unless `detach_semantic_inputs`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from mmldm_ae.autoencoder.config import AEConfig
+from mmldm_ae.autoencoder.decoder import DecoderConditions, FeatureGenerator, SignalDecoder, load_unet_weights
+from mmldm_ae.autoencoder.encoders import DiagonalGaussian, PerceptualEncoder
+from mmldm_ae.autoencoder.layers import (
+    MLP,
+    FrameIndexEmbedder,
+    hinge_loss,
+    init_weights_,
+    random_normal,
+    random_uniform,
+    zero_module,
+)
+from mmldm_ae.autoencoder.semantic import (
+    ClassificationHead,
+    ContrastiveHead,
+    SemanticProjector,
+)
+from mmldm_ae.engine.diffusion import (
+    build_sampling_scheduler,
+    build_train_scheduler,
+    diffusion_target,
+    guided_eps,
+    predict_x0,
+    q_sample,
+    sample_timesteps,
+)
+
+#################################################################################
+#                    Hierarchical multi-modal autoencoder                       #
+#################################################################################
+
+AUDIO, VIDEO = 0, 1  # rows of the modality prompts
+BATCH_KEYS = ("key_latents", "target_latents", "target_indices", "audio_latents", "class_id")
+
+
+class MultiModalAutoencoder(nn.Module):
+    """MM-LDM's autoencoder over KL-VAE latents; `num_classes` = 0 for class-free datasets.
+
+    The discriminator is a separate module (mmldm_ae.autoencoder.discriminator) with its own optimiser; the
+    generator step passes it to `training_losses`.
+    """
+
+    def __init__(self, cfg: AEConfig, num_classes: int):
+        super().__init__()
+        cfg.validate()
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no class labels), got {num_classes}")
+        self.cfg, self.num_classes = cfg, num_classes
+        C, D = cfg.vae_channels, cfg.semantic_dim
+
+        # Encoders: [B, K, C, L, L] -> z_v [B, C', L/2, L/2]; [B, C, L, L] -> z_a [B, C', L/4, L/4].
+        encoder = partial(
+            PerceptualEncoder,
+            C,
+            cfg.latent_size,
+            cfg.latent_channels,
+            cfg.encoder_channels,
+            blocks_per_level=cfg.encoder_blocks,
+            head_dim=cfg.encoder_head_dim,
+            dropout=cfg.dropout,
+        )
+        self.video_encoder = encoder(channel_mult=cfg.video_encoder_mult, content="frame", temporal=True)
+        self.audio_encoder = encoder(channel_mult=cfg.audio_encoder_mult, content="channels", temporal=False)
+
+        # Semantic space: z -> [B, D, s, s]; heads over it.
+        projector = partial(
+            SemanticProjector,
+            cfg.latent_channels,
+            cfg.projector_channels,
+            head_dim=cfg.projector_head_dim,
+            out_dim=D,
+            dropout=cfg.dropout,
+        )
+        self.video_projector = projector(cfg.video_projector_mult, cfg.video_projector_blocks)
+        self.audio_projector = projector(cfg.audio_projector_mult, cfg.audio_projector_blocks)
+        self.classifier = ClassificationHead(D, num_classes) if num_classes > 0 else None
+        self.contrastive = ContrastiveHead(D, cfg.contrastive_dim, cfg.contrastive_temperature)
+
+        # Signal decoder and its conditions.
+        self.decoder = SignalDecoder(cfg)
+        E = self.decoder.time_embed_dim
+        channels, sizes = self.decoder.injection_channels, self.decoder.injection_sizes
+        self.frame_index_embed = FrameIndexEmbedder(cfg.unet_channels[0], E, cfg.frame_index_scale)
+        self.video_features = FeatureGenerator(
+            cfg.latent_channels, cfg.video_latent_size, channels, sizes, E, cfg.dropout
+        )
+        self.audio_features = FeatureGenerator(
+            cfg.latent_channels, cfg.audio_latent_size, channels, sizes, None, cfg.dropout
+        )
+        if cfg.content_embedding:
+            self.video_content = MLP(cfg.latent_channels * cfg.video_latent_size**2, E, E)
+            self.audio_content = MLP(cfg.latent_channels * cfg.audio_latent_size**2, E, E)
+        prompt = torch.randn(2, cfg.prompt_tokens, D) * 0.1
+        if cfg.learnable_prompt:
+            self.prompts = nn.Parameter(prompt)  # [AUDIO, VIDEO]
+        else:
+            self.register_buffer("prompts", torch.zeros_like(prompt))
+        if cfg.class_embedding:
+            self.class_embed = nn.Embedding(num_classes + 1, D)  # last row: no / unknown class
+        if cfg.semantic_context:
+            self.context_from_video = MLP(D, D, D)  # video semantic tokens -> audio items' context
+            self.context_from_audio = MLP(D, D, D)
+
+        self.train_scheduler = build_train_scheduler(cfg.schedule)
+        self.initialize_weights()
+        if cfg.unet_init:
+            load_unet_weights(self.decoder.unet, cfg.unet_init)
+
+    def initialize_weights(self) -> None:
+        for name, module in self.named_children():
+            if name != "decoder":  # the UNet keeps diffusers' initialisation (or SD weights)
+                init_weights_(module)
+        nn.init.normal_(self.frame_index_embed.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.frame_index_embed.mlp[2].weight, std=0.02)
+        if self.cfg.class_embedding:
+            nn.init.normal_(self.class_embed.weight, std=0.02)
+        # Posteriors start at exp(initial_posterior_logvar) variance around the mean head's output.
+        for head in (self.video_encoder.logvar_head[-1], self.audio_encoder.logvar_head[-1]):
+            zero_module(head)
+            nn.init.constant_(head.bias, self.cfg.initial_posterior_logvar)
+        # Conditions that start as exact no-ops: only their LAST layer is zero, so every earlier
+        # layer gets a gradient as soon as that layer moves (the authors zeroed whole MLPs).
+        for conv_out in (*self.video_features.zero_convs, *self.audio_features.zero_convs):
+            zero_module(conv_out)
+        if self.cfg.content_embedding:
+            zero_module(self.video_content.out)
+            zero_module(self.audio_content.out)
+        if self.cfg.semantic_context:
+            zero_module(self.context_from_video.out)
+            zero_module(self.context_from_audio.out)
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """Everything this module trains (the discriminator is a separate module)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----------------------------------------------------------------- encoding
+
+    def posteriors(
+        self, key_latents: Tensor, audio_latents: Tensor
+    ) -> tuple[DiagonalGaussian, DiagonalGaussian]:
+        return self.video_encoder(key_latents), self.audio_encoder(audio_latents.unsqueeze(1))
+
+    def encode(
+        self,
+        key_latents: Tensor,
+        audio_latents: Tensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """[B, K, C, L, L], [B, C, L, L] -> z_v [B, C', L/2, L/2], z_a [B, C', L/4, L/4] (posterior modes unless sample)."""
+        self._check_shape(
+            "key_latents",
+            key_latents,
+            (self.cfg.num_key_frames, self.cfg.vae_channels, self.cfg.latent_size, self.cfg.latent_size),
+        )
+        self._check_shape(
+            "audio_latents",
+            audio_latents,
+            (self.cfg.vae_channels, self.cfg.latent_size, self.cfg.latent_size),
+        )
+        post_v, post_a = self.posteriors(key_latents, audio_latents)
+        if sample:
+            return post_v.sample(generator), post_a.sample(generator)
+        return post_v.mode(), post_a.mode()
+
+    def semantics(self, z_v: Tensor, z_a: Tensor) -> tuple[Tensor, Tensor]:
+        """Perceptual latents -> semantic features s_v, s_a [B, D, s, s]."""
+        return self.video_projector(z_v), self.audio_projector(z_a)
+
+    def predict_class(self, z_v: Tensor, z_a: Tensor) -> Tensor:
+        """Class ids [B] from the classification head; -1 (no class) for class-free models."""
+        if self.classifier is None:
+            return torch.full((z_v.shape[0],), -1, dtype=torch.long, device=z_v.device)
+        return self.classifier(*self.semantics(z_v, z_a)).argmax(dim=-1)
+
+    # --------------------------------------------------------- decoder inputs
+
+    def _check_class_ids(self, class_id: Tensor) -> None:
+        if class_id.numel() and (class_id.max() >= self.num_classes or class_id.min() < -1):
+            raise ValueError(
+                f"class ids must be in [-1, {self.num_classes - 1}] (-1: none) for num_classes={self.num_classes}, "
+                f"got {class_id.tolist()}"
+            )
+
+    def _class_tokens(self, class_id: Tensor) -> Tensor:  # [B] -> [B, 1, D]
+        rows = torch.where(class_id < 0, torch.full_like(class_id, self.num_classes), class_id)
+        return self.class_embed(rows)[:, None]
+
+    def _context(
+        self, modality: int, keep_prompt: Tensor, class_tokens: Tensor | None, other_semantic: Tensor
+    ) -> Tensor:
+        """[prompt (zeroed where dropped); class token; the other modality's semantic tokens] -> [B, tokens, D]."""
+        prompt = self.prompts[modality] * keep_prompt[:, None, None].to(self.prompts.dtype)
+        parts = [prompt]
+        if class_tokens is not None:
+            parts.append(class_tokens)
+        if self.cfg.semantic_context:
+            mlp = self.context_from_video if modality == AUDIO else self.context_from_audio
+            parts.append(mlp(rearrange(other_semantic, "b d h w -> b (h w) d")))
+        return torch.cat(parts, dim=1)
+
+    def decoder_conditions(
+        self,
+        z_v: Tensor,
+        z_a: Tensor,
+        s_v: Tensor,
+        s_a: Tensor,
+        frame_index: Tensor,
+        class_id: Tensor,
+        keep_audio_prompt: Tensor,
+        keep_video_prompt: Tensor,
+    ) -> DecoderConditions:
+        """Conditions of the items [B audio images; B*T frames] of B clips with frame indices [B, T] in [0, 1)."""
+        frames = frame_index.shape[1]
+        per_frame = partial(repeat, pattern="b ... -> (b t) ...", t=frames)
+        video_features = self.video_features(
+            per_frame(z_v), self.frame_index_embed(rearrange(frame_index, "b t -> (b t)"))
+        )
+        features = [torch.cat(pair) for pair in zip(self.audio_features(z_a), video_features, strict=True)]
+        class_tokens = self._class_tokens(class_id) if self.cfg.class_embedding else None
+        audio_context = self._context(AUDIO, keep_audio_prompt, class_tokens, s_v)
+        video_context = self._context(VIDEO, keep_video_prompt, class_tokens, s_a)
+        context = torch.cat([audio_context, per_frame(video_context)])
+        content = None
+        if self.cfg.content_embedding:
+            content = torch.cat(
+                [self.audio_content(z_a.flatten(1)), per_frame(self.video_content(z_v.flatten(1)))]
+            )
+        return DecoderConditions(features, context, content)
+
+    # ----------------------------------------------------------------- training
+
+    def _check_shape(self, name: str, tensor: Tensor, expected_tail: tuple[int, ...]) -> None:
+        if tuple(tensor.shape[1:]) != expected_tail:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected [B, {', '.join(map(str, expected_tail))}] "
+                f"for this AEConfig (resolution {self.cfg.resolution}, vae_downsample {self.cfg.vae_downsample}, "
+                f"{self.cfg.vae_channels} VAE channels)"
+            )
+
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        vae: nn.Module,
+        discriminator: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """The generator step's losses (see `training_losses`); going through forward lets DDP sync it."""
+        return self.training_losses(batch, vae, discriminator=discriminator, generator=generator)
+
+    def training_losses(
+        self,
+        batch: dict[str, Tensor],
+        vae: nn.Module,
+        discriminator: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """Losses of one generator step on a batch of VAE latents.
+
+        batch: key_latents [B, K, C, L, L], target_latents [B, T, C, L, L], target_indices [B, T]
+        (i/16), audio_latents [B, C, L, L], class_id [B] (-1: none). `vae` is the frozen KL-VAE
+        (encode/decode/scale); its decoder turns the one-step x0 estimates into pixels for the
+        adversarial term, with gradients. Returns scalars "loss" (the total), "mse_audio",
+        "mse_video", "kl", "kl_video", "kl_audio", "cls", "cls_acc", "con", "adv_g",
+        "guidance_drop_audio", "guidance_drop_video", and with the adversarial loss on the
+        discriminator step's inputs "disc_real", "disc_fake" [B, 3, 3, H, W] (detached,
+        slots [audio image, frame a, frame b]).
+        """
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise KeyError(f"training batch lacks {missing}; it needs {list(BATCH_KEYS)}")
+        cfg = self.cfg
+        L = cfg.latent_size
+        key, targets, index = batch["key_latents"], batch["target_latents"], batch["target_indices"]
+        audio, class_id = batch["audio_latents"], batch["class_id"].long()
+        self._check_shape("batch['key_latents']", key, (cfg.num_key_frames, cfg.vae_channels, L, L))
+        self._check_shape("batch['target_latents']", targets, (targets.shape[1], cfg.vae_channels, L, L))
+        self._check_shape("batch['audio_latents']", audio, (cfg.vae_channels, L, L))
+        B, T = targets.shape[:2]
+        if tuple(index.shape) != (B, T):
+            raise ValueError(f"batch['target_indices'] has shape {tuple(index.shape)}, expected [{B}, {T}]")
+        if cfg.adversarial and discriminator is None:
+            raise ValueError(
+                "ae.adversarial is on but training_losses got no discriminator: pass "
+                "discriminator=build_discriminator(cfg) (mmldm_ae.autoencoder.discriminator) or set ae.adversarial=false"
+            )
+        self._check_class_ids(class_id)
+        device = key.device
+
+        # Guidance dropout: a dropped modality loses its prompt and its encoder input together,
+        # which is exactly the unconditional branch that decode() guides against.
+        keep_audio, keep_video = self.guidance_keep_masks(B, device, generator)
+        post_v, post_a = self.posteriors(
+            key * keep_video[:, None, None, None, None].to(key.dtype),
+            audio * keep_audio[:, None, None, None].to(audio.dtype),
+        )
+        z_v, z_a = post_v.sample(generator), post_a.sample(generator)
+        kl_video, kl_audio = post_v.kl().mean(), post_a.kl().mean()
+
+        if cfg.detach_semantic_inputs:
+            s_v, s_a = self.semantics(z_v.detach(), z_a.detach())
+        else:
+            s_v, s_a = self.semantics(z_v, z_a)
+        cls, cls_acc = self._classification_loss(s_v, s_a, class_id)
+        con = self.contrastive(s_v, s_a)
+
+        # Items [B audio images; B*T frames], each with its own timestep (the authors' independent t).
+        cond = self.decoder_conditions(
+            z_v, z_a, s_v, s_a, index.to(z_v.dtype), class_id, keep_audio, keep_video
+        )
+        x0 = torch.cat([audio, rearrange(targets, "b t c h w -> (b t) c h w")])
+        timesteps = sample_timesteps(self.train_scheduler, x0.shape[0], device, generator)
+        noise = random_normal(x0.shape, x0, generator)
+        x_t = q_sample(self.train_scheduler, x0, noise, timesteps)
+        target = diffusion_target(self.train_scheduler, x0, noise, timesteps)
+        prediction = self.decoder(x_t, timesteps, cond)
+        mse_audio = F.mse_loss(prediction[:B], target[:B])
+        mse_video = F.mse_loss(prediction[B:], target[B:])
+
+        losses = {
+            "mse_audio": mse_audio,
+            "mse_video": mse_video,
+            "kl_video": kl_video,
+            "kl_audio": kl_audio,
+            "kl": kl_video + kl_audio,
+            "cls": cls,
+            "cls_acc": cls_acc,
+            "con": con,
+            "adv_g": torch.zeros((), device=device),
+            "guidance_drop_audio": (~keep_audio).float().mean(),
+            "guidance_drop_video": (~keep_video).float().mean(),
+        }
+        if cfg.adversarial:
+            # Fakes are the one-step x0 estimates decoded through the frozen VAE WITH gradients
+            # (the authors decoded under no_grad, leaving this term without effect). Reals are
+            # VAE decodes of the true latents, as the authors', so that D cannot win on VAE artefacts.
+            x0_hat = predict_x0(self.train_scheduler, x_t, prediction, timesteps)
+            fake = self._slots(vae.decode(x0_hat), B)
+            with torch.no_grad():
+                real = self._slots(vae.decode(x0), B)
+            losses["adv_g"] = hinge_loss(discriminator(fake), 1.0)
+            losses["disc_real"], losses["disc_fake"] = real, fake.detach()
+        losses["loss"] = (
+            mse_audio
+            + mse_video
+            + cfg.w_kl * losses["kl"]
+            + cfg.w_cls * cls
+            + cfg.w_con * con
+            + cfg.w_adv * losses["adv_g"]
+        )
+        return losses
+
+    def guidance_keep_masks(
+        self, batch_size: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Which clips keep their audio / video condition: independent draws, each kept w.p. 1 - p."""
+        keep_audio = random_uniform((batch_size,), device, generator) >= self.cfg.guidance_dropout
+        keep_video = random_uniform((batch_size,), device, generator) >= self.cfg.guidance_dropout
+        return keep_audio, keep_video
+
+    @staticmethod
+    def _slots(pixels: Tensor, clips: int) -> Tensor:
+        """Decoded items [B + B*T, 3, H, W] -> [B, 1 + T, 3, H, W] = [audio image, frames...] per clip."""
+        audio, frames = pixels[:clips], rearrange(pixels[clips:], "(b t) c h w -> b t c h w", b=clips)
+        return torch.cat([audio[:, None], frames], dim=1)
+
+    def _classification_loss(self, s_v: Tensor, s_a: Tensor, class_id: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy over labelled clips (class_id -1 ignored) and their accuracy."""
+        if self.classifier is None:
+            zero = s_v.sum() * 0.0
+            return zero, zero.detach()
+        logits = self.classifier(s_v, s_a)
+        labelled = class_id >= 0
+        if not labelled.any():  # keep the head in the graph so that every rank reduces the same parameters
+            return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+        accuracy = (logits.argmax(-1) == class_id)[labelled].float().mean()
+        return F.cross_entropy(logits, class_id, ignore_index=-1), accuracy
+
+    # ----------------------------------------------------------------- decoding
+
+    @torch.no_grad()
+    def decode(
+        self,
+        z_v: Tensor,
+        z_a: Tensor,
+        num_frames: int = 16,
+        steps: int | None = None,
+        guidance_audio: float | None = None,
+        guidance_video: float | None = None,
+        generator: torch.Generator | None = None,
+        class_id: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """DDIM reconstruction: z_v, z_a -> frame latents [B, T, C, L, L], audio latent [B, C, L, L].
+
+        All T frames of a clip are decoded in one batch with frame index t/T. Guidance per modality:
+        eps_u + s (eps_c - eps_u), where the unconditional branch uses zero prompts and the latents
+        of an all-zero encoder input through the whole pipeline (features, content, context), as
+        in training's guidance dropout. Both branches use the same class token: class_id, or the
+        classification head's prediction when None. steps / guidance default to the config.
+        """
+        cfg = self.cfg
+        steps = steps or cfg.decode_steps
+        guidance_audio = cfg.guidance_audio if guidance_audio is None else guidance_audio
+        guidance_video = cfg.guidance_video if guidance_video is None else guidance_video
+        B, device = z_v.shape[0], z_v.device
+        frame_index = (torch.arange(num_frames, device=device, dtype=z_v.dtype) / num_frames).expand(
+            B, num_frames
+        )
+        s_v, s_a = self.semantics(z_v, z_a)
+        if class_id is None:
+            class_id = self.predict_class(z_v, z_a)
+        class_id = class_id.to(device).long()
+        self._check_class_ids(class_id)
+        keep = torch.ones(B, dtype=torch.bool, device=device)
+        cond = self.decoder_conditions(z_v, z_a, s_v, s_a, frame_index, class_id, keep, keep)
+        guided = guidance_audio != 1.0 or guidance_video != 1.0
+        if guided:
+            L = cfg.latent_size
+            null_key = torch.zeros(
+                1, cfg.num_key_frames, cfg.vae_channels, L, L, device=device, dtype=z_v.dtype
+            )
+            null_v, null_a = (z.expand(B, -1, -1, -1) for z in self.encode(null_key, null_key[:, 0]))
+            cond = cond.cat(
+                self.decoder_conditions(
+                    null_v, null_a, *self.semantics(null_v, null_a), frame_index, class_id, ~keep, ~keep
+                )
+            )
+            scale = torch.cat(
+                [torch.full((B,), guidance_audio), torch.full((B * num_frames,), guidance_video)]
+            )
+
+        scheduler = build_sampling_scheduler(cfg.schedule, steps)
+        x = random_normal(
+            (B * (1 + num_frames), cfg.vae_channels, cfg.latent_size, cfg.latent_size), z_v, generator
+        )
+        for t in scheduler.timesteps:
+            model_input = torch.cat([x, x]) if guided else x
+            output = self.decoder(model_input, t.to(device).expand(model_input.shape[0]), cond)  # eps or v
+            if guided:
+                output_cond, output_uncond = output.chunk(2)
+                output = guided_eps(output_uncond, output_cond, scale)
+            x = scheduler.step(output, t, x, eta=0.0).prev_sample
+        return rearrange(x[B:], "(b t) c h w -> b t c h w", b=B), x[:B]
+
+
