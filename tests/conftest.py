@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -13,6 +15,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _config_schemas():
+    """Every config group's dataclass registered with Hydra, as the tools do before composing conf/."""
+    from mmldm_dit.config import register_schemas
+
+    register_schemas()
+
+
+def preset(group: str, name: str, **overrides):
+    """The typed dataclass of conf/<group>/<name>.yaml with some fields replaced, e.g.
+    preset("ae", "tiny", resolution=32)."""
+    from mmldm_data import config
+
+    return config.preset(REPO_ROOT / "conf", group, name, **overrides)
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +83,18 @@ def run_tool(script: str, *args: str, check: bool = True) -> subprocess.Complete
     return result
 
 
+def load_tool(script: str) -> ModuleType:
+    """Import tools/<script> as a module, once per session."""
+    name = f"tool_{Path(script).stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / script)
+        module = importlib.util.module_from_spec(spec)
+        # Registered before it runs: dataclasses and typed configs look their module up by name.
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 # The generator stage's tests need a trained autoencoder only for its layout and shapes: a random
 # tiny one (32^2 frames, 2-block VAE -> z_v 8x8x8, z_a 8x4x4: the tiny DiT's latents) written as a
 # tools/train_ae.py run.
@@ -76,7 +106,6 @@ def tiny_ae_run(synthetic_root, tmp_path_factory) -> Path:
     import torch
 
     from mmldm_ae.autoencoder import MultiModalAutoencoder
-    from mmldm_ae.autoencoder.config import ae_preset
     from mmldm_ae.engine.trainer import TrainConfig, Trainer
     from mmldm_ae.pipeline import AutoencoderPipeline
     from mmldm_ae.train_ae import AETrainingTask
@@ -90,7 +119,7 @@ def tiny_ae_run(synthetic_root, tmp_path_factory) -> Path:
     vae_config = VAEConfig(preset="tiny", weights=str(root / "vae"))
     dataset = to_typed(DatasetConfig, {"data_root": str(synthetic_root), **TINY_AE_DATASET})
     class_names = SoundingVideoDataset(dataset).class_names
-    ae_config = ae_preset("tiny", resolution=32, vae_downsample=2)
+    ae_config = preset("ae", "tiny", resolution=32, vae_downsample=2)
     model = MultiModalAutoencoder(ae_config, num_classes=len(class_names))
     pipeline = AutoencoderPipeline(model, build_vae(vae_config), dataset, class_names)
     architecture = {"num_classes": len(class_names), "class_names": class_names}

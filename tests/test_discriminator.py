@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import preset
 from torch import nn
 
 from mmldm_ae.autoencoder import DiscriminatorConfig
-from mmldm_ae.autoencoder.config import ae_preset
 from mmldm_ae.autoencoder.discriminator import (
     FAKE_KINDS,
     CrossModalDiscriminator,
@@ -55,11 +55,11 @@ def test_shapes_and_attention_layout():
 
 
 def test_presets_and_toggle():
-    assert build_discriminator(ae_preset("tiny", adversarial=False)) is None
-    tiny = build_discriminator(ae_preset("tiny", adversarial=True))
+    assert build_discriminator(preset("ae", "tiny", adversarial=False)) is None
+    tiny = build_discriminator(preset("ae", "tiny", adversarial=True))
     assert tiny(torch.zeros(1, 3, 3, 64, 64)).shape == (1,)
     with torch.device("meta"):
-        paper = build_discriminator(ae_preset("paper"))
+        paper = build_discriminator(preset("ae", "paper"))
     assert 5e6 < sum(p.numel() for p in paper.parameters()) < 6e6
     assert paper.resolution == 256 and len(paper.body) > 0
 

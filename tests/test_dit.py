@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_tool
+from conftest import REPO_ROOT, preset, run_tool
 from einops import rearrange
-from omegaconf import OmegaConf
 
 from mmldm_data.config import ConfigError, to_typed
-from mmldm_dit.dit import DIT_PRESETS, DiTConfig, MMDiT, preset_config, sincos_position_embedding
+from mmldm_dit.dit import DiTConfig, MMDiT, sincos_position_embedding
 
 PAPER_PARAMS = {"S": 131e6, "B": 384e6, "L": 1543e6}  # paper Table 4
+SIZES = sorted(path.stem for path in (REPO_ROOT / "conf" / "dit").glob("*.yaml"))
 
 
 def as_if_trained(model: MMDiT, seed: int = 0) -> MMDiT:
@@ -58,7 +58,7 @@ def dit_numpy_sincos(embed_dim: int, grid_size: int) -> np.ndarray:
 
 def test_paper_token_layout_is_context_eos_audio_eos_video():
     with torch.device("meta"):
-        model = MMDiT(preset_config("XL"))
+        model = MMDiT(preset("dit", "XL"))
     assert model.cfg.sequence_length == 399
     assert model.token_slices() == {
         "context": slice(0, 77),
@@ -70,7 +70,7 @@ def test_paper_token_layout_is_context_eos_audio_eos_video():
 
 
 def test_tokens_are_placed_in_order_with_their_embeddings():
-    model = MMDiT(preset_config("tiny"))
+    model = MMDiT(preset("dit", "tiny"))
     x_a, x_v, _ = tiny_inputs()
     tokens = model.tokens({"audio": x_a, "video": x_v}, {"audio": x_a, "video": x_v}, None)
     slices = model.token_slices()
@@ -89,14 +89,14 @@ def test_tokens_are_placed_in_order_with_their_embeddings():
 def test_sincos_positions_equal_dit_numpy_reference(grid):
     ours = sincos_position_embedding(96, grid).numpy()
     np.testing.assert_allclose(ours, dit_numpy_sincos(96, grid), atol=1e-5)
-    model = MMDiT(preset_config("tiny"))
+    model = MMDiT(preset("dit", "tiny"))
     np.testing.assert_allclose(
         model.tokens.modalities["video"].pos_embed[0].numpy(), dit_numpy_sincos(96, 8), atol=1e-5
     )
 
 
 def test_patchified_output_round_trips_the_latent_grid():
-    model = MMDiT(preset_config("tiny", patch_size=2))
+    model = MMDiT(preset("dit", "tiny", patch_size=2))
     x_a, x_v, t = tiny_inputs()
     assert model.cfg.sequence_length == 8 + 1 + 4 + 1 + 16
     eps_a, eps_v = as_if_trained(model)(x_a, x_v, t)
@@ -106,7 +106,7 @@ def test_patchified_output_round_trips_the_latent_grid():
 
 
 def test_adaln_zero_blocks_are_identity_and_output_is_zero_at_init():
-    model = MMDiT(preset_config("tiny"))
+    model = MMDiT(preset("dit", "tiny"))
     x = torch.randn(2, 90, 96)
     c = torch.randn(2, 96)
     for block in model.blocks:
@@ -117,7 +117,7 @@ def test_adaln_zero_blocks_are_identity_and_output_is_zero_at_init():
 
 
 def test_conditions_have_no_effect_at_init_but_get_gradients():
-    model = as_if_trained(MMDiT(preset_config("tiny")))
+    model = as_if_trained(MMDiT(preset("dit", "tiny")))
     x_a, x_v, t = tiny_inputs()
     plain = model(x_a, x_v, t)
     conditioned = model(x_a, x_v, t, cond_a=torch.randn_like(x_a), cond_v=torch.randn_like(x_v))
@@ -130,7 +130,7 @@ def test_conditions_have_no_effect_at_init_but_get_gradients():
 
 
 def test_previous_clip_has_no_effect_at_init_but_gets_gradients():
-    model = as_if_trained(MMDiT(preset_config("tiny", previous_clip_depth=2)))
+    model = as_if_trained(MMDiT(preset("dit", "tiny", previous_clip_depth=2)))
     x_a, x_v, t = tiny_inputs()
     plain = model(x_a, x_v, t)
     continued = model(x_a, x_v, t, prev_a=torch.randn_like(x_a), prev_v=torch.randn_like(x_v))
@@ -142,7 +142,7 @@ def test_previous_clip_has_no_effect_at_init_but_gets_gradients():
 
 
 def test_dropping_the_context_changes_only_dropped_rows():
-    model = as_if_trained(MMDiT(preset_config("tiny")))
+    model = as_if_trained(MMDiT(preset("dit", "tiny")))
     x_a, x_v, t = tiny_inputs()
     kept = model(x_a, x_v, t)
     dropped = model(x_a, x_v, t, drop_context=torch.tensor([False, True]))
@@ -152,7 +152,7 @@ def test_dropping_the_context_changes_only_dropped_rows():
 
 @pytest.mark.parametrize("modalities", [["video"], ["audio"]])
 def test_single_modal_variants(modalities):
-    model = as_if_trained(MMDiT(preset_config("tiny", modalities=modalities)))
+    model = as_if_trained(MMDiT(preset("dit", "tiny", modalities=modalities)))
     x_a, x_v, t = tiny_inputs()
     only = modalities[0]
     eps_a, eps_v = model(x_a if only == "audio" else None, x_v if only == "video" else None, t)
@@ -167,7 +167,7 @@ def test_single_modal_variants(modalities):
 
 
 def test_bad_inputs_name_the_argument():
-    model = MMDiT(preset_config("tiny"))
+    model = MMDiT(preset("dit", "tiny"))
     x_a, x_v, t = tiny_inputs()
     with pytest.raises(ValueError, match="x_v has shape"):
         model(x_a, x_v[:, :4], t)
@@ -180,15 +180,20 @@ def test_bad_inputs_name_the_argument():
 @pytest.mark.parametrize("name", ["S", "B", "L"])
 def test_preset_parameter_counts_match_paper_table_4(name):
     with torch.device("meta"):
-        model = MMDiT(preset_config(name))
+        model = MMDiT(preset("dit", name))
     params = sum(p.numel() for p in model.parameters())
     assert abs(params / PAPER_PARAMS[name] - 1) < 0.03, params
 
 
-@pytest.mark.parametrize("name", sorted(DIT_PRESETS))
-def test_conf_dit_yaml_equals_preset(repo_root, name):
-    node = OmegaConf.load(repo_root / "conf" / "dit" / f"{name}.yaml")
-    assert to_typed(DiTConfig, node) == preset_config(name)
+def test_authors_xl_is_the_dataclass_defaults():
+    assert preset("dit", "XL") == DiTConfig()
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_every_size_takes_the_latents_of_its_autoencoder(name):
+    dit, ae = preset("dit", name), preset("ae", "tiny" if name.startswith("tiny") else "paper")
+    assert dit.latent_shape("audio") == (ae.latent_channels, ae.audio_latent_size, ae.audio_latent_size)
+    assert dit.latent_shape("video") == (ae.latent_channels, ae.video_latent_size, ae.video_latent_size)
 
 
 @pytest.mark.parametrize(
@@ -204,20 +209,20 @@ def test_conf_dit_yaml_equals_preset(repo_root, name):
 )
 def test_bad_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        preset_config("tiny", **overrides)
+        preset("dit", "tiny", **overrides)
 
 
 def test_misspelt_config_key_is_named():
     with pytest.raises(ConfigError, match="hiden_size"):
         to_typed(DiTConfig, {"hiden_size": 96})
-    with pytest.raises(ConfigError, match="unknown DiT preset"):
-        preset_config("XXL")
+    with pytest.raises(ConfigError, match="dit/XXL"):
+        preset("dit", "XXL")
 
 
 def test_model_card_last_line_is_json_of_all_presets():
     result = run_tool("model_card.py")
     cards = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(cards) == set(DIT_PRESETS)
+    assert set(cards) == set(SIZES)
     for name, card in cards.items():
         assert card["params"] > 0 and card["gflops"] > 0, name
     assert abs(cards["S"]["gmacs_linear"] - 34) < 1  # the paper's Table 4 FLOPS convention

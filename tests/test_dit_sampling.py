@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import preset
 from test_dit import as_if_trained, tiny_inputs
 
 from mmldm_ae.engine.diffusion import build_train_scheduler
 from mmldm_data.config import ConfigError
-from mmldm_dit.dit import MMDiT, preset_config
+from mmldm_dit.dit import MMDiT
 from mmldm_dit.sampling import (
     SAMPLERS,
     DiTLossConfig,
@@ -26,13 +27,13 @@ STEPS = 4  # sampler mechanics do not depend on the step count; keep CPU time sm
 @pytest.fixture(scope="module")
 def tiny_model() -> MMDiT:
     torch.manual_seed(0)
-    return as_if_trained(MMDiT(preset_config("tiny"))).eval()
+    return as_if_trained(MMDiT(preset("dit", "tiny"))).eval()
 
 
 @pytest.fixture(scope="module")
 def long_model() -> MMDiT:
     torch.manual_seed(0)
-    model = as_if_trained(MMDiT(preset_config("tiny", previous_clip_depth=2)))
+    model = as_if_trained(MMDiT(preset("dit", "tiny", previous_clip_depth=2)))
     with torch.no_grad():  # let the previous clip matter, as after training
         for out in model.previous_encoder.outputs:
             out.weight.normal_(0, 0.05)
@@ -133,7 +134,7 @@ def test_every_task_samples_at_tiny(tiny_model, task, sampler):
 
 
 def test_single_modal_model_samples():
-    model = as_if_trained(MMDiT(preset_config("tiny", modalities=["video"])))
+    model = as_if_trained(MMDiT(preset("dit", "tiny", modalities=["video"])))
     z_a, z_v = sample(model, "svg", 1, steps=STEPS)
     assert z_a is None and z_v.shape == (1, 8, 8, 8)
     with pytest.raises(ValueError, match="both modalities"):
@@ -148,7 +149,7 @@ def test_continuation_and_long_generation(long_model):
     z_a, z_v = sample_long(long_model, 3, prev_v=x_v, steps=STEPS, guidance_audio=1.0, guidance_video=1.0)
     assert z_a.shape == (2, 3, 8, 4, 4) and z_v.shape == (2, 3, 8, 8, 8)
     with pytest.raises(ValueError, match="long-generation model"):
-        sample_long(MMDiT(preset_config("tiny")), 2, 1)
+        sample_long(MMDiT(preset("dit", "tiny")), 2, 1)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_AE_DATASET, run_tool
+from conftest import REPO_ROOT, TINY_AE_DATASET, preset, run_tool
 
 from mmldm_ae.engine.latent_cache import LatentCacheError
 from mmldm_ae.engine.trainer import TrainConfig, Trainer
 from mmldm_ae.pipeline import load_autoencoder
 from mmldm_data.config import ConfigError, DatasetConfig, compose, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_dit.dit import MMDiT, preset_config
+from mmldm_dit.dit import MMDiT
 from mmldm_dit.latents import (
     INDEX_FILE,
     DiTLatentDataset,
@@ -94,7 +94,7 @@ def test_latent_cache_reuse_and_stale_detection(synthetic_root, pipeline, cache,
 def make_task(pipeline, cache: Path, long: bool = False) -> tuple[DiTTrainingTask, DiTLatentDataset]:
     torch.manual_seed(0)
     data = DiTLatentDataset(cache, previous_clips=long)
-    model = MMDiT(preset_config("tiny", previous_clip_depth=2 if long else 0))
+    model = MMDiT(preset("dit", "tiny", previous_clip_depth=2 if long else 0))
     preview = PreviewConfig(samples=1, steps=2, ae_steps=2, clips=2, vocoder="griffinlim")
     task = RecordingTask(model, data.stats, DiTLossConfig(), {"long": long}, pipeline, preview)
     return task, data

@@ -1,15 +1,16 @@
-"""make demo / make synth-bench (tools/demo.py, mmldm_dit.end_to_end) at a few steps per stage."""
+"""make demo / make synth-bench (tools/demo.py) at a few steps per stage."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from conftest import run_tool
+from conftest import load_tool, run_tool
 from media_factory import stream_seconds
 
 from mmldm_data.config import ConfigError, to_typed
-from mmldm_dit.end_to_end import TASKS, EndToEndConfig, quality_table, run_stage
+
+demo = load_tool("demo.py")
 
 # Every stage at a handful of steps: checks the wiring, not the quality.
 QUICK = [
@@ -32,7 +33,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
 
     for name in ("report.md", "metrics.json", "samples/contact_sheet.png", "previews/contact_sheet.png"):
         assert (out / name).is_file(), name
-    for task in TASKS:
+    for task in demo.TASKS:
         assert (out / "samples" / f"spectrogram_{task}.png").is_file()
         videos = sorted((out / "samples" / task).glob("*.mp4"))
         assert videos, task
@@ -67,22 +68,22 @@ def test_changed_settings_rerun_a_stage_and_an_interrupted_one_resumes(tmp_path)
         return {"value": len(calls)}
 
     folder = tmp_path / "stage"
-    first = run_stage(folder, {"steps": 1}, work)
-    assert run_stage(folder, {"steps": 1}, work) == first and len(calls) == 1
-    assert run_stage(folder, {"steps": 2}, work)["key"] != first["key"] and len(calls) == 2
+    first = demo.run_stage(folder, {"steps": 1}, work)
+    assert demo.run_stage(folder, {"steps": 1}, work) == first and len(calls) == 1
+    assert demo.run_stage(folder, {"steps": 2}, work)["key"] != first["key"] and len(calls) == 2
 
     def interrupted(folder):
         (folder / "checkpoint").touch()
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_stage(folder, {"steps": 3}, interrupted, resumable=True)
+        demo.run_stage(folder, {"steps": 3}, interrupted, resumable=True)
     resumed = []
-    run_stage(folder, {"steps": 3}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
+    demo.run_stage(folder, {"steps": 3}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
     assert resumed == [True]  # the trainer would find its checkpoint
     with pytest.raises(KeyboardInterrupt):
-        run_stage(folder, {"steps": 4}, interrupted, resumable=True)
-    run_stage(folder, {"steps": 5}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
+        demo.run_stage(folder, {"steps": 4}, interrupted, resumable=True)
+    demo.run_stage(folder, {"steps": 5}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
     assert resumed == [True, False]  # other settings start over
 
 
@@ -90,7 +91,7 @@ def test_quality_table_marks_the_bars():
     reports = {"svg": {"oracle_class_agreement": 0.9, "oracle_onset_error_frames": 2.0, "fvd": 100.0},
                "a2v": {"oracle_a2v_accuracy": 0.5, "oracle_a2v_given_accuracy": 1.0},
                "real": {"oracle_class_agreement": 1.0, "fvd": 10.0}}
-    rows, table = quality_table(reports)
+    rows, table = demo.quality_table(reports)
     by_label = {row["label"]: row for row in rows}
     assert by_label["joint (svg) cross-modal class agreement"]["passed"] is True
     assert by_label["joint (svg) cross-modal class agreement"]["real_floor"] == 1.0
@@ -104,10 +105,10 @@ def test_quality_table_marks_the_bars():
 
 def test_bad_end_to_end_config_names_the_key():
     with pytest.raises(ConfigError, match="sampling.steps"):
-        to_typed(EndToEndConfig, {"sampling": {"steps": 0}})
+        to_typed(demo.EndToEndConfig, {"sampling": {"steps": 0}})
     with pytest.raises(ConfigError, match="num_clips"):
-        to_typed(EndToEndConfig, {"num_clips": 2})
+        to_typed(demo.EndToEndConfig, {"num_clips": 2})
     with pytest.raises(ConfigError, match="nonsense"):
-        to_typed(EndToEndConfig, {"nonsense": 1})
+        to_typed(demo.EndToEndConfig, {"nonsense": 1})
     result = run_tool("demo.py", "sampling.guidance=-1", check=False)
     assert result.returncode != 0 and "sampling.guidance" in result.stderr

@@ -7,22 +7,28 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, run_tool
+from conftest import REPO_ROOT, load_tool, run_tool
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmldm_ae.autoencoder import AEConfig
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig
-from mmldm_ae.engine.trainer import TrainConfig
 from mmldm_ae.vae import VAEConfig
 from mmldm_data.config import compose as compose_checked
 from mmldm_data.config import dataset_config_from, to_typed
-from mmldm_dit.dit import DiTConfig
-from mmldm_dit.end_to_end import EndToEndConfig
+from mmldm_dit.config import SCHEMAS
+from mmldm_dit.train_dit import EvalSampling
 
+EndToEndConfig = load_tool("demo.py").EndToEndConfig
 CONF = REPO_ROOT / "conf"
-GROUPS = {"train_vae": ("dataset", "vae", "train", "wandb"), "train_ae": ("dataset", "vae", "ae", "train", "ablation"),
-          "train_dit": ("dataset", "dit", "dit_loss", "train"), "train_dit_long": ("dit",)}
+# The config groups each root config chooses from (nested choices such as dataset.mel come with their parent).
+GROUPS = {"data": ("dataset",), "train_vae": ("dataset", "vae", "train", "wandb"),
+          "train_ae": ("dataset", "vae", "ae", "train", "wandb", "ablation"),
+          "train_dit": ("dataset", "dit", "dit_loss", "train", "wandb"),
+          "train_dit_long": ("dataset", "dit", "dit_loss", "train", "wandb"),
+          "sample": (), "demo": (), "synth_bench": ()}
+# Every section a tool turns into a dataclass: the groups' schemas and the root configs' own sections.
+SECTIONS = {**SCHEMAS, "experiment": ExperimentConfig, "evaluate": EvalPlan,
+            "evaluate_sampling": EvalSampling}
 SWEEPS = {"sensitivity": "train_ae", "sensitivity_tiny": "train_ae", "ablation": "train_ae",
           "ablation_tiny": "train_ae", "scale": "train_dit", "scale_tiny": "train_dit"}
 
@@ -34,10 +40,10 @@ def options(group: str) -> list[str]:
 def typed_sections(cfg) -> None:
     """What the tools do first: every section of a composed config into its dataclass."""
     dataset_config_from(cfg)
-    for key, schema in (("vae", VAEConfig), ("ae", AEConfig), ("dit", DiTConfig), ("train", TrainConfig),
-                        ("experiment", ExperimentConfig), ("evaluate", EvalPlan)):
-        if key in cfg and not (key == "vae" and OmegaConf.is_missing(cfg.vae, "weights")):
-            to_typed(schema, OmegaConf.to_container(cfg[key], resolve=True))
+    for key, schema in SECTIONS.items():
+        if key not in cfg or key == "dataset" or (key == "vae" and OmegaConf.is_missing(cfg.vae, "weights")):
+            continue
+        to_typed(schema, OmegaConf.to_container(cfg[key], resolve=True))
 
 
 def choices() -> list[tuple[str, str, str]]:
@@ -46,11 +52,60 @@ def choices() -> list[tuple[str, str, str]]:
 
 @pytest.mark.parametrize(("config_name", "group", "option"), choices())
 def test_every_group_option_composes_and_validates(config_name, group, option):
-    overrides = [f"{group}={option}", "run_dir=/tmp/unused"]
+    overrides = [f"{group}={option}", *(["run_dir=/tmp/unused"] if config_name.startswith("train") else [])]
     if group == "ablation":  # the rows read their VAEs from the sweep's ablation_vae
         overrides.append("+ablation_vae={original: a, finetuned: b}")
     cfg = compose_checked(CONF, config_name, overrides)
     typed_sections(cfg)
+
+
+@pytest.mark.parametrize("config_name", sorted(path.stem for path in CONF.glob("*.yaml")))
+def test_groups_lists_every_choice_of_every_root_config(config_name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, return_hydra_config=True)
+    chosen = {name for name in cfg.hydra.runtime.choices if not (name.startswith("hydra/") or "@" in name)}
+    assert chosen == set(GROUPS[config_name])
+
+
+def composed(group: str, option: str) -> dict:
+    return OmegaConf.to_container(compose_checked(CONF, None, [f"+{group}={option}"])[group])
+
+
+def inherited(group: str, defaults: list) -> dict:
+    """What a preset's defaults list supplies before its own keys (`_self_` comes last in every preset)."""
+    node = OmegaConf.create()
+    for entry in defaults[:-1]:
+        if isinstance(entry, dict):  # /other_group@key: option
+            ((target, option),) = entry.items()
+            other, _, key = target.lstrip("/").partition("@")
+            node = OmegaConf.merge(node, {key: composed(other, option)})
+        else:  # the group's schema or another of its presets
+            node = OmegaConf.merge(node, composed(group, entry))
+    return OmegaConf.to_container(node)
+
+
+def leaves(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        flat |= leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return flat
+
+
+@pytest.mark.parametrize(("group", "option"), [(group, name) for group in SCHEMAS for name in options(group)])
+def test_presets_hold_only_what_differs_from_what_they_inherit(group, option):
+    own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    defaults = own.pop("defaults")
+    assert defaults[0] in ("schema", *options(group)) and defaults[-1] == "_self_", defaults
+    base = leaves(inherited(group, defaults))
+    repeated = {key: value for key, value in leaves(own).items() if key not in base or base[key] == value}
+    assert not repeated, f"conf/{group}/{option}.yaml repeats what it inherits: {repeated}"
+
+
+def test_cfg_job_prints_the_dataclass_defaults_the_yaml_leaves_out():
+    cfg = OmegaConf.create(run_tool("train_ae.py", "--cfg", "job").stdout)
+    assert cfg.train.keep_checkpoints == 2 and cfg.dataset.index_workers == 0 and cfg.ae.unet_init is None
+    assert not any("keep_checkpoints" in path.read_text() for path in (CONF / "train").glob("*.yaml"))
+    assert "index_workers" not in (CONF / "dataset" / "synthetic.yaml").read_text()
 
 
 @pytest.mark.parametrize("sweep", sorted(SWEEPS))

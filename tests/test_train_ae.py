@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_tool
+from conftest import preset, run_tool
 
 from mmldm_ae.autoencoder import MultiModalAutoencoder, build_discriminator
-from mmldm_ae.autoencoder.config import ae_preset
 from mmldm_ae.engine.trainer import TrainConfig, Trainer
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_ae.train_ae import AETrainingTask
@@ -55,7 +54,8 @@ class RecordingTask(AETrainingTask):
 def make_task(root: Path, vae_folder: Path) -> tuple[RecordingTask, SoundingVideoDataset]:
     torch.manual_seed(0)
     pixels = SoundingVideoDataset(dataset_config(root), return_all_frames=True)
-    cfg = ae_preset("tiny", resolution=RESOLUTION, vae_downsample=2, adversarial=True)  # both optimisers resume
+    # adversarial: both optimisers resume
+    cfg = preset("ae", "tiny", resolution=RESOLUTION, vae_downsample=2, adversarial=True)
     model = MultiModalAutoencoder(cfg, num_classes=len(pixels.class_names))
     vae = build_vae(VAEConfig(preset="tiny", weights=str(vae_folder)))
     pipeline = AutoencoderPipeline(model, vae, pixels.config, pixels.class_names)

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 import torch
+from conftest import preset
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from mmldm_ae.vae import (
@@ -215,12 +215,10 @@ def test_hinge_loss_and_patch_logits():
     assert PatchDiscriminator()(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 6, 6)
 
 
-def test_config_files_load(repo_root):
+def test_config_files_load():
     for name in ("sd", "tiny"):
-        cfg = to_typed(VAEConfig, OmegaConf.load(repo_root / "conf" / "vae" / f"{name}.yaml"))
-        assert cfg.preset == name
-    assert not to_typed(
-        VAEConfig, OmegaConf.load(repo_root / "conf" / "vae" / "sd.yaml")
-    ).stage0.train_encoder
+        assert preset("vae", name).preset == name
+    assert preset("vae", "sd") == VAEConfig()  # the authors' SD VAE is the dataclass default
+    assert preset("vae", "tiny").stage0.train_encoder
     with pytest.raises(ConfigError, match="vae.preset"):
         to_typed(VAEConfig, {"preset": "huge"})

@@ -29,6 +29,7 @@ from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import DatasetConfig, compose, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
+from mmldm_dit.config import register_schemas
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -47,6 +48,7 @@ def main() -> int:
 
     with user_errors("bench_ae_learning", TrainingError, VAELoadError):
         shutil.rmtree(args.run_dir, ignore_errors=True)  # always from scratch: step 0 is part of the result
+        register_schemas()
         cfg = compose(CONF_DIR, "train_ae", [
             f"data_root={args.data_root}", f"vae.weights={args.vae}", f"run_dir={args.run_dir}",
             "dataset.split=train", "dataset.val_fraction=0.2", f"train.max_minutes={args.minutes}",

@@ -30,6 +30,7 @@ from mmldm_data.cli import user_errors
 from mmldm_data.config import compose
 from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.synthetic import CLASS_NAMES
+from mmldm_dit.config import register_schemas
 from mmldm_dit.generate import SampleConfig, decode_media, iterate_samples, load_generator
 from mmldm_dit.latents import DiTLatentDataset
 from mmldm_dit.train_dit import train_dit_from_config
@@ -78,6 +79,7 @@ def main() -> int:
         parser.error("--minutes must be > 0 and --clips-per-class >= 1")
 
     with user_errors("bench_dit_learning", TrainingError, VAELoadError, LatentCacheError):
+        register_schemas()
         cfg = compose(REPO_ROOT / "conf", "train_dit", [
             f"ae_run={args.ae_run}", f"run_dir={args.run_dir}", "dit=tiny", "train=dit_tiny",
             f"train.max_minutes={args.minutes}", "train.max_steps=1000000", "train.sample_every=0",

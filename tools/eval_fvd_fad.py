@@ -7,7 +7,7 @@ dataset, the oracle figures. Offline: every network reads local weights.
         --num-clips 2048 --seed 0 --repeats 3 --resolution 64 --out results/landscape.json
     python tools/eval_fvd_fad.py --generated samples/ --real dataset=synthetic \\
         --fad-backends aisfx,vggish --fad-weights vggish=/weights/vggish-10086976.pth
-    python tools/eval_fvd_fad.py --recon ae.ckpt --real dataset=synthetic     # rFVD / rKVD / rFAD
+    python tools/eval_fvd_fad.py --recon AE_RUN_DIR --real dataset=synthetic  # rFVD / rKVD / rFAD
 
 --real takes a folder or dataset=NAME (a conf/dataset preset; further key=value arguments are
 Hydra overrides such as data_root=PATH, and the preset's fps and clip length apply). Generated
@@ -32,16 +32,17 @@ from pathlib import Path
 
 import torch
 
+from mmldm_ae.pipeline import load_reconstructor
+from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
-from mmldm_data.config import ConfigError, compose, dataset_config_from
-from mmldm_data.metrics.evaluate import (
+from mmldm_data.config import ConfigError, compose, dataset_config_from, register_schemas
+from mmldm_data.evaluation import (
     RESOLUTIONS,
     EvalProtocol,
     EvalSets,
     EvaluationError,
     evaluate,
     load_models,
-    load_reconstructor,
     markdown_table,
 )
 from mmldm_data.metrics.fad import BACKENDS
@@ -54,7 +55,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generated", type=Path, help="folder of generated videos (any nesting)")
     parser.add_argument("--real", required=True, help="folder of real videos, or dataset=NAME")
-    parser.add_argument("--recon", type=Path, help="autoencoder checkpoint: evaluate its round trips of the real clips")
+    parser.add_argument("--recon", type=Path, help="autoencoder run_dir of tools/train_ae.py (or one of its "
+                        "checkpoints/step_* folders): evaluate its round trips of the real clips")
     parser.add_argument("--num-clips", type=int, default=2048, help="clips per side (default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip draws (default 0)")
     parser.add_argument("--repeats", type=int, default=1, help="repeat with seeds seed..seed+K-1; report mean and std")
@@ -96,9 +98,10 @@ def parse_fad_weights(pairs: list[str]) -> dict[str, str]:
 
 def main(argv: list[str]) -> int:
     args, overrides = parse_args(argv)
+    register_schemas()  # --real dataset=NAME composes conf/data.yaml: the data groups only
     unknown_flags = [arg for arg in overrides if arg.startswith("-")]
     began = time.perf_counter()
-    with user_errors(PROGRAM, EvaluationError):
+    with user_errors(PROGRAM, EvaluationError, VAELoadError):
         if unknown_flags:
             raise EvaluationError(f"unknown option(s) {unknown_flags}; see --help")
         if (args.generated is None) == (args.recon is None):

@@ -23,7 +23,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mmldm_data.config import preset
+from mmldm_dit.config import register_schemas
+
 REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
 
 
 @dataclass
@@ -84,7 +88,7 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     parser.add_argument("--ae-batch", type=int, default=None,
                         help="autoencoder clips per step (default 8: the paper's 20 do not fit 80 GB in one step)")
-    parser.add_argument("--dit-batch", type=int, default=None, help="DiT clips per step (paper: 32)")
+    parser.add_argument("--dit-batch", type=int, default=None, help="DiT clips per step (default: dit_paper's)")
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -92,10 +96,16 @@ def main() -> int:
     out = args.out.resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    resolution = 64 if args.tiny else 256
+    register_schemas()
     vae_preset, ae_preset, dit = ("tiny", "tiny", "tiny") if args.tiny else ("sd", "paper", args.dit)
-    batch = {"vae": 2 if args.tiny else 10, "ae": args.ae_batch or (2 if args.tiny else 8),
-             "dit": args.dit_batch or (4 if args.tiny else 32)}
+    resolution = preset(CONF_DIR, "ae", ae_preset).resolution
+    if args.tiny:  # a dry run: a few clips per step
+        batch = {"vae": 2, "ae": 2, "dit": 4}
+    else:  # the paper presets' batches, but 8 autoencoder clips in one step (its 20 do not fit 80 GB)
+        batch = {"vae": preset(CONF_DIR, "train", "vae_sd").batch_size, "ae": 8,
+                 "dit": preset(CONF_DIR, "train", "dit_paper").batch_size}
+    batch["ae"] = args.ae_batch or batch["ae"]
+    batch["dit"] = args.dit_batch or batch["dit"]
     tool = [sys.executable]
     data = [f"data_root={out / 'data'}", f"dataset.resolution={resolution}", f"dataset.mel.image_size={resolution}",
             "dataset.window_stride=4"]

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mmldm_data.config import ConfigError, compose, dataset_config_from
+from mmldm_data.config import ConfigError, compose, dataset_config_from, register_schemas
 from mmldm_data.dataset import DatasetError, SoundingVideoDataset
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -25,6 +25,7 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def main(overrides: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    register_schemas()  # conf/data.yaml composes the data groups only
     try:
         config = dataset_config_from(compose(CONF_DIR, "data", overrides))
         dataset = SoundingVideoDataset(config, progress=sys.stderr.isatty())

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Parameters and forward FLOPs of every DiT preset, for one sample (batch 1, full sequence).
+"""Parameters and forward FLOPs of every DiT size of conf/dit/, for one sample (batch 1, full sequence).
 
     python tools/model_card.py
 
@@ -13,15 +13,22 @@ object: {"S": {"params": ..., "gflops": ..., "gmacs_linear": ...}, ...}.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from mmldm_dit.dit import DIT_PRESETS, model_card, preset_config
+from mmldm_data.config import preset
+from mmldm_dit.config import register_schemas
+from mmldm_dit.dit import model_card
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # Paper Table 4: parameters and FLOPS (GMACs) of MM-LDM-S/B/L.
 PAPER_TABLE_4 = {"S": (131e6, 34), "B": (384e6, 101), "L": (1543e6, 407)}
 
 
 def main() -> None:
-    cards = {name: model_card(preset_config(name)) for name in DIT_PRESETS}
+    register_schemas()
+    sizes = sorted(path.stem for path in (CONF_DIR / "dit").glob("*.yaml"))
+    names = [*PAPER_TABLE_4, *(name for name in sizes if name not in PAPER_TABLE_4)]  # Table 4's first
+    cards = {name: model_card(preset(CONF_DIR, "dit", name)) for name in names}
     header = f"{'preset':<7}{'width/depth/heads':>19}{'tokens':>8}{'params':>16}{'paper':>9}{'diff':>8}"
     header += f"{'GFLOPs':>10}{'GMACs linear':>14}{'paper':>7}"
     print(header)

@@ -24,6 +24,7 @@ from mmldm_ae.engine.latent_cache import LatentCacheError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import to_typed
+from mmldm_dit.config import register_schemas
 from mmldm_dit.generate import SampleConfig, generate, load_generator
 
 
@@ -41,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_schemas()  # before Hydra composes conf/: every group preset starts from its schema
     sys.exit(main())

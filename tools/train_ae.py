@@ -22,6 +22,7 @@ from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.train_ae import train_ae_from_config
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
+from mmldm_dit.config import register_schemas
 
 
 @hydra.main(config_path="../conf", config_name="train_ae", version_base="1.3")
@@ -33,4 +34,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_schemas()  # before Hydra composes conf/: every group preset starts from its schema
     sys.exit(main())

@@ -26,6 +26,7 @@ from mmldm_ae.engine.sweeps import record_failure
 from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
+from mmldm_dit.config import register_schemas
 from mmldm_dit.train_dit import train_dit_from_config
 
 
@@ -38,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_schemas()  # before Hydra composes conf/: every group preset starts from its schema
     sys.exit(main())

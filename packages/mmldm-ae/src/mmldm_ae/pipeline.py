@@ -31,8 +31,8 @@ from mmldm_data.audio import (
     waveform_to_audio_image,
 )
 from mmldm_data.config import ConfigError, DatasetConfig, to_typed
+from mmldm_data.evaluation import ClipBatch
 from mmldm_data.media import write_video
-from mmldm_data.metrics.evaluate import ClipBatch
 from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.synthetic import CLASS_NAMES
@@ -234,7 +234,7 @@ def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device =
 
 
 class AutoencoderReconstructor:
-    """The evaluator's autoencoder round trip (mmldm_data.metrics.evaluate.Reconstructor) for rFVD / rFAD."""
+    """The evaluator's autoencoder round trip (mmldm_data.evaluation.Reconstructor) for rFVD / rFAD."""
 
     def __init__(self, pipeline: AutoencoderPipeline, steps: int | None = None, vocoder: str = "hifigan-universal"):
         self.pipeline, self.steps, self.vocoder = pipeline, steps, vocoder

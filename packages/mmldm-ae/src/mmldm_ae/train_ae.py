@@ -1,4 +1,4 @@
-"""Stage 1: train the hierarchical multi-modal autoencoder (DESIGN section 4).
+"""Stage 1: train the hierarchical multi-modal autoencoder (docs/design.md#autoencoder).
 
 The task for the shared `Trainer`: the generator step (diffusion MSE of both modalities, KL,
 classification, contrastive and adversarial terms, all inside `MultiModalAutoencoder`), the
@@ -34,7 +34,7 @@ from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_data.cli import collate
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_data.metrics.evaluate import EvalSets, evaluate, load_models
+from mmldm_data.evaluation import EvalSets, evaluate, load_models
 
 
 class AETrainingTask(TrainingTask):

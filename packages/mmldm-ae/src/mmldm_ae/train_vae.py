@@ -1,4 +1,4 @@
-"""Stage 0: train the KL-VAE on video frames and audio images (DESIGN section 3).
+"""Stage 0: train the KL-VAE on video frames and audio images (docs/design.md#vae).
 
 Two regimes, chosen by `vae.stage0.train_encoder`: from scratch (tiny presets, CPU), or the
 authors' per-dataset fine-tune of SD's decoder with the encoder frozen. The loop is the shared

@@ -1,6 +1,6 @@
 """Stage 0: the KL-VAE that maps frames and audio images to the latents every later stage works in.
 
-MM-LDM uses the Stable Diffusion / LDM KL-f8 autoencoder (DESIGN section 3): 256^2 RGB -> 4x32x32,
+MM-LDM uses the Stable Diffusion / LDM KL-f8 autoencoder (docs/design.md#vae): 256^2 RGB -> 4x32x32,
 latents multiplied by 0.18215 so that they have roughly unit variance. This module holds
 
 - the configuration (`VAEConfig`, `Stage0Config`) and architecture presets (`VAE_PRESETS`),

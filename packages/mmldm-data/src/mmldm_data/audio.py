@@ -5,7 +5,7 @@ reflect padding of ``(n_fft - hop) / 2`` on each side, a periodic Hann window, m
 ``sqrt(re^2 + im^2 + 1e-9)``, librosa's slaney filterbank and ``log(clamp(mel, 1e-5))``.
 
 The paper preset stores audio at 44.1 kHz but builds the filterbank for 22.05 kHz (the
-authors' quirk, DESIGN section 2). The filterbank only acts on FFT bins, so the 80 mel bands
+authors' quirk, docs/design.md#mel). The filterbank only acts on FFT bins, so the 80 mel bands
 then cover about 0-16 kHz of the 44.1 kHz signal, and a 22.05 kHz HiFi-GAN (hop 256) turns
 such a mel back into the same number of samples, which are written at 44.1 kHz.
 

@@ -1,8 +1,11 @@
 """Typed configuration objects and the one bridge from Hydra/OmegaConf nodes to them.
 
 Hydra composes YAML groups under `conf/`; code below the entry points only ever sees the plain
-dataclasses defined in the packages. `to_typed` validates a node against its dataclass, so a
-misspelt key fails at start-up with a message naming it, before any model or index is built.
+dataclasses defined in the packages. The dataclasses are the schema: `register_schemas` stores each
+as the option `schema` of its group, every YAML preset starts from it (`defaults: [schema, _self_]`)
+and holds only what differs from the dataclass defaults. `to_typed` validates a node against its
+dataclass, so a misspelt key fails at start-up with a message naming it, before any model or index
+is built.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DatasetConfig:
-    """A folder of sounding videos cut into fixed-length windows (DESIGN section 2)."""
+    """A folder of sounding videos cut into fixed-length windows (docs/design.md#data)."""
 
     name: str = "synthetic"
     data_root: str = "data/synthetic"
@@ -112,13 +115,25 @@ class DatasetConfig:
             raise ConfigError("invalid dataset config:\n  " + "\n  ".join(problems))
 
 
+# Config group -> its dataclass, for the groups of this package (the packages above add theirs).
+SCHEMAS: dict[str, type] = {"dataset": DatasetConfig, "mel": MelConfig}
+
+
+def register_schemas(schemas: Mapping[str, type] = SCHEMAS) -> None:
+    """Store each group's dataclass in Hydra's ConfigStore as `<group>/schema`, before composing."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for group, schema in schemas.items():
+        store.store(group=group, name="schema", node=_schema_node(schema))
+
+
 def to_typed(schema: type[T], node: Mapping[str, Any] | DictConfig | None) -> T:
     """Validate `node` against the dataclass `schema` and return an instance of it.
 
     Unknown keys and values of the wrong type raise ConfigError naming the key.
     """
-    structured = OmegaConf.structured(schema)
-    _make_writable(structured)  # frozen nested dataclasses would otherwise refuse the merge
+    structured = _schema_node(schema)
     try:
         if isinstance(node, DictConfig):  # resolve ${...} against the whole composed config
             node = OmegaConf.to_container(node, resolve=True)
@@ -140,6 +155,14 @@ def to_plain_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def _schema_node(schema: type) -> DictConfig:
+    """The structured node of a dataclass, writable: frozen (nested) dataclasses would otherwise
+    refuse every merge and override."""
+    node = OmegaConf.structured(schema)
+    _make_writable(node)
+    return node
+
+
 def _make_writable(node: DictConfig) -> None:
     node._set_flag("readonly", False)
     for key in node:
@@ -148,10 +171,11 @@ def _make_writable(node: DictConfig) -> None:
             _make_writable(child)
 
 
-def compose(config_dir: str | os.PathLike, config_name: str, overrides: list[str]) -> DictConfig:
+def compose(config_dir: str | os.PathLike, config_name: str | None, overrides: list[str]) -> DictConfig:
     """Compose a Hydra config outside `@hydra.main`, turning Hydra's errors into ConfigError.
 
-    Used by command-line tools that take `key=value` overrides but no multirun.
+    Used by command-line tools that take `key=value` overrides but no multirun, after
+    `register_schemas`.
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -161,7 +185,19 @@ def compose(config_dir: str | os.PathLike, config_name: str, overrides: list[str
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(f"cannot compose config {config_name!r} with {overrides}: {error}") from None
+        # A value that does not fit its schema: Hydra's message names the override, its cause says why.
+        why = f" ({str(error.__cause__).splitlines()[0]})" if error.__cause__ else ""
+        raise ConfigError(f"cannot compose config {config_name!r} with {overrides}: {error}{why}") from None
+
+
+def preset(config_dir: str | os.PathLike, group: str, name: str, **overrides: Any) -> Any:
+    """The typed dataclass of preset `name` of a config group (conf/<group>/<name>.yaml), with some
+    fields replaced (a nested dataclass's by a dict of its fields). Needs the group's schema registered."""
+    node = compose(config_dir, None, [f"+{group}={name}"])[group]
+    schema = OmegaConf.get_type(node)
+    if not dataclasses.is_dataclass(schema):
+        raise ConfigError(f"config group {group!r} has no schema: call register_schemas() before composing")
+    return to_typed(schema, OmegaConf.merge(OmegaConf.to_container(node), overrides))
 
 
 def dataset_config_from(cfg: DictConfig) -> DatasetConfig:

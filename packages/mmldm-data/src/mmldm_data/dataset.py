@@ -1,4 +1,4 @@
-"""Sounding-video dataset: a folder of video files cut into sliding windows (DESIGN section 2).
+"""Sounding-video dataset: a folder of video files cut into sliding windows (docs/design.md#data).
 
 Indexing verifies every file once (decodable span of video and audio, silence), caches what it
 found keyed by each file's size and modification time, and re-verifies only files that changed.

@@ -1,4 +1,4 @@
-"""The MM-LDM generator: a DiT over audio and video perceptual latents (paper section 3.2, DESIGN section 5).
+"""The MM-LDM generator: a DiT over audio and video perceptual latents (paper section 3.2, docs/design.md#generator).
 
 One transformer denoises both modalities at a shared timestep. With patch size p (paper: 1) the
 sequence is, for the paper preset,
@@ -18,12 +18,12 @@ initialisation they have exactly no effect:
     linears, are added after the main DiT's first blocks.
 
 Layout follows DiT's models.py: embedding layers, core blocks, the model, the long-generation
-conditioning DiT, presets. B is the batch, L the sequence length, D the width, N a modality's
+conditioning DiT. B is the batch, L the sequence length, D the width, N a modality's
 token count, C its latent channels, S its latent side.
 
-Deviations from the authors' dit_v2.py (authors-code-facts section 8): the condition embedders are
-zero-initialised as the paper states (the authors' keep PyTorch's default conv init); the presets
-S/B/L are sized to the paper's Table 4 (the authors' file only carries DiT's image presets, which
+Deviations from the authors' dit_v2.py (docs/design.md#deviations): the condition embedders are
+zero-initialised as the paper states (the authors' keep PyTorch's default conv init); the sizes
+S/B/L (conf/dit/) follow the paper's Table 4 (the authors' file only carries DiT's image presets, which
 its class cannot build); the long-generation model does not also append the previous clip's tokens
 to the context (the conditioning DiT already sees them position by position), which keeps the
 sequence at 399 tokens instead of 719.
@@ -53,6 +53,9 @@ MODALITIES = ("audio", "video")  # token order in the sequence, whatever the con
 
 @dataclass
 class DiTConfig:
+    """Defaults: the authors' released DiT-XL/1 on the paper autoencoder's latents (conf/dit/XL.yaml);
+    conf/dit/ holds the other sizes."""
+
     # Which modalities the model generates: both (MM-LDM) or one (the paper's MM-LDM-a / MM-LDM-v).
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     # Perceptual latents as the autoencoder makes them (AEConfig.latent_channels and
@@ -487,44 +490,8 @@ class PreviousClipEncoder(nn.Module):
 
 
 #################################################################################
-#                                   DiT Configs                                 #
+#                                   Model card                                  #
 #################################################################################
-
-# Paper Table 4 sizes (131M / 384M / 1543M parameters; tools/model_card.py prints the exact counts),
-# the authors' XL (every released config), and a CPU preset on the tiny autoencoder's latents
-# (conf/ae/tiny.yaml: z_a 8x4x4, z_v 8x8x8 -> 8 + 1 + 16 + 1 + 64 = 90 tokens).
-DIT_PRESETS: dict[str, dict[str, Any]] = {
-    "S": dict(hidden_size=768, depth=12, num_heads=12),
-    "B": dict(hidden_size=1024, depth=20, num_heads=16),
-    "L": dict(hidden_size=1536, depth=36, num_heads=24),
-    "XL": dict(hidden_size=1152, depth=28, num_heads=16),
-    "tiny": dict(
-        hidden_size=96,
-        depth=4,
-        num_heads=4,
-        context_tokens=8,
-        context_dim=96,
-        audio_latent_channels=8,
-        audio_latent_size=4,
-        video_latent_channels=8,
-        video_latent_size=8,
-    ),
-}
-# The scale study (paper Table 4's S / B / L) on CPU: the tiny preset at three widths and depths.
-DIT_PRESETS |= {
-    f"tiny_{name}": {**DIT_PRESETS["tiny"], "hidden_size": width, "context_dim": width, "depth": depth}
-    for name, width, depth in (("S", 64, 2), ("B", 96, 3), ("L", 128, 4))
-}
-
-
-def preset_config(name: str, **overrides: Any) -> DiTConfig:
-    """The DiTConfig of a preset (S, B, L, XL, tiny), with field overrides."""
-    if name not in DIT_PRESETS:
-        raise ConfigError(f"unknown DiT preset {name!r}; choose one of {sorted(DIT_PRESETS)}")
-    cfg = DiTConfig(**{**DIT_PRESETS[name], **overrides})
-    cfg.validate()
-    return cfg
-
 
 # Ops whose FLOPs the paper's Table 4 counts (as multiply-accumulates): the linear layers.
 LINEAR_OPS = ("aten.addmm", "aten.mm", "aten.convolution")

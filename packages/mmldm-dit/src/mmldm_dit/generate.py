@@ -14,7 +14,7 @@ autoencoder run and the latent cache. `load_generator` rebuilds all of it, `gene
 Latents are unstandardised, decoded by the autoencoder (signal decoder + KL-VAE) and the vocoder,
 and each sample is written as <task>_<index>.mp4 (H.264 + AAC), .wav and .png (frames and the
 spectrogram of the sound). For a2v / v2a from labelled dataset clips, conditions.json records each
-sample's task and conditioning class in the format of `mmldm_data.metrics.evaluate`, so that
+sample's task and conditioning class in the format of `mmldm_data.evaluation`, so that
 `tools/eval_fvd_fad.py` reports a2v / v2a oracle accuracy on the synthetic set.
 """
 
@@ -37,8 +37,8 @@ from mmldm_ae.engine.trainer import peak_memory_gb
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_data.audio import mel_spectrogram, pad_or_trim, waveform_to_audio_image
 from mmldm_data.config import ConfigError, to_typed
+from mmldm_data.evaluation import CONDITIONS_FILE
 from mmldm_data.media import MediaError, probe_media, read_audio, read_video, write_audio, write_video
-from mmldm_data.metrics.evaluate import CONDITIONS_FILE
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.video import to_model_frames
 from mmldm_dit.dit import MODALITIES, DiTConfig, MMDiT

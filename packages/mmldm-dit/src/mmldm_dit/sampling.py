@@ -1,4 +1,4 @@
-"""Training loss and samplers of the MM-LDM generator (paper sections 3.2-3.3, DESIGN section 5).
+"""Training loss and samplers of the MM-LDM generator (paper sections 3.2-3.3, docs/design.md#generator-training).
 
 Training (`dit_training_loss`): one timestep per sample shared by both modalities, epsilon MSE per
 modality, and per-sample task masks that teach one model several distributions at once:
@@ -8,7 +8,7 @@ modality, and per-sample task masks that teach one model several distributions a
   * long-generation model only: the previous clip's video (20%, audio continuation) or audio
     (20%, video continuation) or both (10%, a first clip) replaced by the zero latent.
 
-The masks follow the authors' draw (authors-code-facts section 8): context p; audio condition and
+The masks follow the authors' draw (docs/design.md#generator-training): context p; audio condition and
 video condition drawn independently at 5% among rows that keep their context; a row where both
 were chosen gets neither. So the rates are exactly 10% / 4.275% / 4.275% (see `task_rates`).
 
@@ -72,11 +72,15 @@ TASK_OF_CONDITION = {m: task for task, m in CONDITION_OF_TASK.items()}
 
 @dataclass
 class DiTLossConfig:
-    context_drop: float = 0.1
-    a2v: float = 0.05  # rows that get the clean audio latent as a condition
+    """Multi-task training of the DiT (paper Eq. 9, docs/design.md#generator-training); rates are fractions of the rows."""
+
+    context_drop: float = 0.1  # trained unconditionally: the null branch of guidance
+    a2v: float = 0.05  # rows that get the clean audio latent as a condition (exclusive with v2a)
     v2a: float = 0.05
     # False: a row's conditioning modality (given clean) is left out of its loss.
     loss_on_condition: bool = True  # the authors' behaviour
+    # Long-generation model only (dit.previous_clip_depth > 0): the previous clip's video dropped,
+    # its audio dropped, or both.
     previous_video_drop: float = 0.2  # audio continuation
     previous_audio_drop: float = 0.2  # video continuation
     previous_all_drop: float = 0.1  # the first clip of a long generation

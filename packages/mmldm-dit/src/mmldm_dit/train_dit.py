@@ -1,4 +1,4 @@
-"""Stage 2: train the DiT generator over cached perceptual latents (DESIGN section 5, the paper's MM-LDM*).
+"""Stage 2: train the DiT generator over cached perceptual latents (docs/design.md#generator; the paper's MM-LDM*).
 
 `DiTTrainingTask` is the task for the shared `Trainer`: standardised latents of the cache, the
 multi-task loss of `dit_training_loss` (context / a2v / v2a masks; previous-clip masks for the
@@ -29,7 +29,7 @@ from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_data.metrics.evaluate import EvalSets, evaluate, load_models
+from mmldm_data.evaluation import EvalSets, evaluate, load_models
 from mmldm_dit.dit import DiTConfig, MMDiT, model_card
 from mmldm_dit.generate import Generator, SampleConfig, generate, load_generator
 from mmldm_dit.latents import DiTLatentDataset, LatentStats, build_dit_latent_cache

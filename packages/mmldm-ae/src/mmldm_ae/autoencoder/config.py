@@ -1,9 +1,11 @@
-"""Configuration of the multi-modal autoencoder (paper section 3.1): sizes, Table 5 toggles, loss weights."""
+"""Configuration of the multi-modal autoencoder (paper section 3.1): sizes, Table 5 toggles, loss weights.
+
+The defaults are the paper preset (conf/ae/paper.yaml); conf/ae/tiny.yaml lists what the CPU preset changes.
+"""
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mmldm_ae.engine.diffusion import (
     NoiseScheduleConfig,
@@ -71,7 +73,8 @@ class AEConfig:
     unet_norm_groups: int = 32
     prompt_tokens: int = 77
     # The authors embed the fractional index i/16 with a timestep sinusoid made for [0, 1000),
-    # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies.
+    # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies
+    # (the authors' code: 1.0).
     frame_index_scale: float = 1000.0
     # Local diffusers folder of an SD-1.x UNet (or a whole pipeline with a unet/ subfolder).
     unet_init: str | None = None
@@ -84,14 +87,16 @@ class AEConfig:
     adversarial: bool = True
     detach_semantic_inputs: bool = False  # True: the authors' behaviour (semantic losses stop at the latents)
 
-    # Loss weights (paper: w_kl 1e-8 AIST++ / 1e-9 Landscape; authors' configs: con 0.03).
+    # Loss weights: the paper's for AIST++ (Landscape: w_kl 1e-9). The authors' configs: w_con 0.03,
+    # w_kl 1e-9 (AIST++) / 1e-6 (Landscape).
     w_kl: float = 1e-8
     w_cls: float = 0.1
     w_con: float = 0.1
     w_adv: float = 0.1
     guidance_dropout: float = 0.1  # per modality: its prompt and its encoder input are zeroed
 
-    # Decoding.
+    # Decoding: DDIM, eta 0, classifier-free guidance per modality (the authors' AudioSet: audio 1.5,
+    # video 3.0).
     decode_steps: int = 50
     guidance_audio: float = 2.5
     guidance_video: float = 2.5
@@ -181,60 +186,3 @@ class AEConfig:
         if problems:
             raise ConfigError("invalid autoencoder config:\n  " + "\n  ".join(problems))
         self.schedule.validate()
-
-
-#################################################################################
-#                                   Presets                                     #
-#################################################################################
-
-AE_PRESETS: dict[str, AEConfig] = {
-    # Paper / authors' configs: 256^2 frames -> SD KL-f8 latents 4x32x32; z_v 16x16x16,
-    # z_a 16x8x8, semantic 768x2x2, SD-1.x UNet, 77 + 1 + 4 = 82 context tokens, 12 injections.
-    "paper": AEConfig(),
-    # CPU: 64^2 frames through the tiny KL-VAE (4x16x16); z_v 8x8x8, z_a 8x4x4, semantic 64x2x2,
-    # a two-level UNet, 8 + 1 + 4 = 13 context tokens, 4 injections.
-    # Three settings differ from the paper's so that it learns within minutes on a CPU: v prediction,
-    # posteriors that start nearly deterministic, and no adversarial term (the discriminator made
-    # each step 5x slower); ae.adversarial=true etc. restore them.
-    "tiny": AEConfig(
-        resolution=64,
-        vae_downsample=4,
-        latent_channels=8,
-        initial_posterior_logvar=-6.0,
-        encoder_channels=32,
-        video_encoder_mult=[1, 2],
-        audio_encoder_mult=[1, 2, 4],
-        encoder_blocks=1,
-        encoder_head_dim=32,
-        semantic_dim=64,
-        projector_channels=32,
-        video_projector_mult=[1, 2, 2],
-        audio_projector_mult=[1, 2],
-        video_projector_blocks=1,
-        audio_projector_blocks=1,
-        projector_head_dim=32,
-        contrastive_dim=32,
-        unet_channels=[32, 64],
-        unet_cross_attention=[True, True],
-        unet_layers_per_block=1,
-        unet_heads=4,
-        unet_norm_groups=8,
-        prompt_tokens=8,
-        adversarial=False,
-        schedule=NoiseScheduleConfig(prediction_type="v_prediction"),
-        discriminator=DiscriminatorConfig(
-            channels=16,
-            channel_mult=[1, 2, 2, 4],
-            full_attention_ds=[8],
-            temporal_attention_ds=[2, 4],
-            head_dim=16,
-        ),
-    ),
-}
-
-
-def ae_preset(name: str, **overrides) -> AEConfig:
-    """A copy of a preset with some fields replaced."""
-    if name not in AE_PRESETS:
-        raise KeyError(f"unknown autoencoder preset {name!r}; choose one of {sorted(AE_PRESETS)}")
-    return replace(copy.deepcopy(AE_PRESETS[name]), **overrides)

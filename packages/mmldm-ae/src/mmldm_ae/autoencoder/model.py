@@ -1,4 +1,4 @@
-"""The hierarchical multi-modal autoencoder of MM-LDM (paper section 3.1, DESIGN section 4).
+"""The hierarchical multi-modal autoencoder of MM-LDM (paper section 3.1, docs/design.md#autoencoder).
 
 Frames and audio images arrive as KL-VAE latents (4 x 32 x 32 at 256^2). Two modality-specific
 encoders compress them into perceptual latents (KL posteriors; z_v 16 x 16 x 16, z_a 16 x 8 x 8 in
@@ -17,7 +17,7 @@ Layout: config, helpers, embeddings, blocks, encoders, feature generator, projec
 signal decoder, the model, presets. Tensor shapes are given with B clips, T frames per clip,
 K key frames, C VAE channels, L the VAE latent side, D the semantic / context width.
 
-Defects of the authors' code fixed here (DESIGN section 4): (a) the content and cross-modal
+Defects of the authors' code fixed here (docs/design.md#deviations): (a) the content and cross-modal
 context MLPs zero-initialise only their last layer; (b) the adversarial term reaches the model
 through the frozen VAE decoder; (c) the contrastive loss works on one device and gathers
 negatives with gradients across ranks; (d) the UNet time embedding trains; (e) semantic losses

@@ -1,6 +1,6 @@
 """Noise schedule helpers shared by the autoencoder's signal decoder and the DiT stage.
 
-Both stages use the LDM schedule (DESIGN sections 4 and 5): T = 1000, scaled-linear betas
+Both stages use the LDM schedule (docs/design.md#schedule): T = 1000, scaled-linear betas
 0.00085 -> 0.012 (LDM calls it "linear": sqrt(beta) is linearly spaced), epsilon prediction, and
 DDIM sampling with 50 uniform steps (timesteps 981, 961, ..., 1) and eta = 0. The schedules
 themselves come from diffusers; this module only fixes their settings and adds the small tensor

@@ -1,24 +1,33 @@
-"""Encode a dataset once with the KL-VAE and train the autoencoder on the stored latents.
+"""Sharded safetensors caches of encoded dataset windows, and the KL-VAE's cache built on them.
 
-What is stored: for every window, the latents of ALL its frames and of its audio image. The
-dataset draws 2 target frames per item anew each epoch, so caching only the frames drawn once
+`ShardedCache` is one kind of cache: it plans shards, encodes every window of a dataset in
+batches with a given function, writes shards atomically and the index last, and tells why a
+finished cache cannot stand for given data and encoder; `ShardedCacheDataset` reads one back.
+Two kinds exist: VAE latents of all frames (`VAE_LATENTS` below, the autoencoder's training data)
+and perceptual latents of the autoencoder (`mmldm_dit.latents`, the DiT's training data).
+
+Layout of `out_dir`:
+    index.json                 kind, format version, what was encoded by what (dataset config and its
+                               hash, the files on disk, the encoder's fingerprint), the kind's own
+                               header (shapes...), the shards, and per window: clip id, class id,
+                               (file, start frame); written last, so a build that stops halfway is
+                               never read as complete
+    shard-00000.safetensors    the kind's tensors, each [n, ...] for the shard's n windows;
+    shard-00001.safetensors    metadata: start, build key
+    ...
+Each shard records the build key (a hash of the whole header: dataset config, files on disk,
+encoder fingerprint, dtype, shard size), so an interrupted or repeated build reuses every finished
+shard whose key still matches and re-encodes only the rest. Caches hold unflipped clips: a build
+refuses a dataset config with flip_p > 0.
+
+The VAE cache stores, for every window, the latents of ALL its frames and of its audio image.
+The dataset draws 2 target frames per item anew each epoch, so caching only the frames drawn once
 would freeze that draw; with all frames cached, target frames are drawn at read time, with the
 same rule as `SoundingVideoDataset` (a pure function of (seed, epoch, index)), and key frames are
 a view of the same tensor. At 64^2 (tiny VAE, 4x16x16) a window costs 16 + 1 latents of 4 KiB in
 float32; at 256^2 (SD, 4x32x32) 16 KiB each, so paper-scale caches want a window_stride > 1 or
-dtype=float16.
-
-Latents are the posterior mode times the VAE's scale (deterministic, see VAEConfig), of unflipped
-frames: a cache refuses a dataset config with flip_p > 0.
-
-Layout of `out_dir`:
-    index.json                 what was encoded, by what, and every window's clip id and class id
-    shard-00000.safetensors    frame_latents [n, T, C, h, w], audio_latents [n, C, h, w];
-    shard-00001.safetensors    metadata: start, clip_ids and class_ids (JSON), build key
-    ...
-Each shard is written atomically and records the build key (dataset config, files on disk, VAE
-fingerprint, dtype, shard size), so an interrupted or repeated build reuses every finished shard
-whose key still matches and re-encodes only the rest.
+dtype=float16. Its latents are the posterior mode times the VAE's scale (deterministic, see
+VAEConfig).
 """
 
 from __future__ import annotations
@@ -27,8 +36,10 @@ import bisect
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,17 +55,18 @@ from mmldm_data.dataset import SoundingVideoDataset
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+# 2: one format for every kind (kind, encoder fingerprint and windows in the index; no clip ids in shards).
+CACHE_VERSION = 2
 INDEX_FILE = "index.json"
 SHARD_GLOB = "shard-*.safetensors"
 
 # Dataset settings that do not change what is encoded: target draws happen at read time, and the
-# rest are bookkeeping. flip_p is checked separately (the cache cannot serve flips).
+# rest are bookkeeping. flip_p is checked separately (a cache cannot serve flips).
 _NOT_ENCODED = ("name", "num_target_frames", "flip_p", "seed", "cache_dir", "index_workers", "num_classes")
 
 
 class LatentCacheError(RuntimeError):
-    """A latent cache is missing, incomplete, or was built from other data or another VAE."""
+    """A latent cache is missing, incomplete, or was built from other data or another encoder."""
 
 
 def encoded_dataset_config(config: DatasetConfig) -> dict:
@@ -74,6 +86,12 @@ def data_fingerprint(dataset: SoundingVideoDataset) -> str:
     return settings_hash({"files": files, "windows": dataset.windows, "classes": dataset.file_classes})
 
 
+def _flip_problem(config: DatasetConfig) -> str | None:
+    if config.flip_p > 0:
+        return f"dataset.flip_p={config.flip_p}, but a latent cache holds unflipped clips only; set dataset.flip_p=0"
+    return None
+
+
 @dataclass
 class Shard:
     file: str
@@ -88,12 +106,254 @@ def plan_shards(count: int, shard_size: int) -> list[Shard]:
     ]
 
 
-def read_shard_metadata(path: Path) -> dict[str, str] | None:
+def _shard_build_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
     try:
         with safe_open(path, framework="pt") as handle:
-            return handle.metadata() or {}
+            return (handle.metadata() or {}).get("build_key")
     except (OSError, ValueError, RuntimeError):  # a torn or foreign file: re-encode it
         return None
+
+
+class Fingerprinted(Protocol):
+    """An encoder (KLVAE, AutoencoderPipeline): its fingerprint identifies what produced cached latents."""
+
+    def fingerprint(self) -> str: ...
+
+
+# A DataLoader batch of B windows -> {tensor name: [B, ...]}, the tensors a kind of cache stores.
+BatchEncoder = Callable[[dict], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class ShardedCache:
+    """One kind of latent cache: its name in the index and what its messages call encoder and builder."""
+
+    kind: str  # recorded in the index; a reader of another kind refuses the folder
+    encoder: str  # what encodes the windows, e.g. "VAE"
+    builder: str  # what builds and rebuilds a cache of this kind, e.g. a tool and its setting
+
+    def build(
+        self,
+        dataset: SoundingVideoDataset,
+        out_dir: str | Path,
+        encode: BatchEncoder,
+        fingerprint: str,
+        header: dict,
+        *,
+        batch_size: int,
+        shard_size: int,
+        num_workers: int = 0,
+        dtype: torch.dtype = torch.float32,
+        progress: bool = True,
+        summarise: Callable[[Path, list[Shard]], dict] | None = None,
+    ) -> Path:
+        """Encode every window of `dataset` into `out_dir` with `encode`; reuse the shards that still match.
+
+        `fingerprint` identifies the encoder, `header` is the rest of what the latents depend on
+        (shapes, settings): both go into the index and the build key. `summarise(out_dir, shards)`
+        returns more index entries computed from the finished shards (e.g. statistics).
+        """
+        config = dataset.config
+        problem = _flip_problem(config)
+        if problem:
+            raise LatentCacheError(problem)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        encoded = encoded_dataset_config(config)
+        header = {
+            "version": CACHE_VERSION,
+            "kind": self.kind,
+            "dataset_config": encoded,
+            "dataset_config_hash": settings_hash(encoded),
+            "data_fingerprint": data_fingerprint(dataset),
+            "encoder_fingerprint": fingerprint,
+            "dtype": str(dtype).removeprefix("torch."),
+            "num_frames": config.num_frames,
+            "count": len(dataset),
+            "shard_size": shard_size,
+        } | header
+        build_key = settings_hash(header)
+        self._warn_if_stale(out_dir, config, fingerprint)
+
+        shards = plan_shards(len(dataset), shard_size)
+        pending = [s for s in shards if _shard_build_key(out_dir / s.file) != build_key]
+        if len(pending) < len(shards):
+            log.info("latent cache %s: reusing %d of %d shards", out_dir, len(shards) - len(pending), len(shards))
+        strays = set(out_dir.glob(SHARD_GLOB)) - {out_dir / s.file for s in shards}
+        if pending or strays:
+            # The index is written last, so a cache whose build stops halfway is never read as complete.
+            (out_dir / INDEX_FILE).unlink(missing_ok=True)
+        for stray in strays:
+            stray.unlink()
+        if pending:
+            self._encode_shards(dataset, encode, out_dir, pending, build_key, batch_size, num_workers, dtype, progress)
+
+        files, classes = dataset.files, dataset.file_classes
+        index = header | {
+            "build_key": build_key,
+            "shards": [asdict(s) for s in shards],
+            "class_names": dataset.class_names,
+            "files": [f.path for f in files],
+            "windows": [list(w) for w in dataset.windows],
+            "class_ids": [classes[f] for f, _ in dataset.windows],
+            "clip_ids": [f"{files[f].path}@{start}" for f, start in dataset.windows],  # as the dataset names them
+        }
+        if summarise is not None:
+            index |= summarise(out_dir, shards)
+        temporary = out_dir / f"{INDEX_FILE}.tmp"
+        temporary.write_text(json.dumps(index))
+        temporary.replace(out_dir / INDEX_FILE)
+        return out_dir
+
+    def _warn_if_stale(self, out_dir: Path, config: DatasetConfig, fingerprint: str) -> None:
+        try:
+            index = self.read_index(out_dir)
+        except LatentCacheError:  # nothing finished to be stale
+            return
+        reason = _stale(index, config, fingerprint, self.encoder)
+        if reason:
+            log.warning("latent cache %s is stale (%s): re-encoding", out_dir, reason)
+
+    @torch.inference_mode()
+    def _encode_shards(
+        self,
+        dataset: SoundingVideoDataset,
+        encode: BatchEncoder,
+        out_dir: Path,
+        pending: list[Shard],
+        build_key: str,
+        batch_size: int,
+        num_workers: int,
+        dtype: torch.dtype,
+        progress: bool,
+    ) -> None:
+        indices = [i for shard in pending for i in range(shard.start, shard.start + shard.count)]
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
+        bar = tqdm(total=len(indices), desc=f"encoding {self.kind}", unit="window", disable=not progress)
+        rows: dict[str, list[Tensor]] = {}
+        buffered = 0
+        queue = iter(pending)
+        shard = next(queue)
+        for batch in loader:
+            encoded = encode(batch)
+            for name, values in encoded.items():
+                rows.setdefault(name, []).extend(values.to("cpu", dtype))
+            batch_windows = len(next(iter(encoded.values())))
+            buffered += batch_windows
+            bar.update(batch_windows)
+            # Batches need not align with shards: write every shard the rows now cover.
+            while shard is not None and buffered >= shard.count:
+                tensors = {name: torch.stack(values[: shard.count]).contiguous() for name, values in rows.items()}
+                rows = {name: values[shard.count :] for name, values in rows.items()}
+                buffered -= shard.count
+                temporary = out_dir / f"{shard.file}.tmp"
+                save_file(tensors, temporary, metadata={"build_key": build_key, "start": str(shard.start)})
+                temporary.replace(out_dir / shard.file)  # a shard exists only once it is complete
+                shard = next(queue, None)
+        bar.close()
+
+    def read_index(self, out_dir: str | Path) -> dict:
+        """The index of a finished cache of this kind and format version."""
+        path = Path(out_dir) / INDEX_FILE
+        if not path.is_file():
+            raise LatentCacheError(
+                f"no finished latent cache in {str(out_dir)!r} ({INDEX_FILE} missing): {self.builder} builds it; "
+                "a rerun finishes an interrupted build"
+            )
+        try:
+            index = json.loads(path.read_text())
+        except ValueError as error:
+            raise LatentCacheError(
+                f"unreadable latent cache index {str(path)!r}: {error}; rebuild it with {self.builder}"
+            ) from None
+        if index.get("version") != CACHE_VERSION or index.get("kind") != self.kind:
+            raise LatentCacheError(
+                f"{str(out_dir)!r} is not a {self.kind} cache of format version {CACHE_VERSION} (found "
+                f"{index.get('kind', 'no kind')}, version {index.get('version')}): rebuild it with {self.builder}"
+            )
+        return index
+
+    def mismatch(self, out_dir: str | Path, dataset_config: DatasetConfig, encoder: Fingerprinted) -> str | None:
+        """Why the cache in `out_dir` cannot stand for `dataset_config` encoded by `encoder`, or None.
+
+        Compares settings and the encoder's weights; files changed on disk under the same settings
+        are caught when `build` runs (it fingerprints the indexed files), not here.
+        """
+        try:
+            index = self.read_index(out_dir)
+        except LatentCacheError as error:
+            return str(error)
+        problem = _flip_problem(dataset_config)
+        if problem:
+            return problem
+        reason = _stale(index, dataset_config, encoder.fingerprint(), self.encoder)
+        if reason:
+            return f"latent cache {str(out_dir)!r} is stale: {reason}; rebuild it with {self.builder}"
+        return None
+
+
+def _stale(index: dict, dataset_config: DatasetConfig, fingerprint: str, encoder: str) -> str | None:
+    wanted = encoded_dataset_config(dataset_config)
+    if settings_hash(wanted) != index["dataset_config_hash"]:
+        cached = index["dataset_config"]
+        changed = ", ".join(
+            f"{k}: cached {cached.get(k)!r}, now {wanted.get(k)!r}"
+            for k in sorted(wanted.keys() | cached.keys())
+            if wanted.get(k) != cached.get(k)
+        )
+        return f"it was built with other dataset settings ({changed})"
+    if fingerprint != index["encoder_fingerprint"]:
+        return f"it was encoded by another {encoder} (other weights or settings) than the one given"
+    return None
+
+
+class ShardedCacheDataset(Dataset):
+    """A finished cache of kind `cache`: its index and its stored rows by window; subclasses make the items.
+
+    Passing `dataset_config` and `encoder` refuses a stale cache with the reason.
+    """
+
+    cache: ShardedCache
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        dataset_config: DatasetConfig | None = None,
+        encoder: Fingerprinted | None = None,
+    ):
+        self.out_dir = Path(out_dir)
+        self.index = self.cache.read_index(self.out_dir)
+        if dataset_config is not None and encoder is not None:
+            reason = self.cache.mismatch(self.out_dir, dataset_config, encoder)
+            if reason:
+                raise LatentCacheError(reason)
+        self.shards = [Shard(**s) for s in self.index["shards"]]
+        self._shard_starts = [s.start for s in self.shards]
+        self._handles: dict[str, object] = {}  # opened lazily, per worker process
+
+    def __getstate__(self) -> dict:
+        # safetensors handles cannot cross into DataLoader workers; each worker reopens its own.
+        return self.__dict__ | {"_handles": {}}
+
+    def row(self, name: str, window: int) -> Tensor:
+        """Tensor `name` of one cached window (an index over all windows), [...] as stored."""
+        shard = self.shards[bisect.bisect_right(self._shard_starts, window) - 1]
+        if shard.file not in self._handles:
+            self._handles[shard.file] = safe_open(self.out_dir / shard.file, framework="pt")
+        return self._handles[shard.file].get_slice(name)[window - shard.start]
+
+
+# ---------------------------------------------------------------------------------------------
+# The KL-VAE's latents of every frame, for training the autoencoder
+# ---------------------------------------------------------------------------------------------
+
+VAE_LATENTS = ShardedCache(
+    kind="vae-latents",
+    encoder="VAE",
+    builder="tools/train_ae.py latent_cache=<folder> (mmldm_ae.engine.latent_cache.build_latent_cache)",
+)
 
 
 def build_latent_cache(
@@ -109,195 +369,47 @@ def build_latent_cache(
 ) -> Path:
     """Encode every window of `dataset` (built with return_all_frames=True) into `out_dir`.
 
-    Reuses finished shards of an earlier build with the same inputs; moves `vae` to `device`.
-    `batch_size` counts windows, i.e. batch_size * (num_frames + 1) images per step.
+    Shards hold frame_latents [n, T, C, h, w] and audio_latents [n, C, h, w]. Reuses finished
+    shards of an earlier build with the same inputs; moves `vae` to `device`. `batch_size` counts
+    windows, i.e. batch_size * (num_frames + 1) images per step.
     """
     config = dataset.config
     if not dataset.return_all_frames:
         raise LatentCacheError(
             "build_latent_cache needs SoundingVideoDataset(config, return_all_frames=True)"
         )
-    if config.flip_p > 0:
-        raise LatentCacheError(
-            f"dataset.flip_p={config.flip_p}: the cache stores unflipped frames; build it with dataset.flip_p=0"
-        )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     vae = vae.to(device).eval()
-    frame_shape = [config.num_frames, *vae.latent_shape(config.resolution)]
-    encoded_config = encoded_dataset_config(config)
-    header = {
-        "version": CACHE_VERSION,
-        "dataset_config": encoded_config,
-        "dataset_config_hash": settings_hash(encoded_config),
-        "data_fingerprint": data_fingerprint(dataset),
-        "vae": {
-            "fingerprint": vae.fingerprint(),
-            "latent_channels": vae.latent_channels,
-            "downsample": vae.downsample,
-            "scale": vae.scale,
-        },
-        "dtype": str(dtype).removeprefix("torch."),
-        "num_frames": config.num_frames,
-        "key_frame_indices": list(config.key_frame_indices),
-        "frame_latent_shape": frame_shape,
-        "audio_latent_shape": list(vae.latent_shape(config.mel.image_size)),
-        "count": len(dataset),
-        "shard_size": shard_size,
-    }
-    build_key = settings_hash(header)
-    shards = plan_shards(len(dataset), shard_size)
 
-    metadata: dict[str, dict[str, str]] = {}
-    pending: list[Shard] = []
-    for shard in shards:
-        found = read_shard_metadata(out_dir / shard.file) if (out_dir / shard.file).is_file() else None
-        if found and found.get("build_key") == build_key:
-            metadata[shard.file] = found
-        else:
-            pending.append(shard)
-    if len(pending) < len(shards):
-        log.info("latent cache %s: reusing %d of %d shards", out_dir, len(shards) - len(pending), len(shards))
-    strays = set(out_dir.glob(SHARD_GLOB)) - {out_dir / s.file for s in shards}
-    if pending or strays:
-        # The index is written last, so a cache whose build stops halfway is never read as complete.
-        (out_dir / INDEX_FILE).unlink(missing_ok=True)
-    for stray in strays:
-        stray.unlink()
-
-    if pending:
-        metadata |= _encode_shards(
-            dataset, vae, out_dir, pending, build_key, batch_size, num_workers, device, dtype, progress
-        )
-
-    clip_ids = [clip for s in shards for clip in json.loads(metadata[s.file]["clip_ids"])]
-    class_ids = [c for s in shards for c in json.loads(metadata[s.file]["class_ids"])]
-    index = header | {
-        "build_key": build_key,
-        "shards": [asdict(s) for s in shards],
-        "clip_ids": clip_ids,
-        "class_ids": class_ids,
-    }
-    temporary = out_dir / f"{INDEX_FILE}.tmp"
-    temporary.write_text(json.dumps(index, indent=1))
-    temporary.replace(out_dir / INDEX_FILE)
-    return out_dir
-
-
-@torch.inference_mode()
-def _encode_shards(
-    dataset: SoundingVideoDataset,
-    vae: KLVAE,
-    out_dir: Path,
-    pending: list[Shard],
-    build_key: str,
-    batch_size: int,
-    num_workers: int,
-    device: str | torch.device,
-    dtype: torch.dtype,
-    progress: bool,
-) -> dict[str, dict[str, str]]:
-    indices = [i for shard in pending for i in range(shard.start, shard.start + shard.count)]
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)
-    bar = tqdm(total=len(indices), desc="encoding latents", unit="window", disable=not progress)
-    rows: dict[str, list] = {"frames": [], "audio": [], "class_ids": [], "clip_ids": []}
-    written: dict[str, dict[str, str]] = {}
-    queue = iter(pending)
-    shard = next(queue)
-    for batch in loader:
+    def encode(batch: dict) -> dict[str, Tensor]:
         frames = batch["frames"].to(device)  # [B, T, 3, R, R]
-        frame_latents = vae.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])  # [B, T, C, h, w]
-        audio_latents = vae.encode(batch["audio_image"].to(device))  # [B, C, h, w]
-        rows["frames"].extend(frame_latents.to("cpu", dtype))
-        rows["audio"].extend(audio_latents.to("cpu", dtype))
-        rows["class_ids"].extend(int(c) for c in batch["class_id"])
-        rows["clip_ids"].extend(batch["clip_id"])
-        bar.update(len(frames))
-        # Batches need not align with shards: write every shard the rows now cover.
-        while shard is not None and len(rows["clip_ids"]) >= shard.count:
-            part = {key: values[: shard.count] for key, values in rows.items()}
-            rows = {key: values[shard.count :] for key, values in rows.items()}
-            written[shard.file] = _write_shard(out_dir, shard, part, build_key)
-            shard = next(queue, None)
-    bar.close()
-    return written
+        return {
+            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2]),  # [B, T, C, h, w]
+            "audio_latents": vae.encode(batch["audio_image"].to(device)),  # [B, C, h, w]
+        }
 
-
-def _write_shard(out_dir: Path, shard: Shard, rows: dict[str, list], build_key: str) -> dict[str, str]:
-    metadata = {
-        "build_key": build_key,
-        "start": str(shard.start),
-        "clip_ids": json.dumps(rows["clip_ids"]),
-        "class_ids": json.dumps(rows["class_ids"]),
+    header = {
+        "vae": {"latent_channels": vae.latent_channels, "downsample": vae.downsample, "scale": vae.scale},
+        "key_frame_indices": list(config.key_frame_indices),
+        "frame_latent_shape": [config.num_frames, *vae.latent_shape(config.resolution)],
+        "audio_latent_shape": list(vae.latent_shape(config.mel.image_size)),
     }
-    tensors = {
-        "frame_latents": torch.stack(rows["frames"]).contiguous(),
-        "audio_latents": torch.stack(rows["audio"]).contiguous(),
-    }
-    temporary = out_dir / f"{shard.file}.tmp"
-    save_file(tensors, temporary, metadata=metadata)
-    temporary.replace(out_dir / shard.file)  # a shard exists only once it is complete
-    return metadata
-
-
-def _read_index(out_dir: Path) -> dict:
-    path = out_dir / INDEX_FILE
-    if not path.is_file():
-        raise LatentCacheError(
-            f"no finished latent cache in {str(out_dir)!r} ({INDEX_FILE} missing): build it with "
-            "mmldm_ae.engine.latent_cache.build_latent_cache; a rerun finishes an interrupted build"
-        )
-    try:
-        index = json.loads(path.read_text())
-    except ValueError as error:
-        raise LatentCacheError(
-            f"unreadable latent cache index {str(path)!r}: {error}; rebuild the cache"
-        ) from None
-    if index.get("version") != CACHE_VERSION:
-        raise LatentCacheError(
-            f"latent cache {str(out_dir)!r} has format version {index.get('version')}, this code reads "
-            f"{CACHE_VERSION}: rebuild it"
-        )
-    return index
+    return VAE_LATENTS.build(
+        dataset, out_dir, encode, vae.fingerprint(), header, batch_size=batch_size, shard_size=shard_size,
+        num_workers=num_workers, dtype=dtype, progress=progress,
+    )
 
 
 def cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, vae: KLVAE) -> str | None:
-    """Why the cache in `out_dir` cannot stand in for `dataset_config` encoded by `vae`, or None.
-
-    Compares settings and the VAE's weights; files changed on disk under the same settings are
-    caught when `build_latent_cache` runs (it fingerprints the indexed files), not here.
-    """
-    try:
-        index = _read_index(Path(out_dir))
-    except LatentCacheError as error:
-        return str(error)
-    if dataset_config.flip_p > 0:
-        return f"dataset.flip_p={dataset_config.flip_p}, but the cache holds unflipped frames only"
-    wanted = encoded_dataset_config(dataset_config)
-    if settings_hash(wanted) != index["dataset_config_hash"]:
-        changed = sorted(
-            k
-            for k in wanted.keys() | index["dataset_config"].keys()
-            if wanted.get(k) != index["dataset_config"].get(k)
-        )
-        details = ", ".join(
-            f"{k}: cached {index['dataset_config'].get(k)!r}, now {wanted.get(k)!r}" for k in changed
-        )
-        return f"latent cache {str(out_dir)!r} was built with other dataset settings ({details}); rebuild it"
-    if vae.fingerprint() != index["vae"]["fingerprint"]:
-        return (
-            f"latent cache {str(out_dir)!r} was built with another VAE (other weights, architecture or scale "
-            f"{index['vae']['scale']} vs {vae.scale}); rebuild it with this VAE"
-        )
-    return None
+    """Why the VAE-latent cache in `out_dir` cannot stand in for `dataset_config` encoded by `vae`, or None."""
+    return VAE_LATENTS.mismatch(out_dir, dataset_config, vae)
 
 
 def cache_matches(out_dir: str | Path, dataset_config: DatasetConfig, vae: KLVAE) -> bool:
     return cache_mismatch(out_dir, dataset_config, vae) is None
 
 
-class LatentCacheDataset(Dataset):
-    """Reads a latent cache like `SoundingVideoDataset` reads videos.
+class LatentCacheDataset(ShardedCacheDataset):
+    """Reads a VAE-latent cache like `SoundingVideoDataset` reads videos.
 
     Items: key_latents [K, C, h, w], target_latents [n, C, h, w], target_indices [n] (positions
     i / num_frames in [0, 1), as in the pixel dataset), audio_latents [C, h, w], class_id, clip_id.
@@ -305,6 +417,8 @@ class LatentCacheDataset(Dataset):
     dataset draws them, so with equal seeds (and flip_p=0) both pick the same frames. Passing
     `dataset_config` and `vae` refuses a stale cache.
     """
+
+    cache = VAE_LATENTS
 
     def __init__(
         self,
@@ -314,12 +428,7 @@ class LatentCacheDataset(Dataset):
         dataset_config: DatasetConfig | None = None,
         vae: KLVAE | None = None,
     ):
-        self.out_dir = Path(out_dir)
-        self.index = _read_index(self.out_dir)
-        if dataset_config is not None and vae is not None:
-            reason = cache_mismatch(self.out_dir, dataset_config, vae)
-            if reason:
-                raise LatentCacheError(reason)
+        super().__init__(out_dir, dataset_config, vae)
         self.num_frames = self.index["num_frames"]
         if not 1 <= num_target_frames <= self.num_frames:
             raise ValueError(f"num_target_frames must be in 1..{self.num_frames}, got {num_target_frames}")
@@ -327,9 +436,6 @@ class LatentCacheDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.key_frame_indices = self.index["key_frame_indices"]
-        self.shards = [Shard(**s) for s in self.index["shards"]]
-        self._shard_starts = [s.start for s in self.shards]
-        self._handles: dict[str, object] = {}  # opened lazily, per worker process
 
     def __len__(self) -> int:
         return self.index["count"]
@@ -337,27 +443,17 @@ class LatentCacheDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __getstate__(self) -> dict:
-        # safetensors handles cannot cross into DataLoader workers; each worker reopens its own.
-        return self.__dict__ | {"_handles": {}}
-
-    def _row(self, name: str, index: int) -> Tensor:
-        shard = self.shards[bisect.bisect_right(self._shard_starts, index) - 1]
-        if shard.file not in self._handles:
-            self._handles[shard.file] = safe_open(self.out_dir / shard.file, framework="pt")
-        return self._handles[shard.file].get_slice(name)[index - shard.start]
-
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a latent cache of {len(self)} windows")
-        frame_latents = self._row("frame_latents", index)  # [T, C, h, w]
+        frame_latents = self.row("frame_latents", index)  # [T, C, h, w]
         rng = np.random.default_rng([self.seed, self.epoch, index])
         targets = np.sort(rng.choice(self.num_frames, size=self.num_target_frames, replace=False))
         return {
             "key_latents": frame_latents[self.key_frame_indices],
             "target_latents": frame_latents[torch.from_numpy(targets)],
             "target_indices": torch.from_numpy(targets / self.num_frames).float(),
-            "audio_latents": self._row("audio_latents", index),
+            "audio_latents": self.row("audio_latents", index),
             "class_id": self.index["class_ids"][index],
             "clip_id": self.index["clip_ids"][index],
         }

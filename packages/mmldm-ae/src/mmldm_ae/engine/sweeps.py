@@ -20,7 +20,7 @@ from typing import Any
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_data.cli import hydra_overrides, in_multirun
 from mmldm_data.config import ConfigError
-from mmldm_data.metrics.evaluate import RESOLUTIONS, EvalProtocol
+from mmldm_data.evaluation import RESOLUTIONS, EvalProtocol
 
 RESULTS_FILE = "metrics.json"
 FAILED_FILE = "failed.txt"
