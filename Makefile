@@ -41,7 +41,7 @@ DIT ?= S
 endif
 DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 
-.PHONY: setup test lint demo synth-bench gpu-check sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
+.PHONY: setup test test-fast format lint demo synth-bench gpu-check sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
 
 setup: $(STAMP)
 
@@ -54,11 +54,20 @@ $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
 	touch $@
 
+# Everything (CI's command); prints the 15 slowest tests.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
+
+# The everyday loop: unit tests and tiny models, no tool launches or whole pipelines (marked slow).
+test-fast: setup
+	$(PY) -m pytest -m "not slow" --durations=15
+
+format: setup
+	$(VENV)/bin/ruff format packages tools tests
 
 lint: setup
 	$(VENV)/bin/ruff check packages tools tests
+	$(VENV)/bin/ruff format --check packages tools tests
 
 # The whole method on CPU (about 15 minutes); a second run reuses every finished stage.
 demo: setup

@@ -98,7 +98,12 @@ def load_tool(script: str) -> ModuleType:
 # The generator stage's tests need a trained autoencoder only for its layout and shapes: a random
 # tiny one (32^2 frames, 2-block VAE -> z_v 8x8x8, z_a 8x4x4: the tiny DiT's latents) written as a
 # tools/train_ae.py run.
-TINY_AE_DATASET = {"resolution": 32, "mel": {"image_size": 32}, "window_stride": 8, "val_fraction": 0.2}  # as conf/dataset/synthetic.yaml
+TINY_AE_DATASET = {
+    "resolution": 32,
+    "mel": {"image_size": 32},
+    "window_stride": 8,
+    "val_fraction": 0.2,
+}  # as conf/dataset/synthetic.yaml
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +129,11 @@ def tiny_ae_run(synthetic_root, tmp_path_factory) -> Path:
     pipeline = AutoencoderPipeline(model, build_vae(vae_config), dataset, class_names)
     architecture = {"num_classes": len(class_names), "class_names": class_names}
     task = AETrainingTask(pipeline, None, {}, architecture)
-    run_config = {"ae": to_plain_dict(ae_config), "vae": to_plain_dict(vae_config), "dataset": to_plain_dict(dataset)}
+    run_config = {
+        "ae": to_plain_dict(ae_config),
+        "vae": to_plain_dict(vae_config),
+        "dataset": to_plain_dict(dataset),
+    }
     Trainer(task, [], TrainConfig(), root / "run", run_config=run_config).save_checkpoint()
     return root / "run"
 
@@ -137,6 +146,10 @@ def tiny_dit_cache(tiny_ae_run, synthetic_root, tmp_path_factory) -> Path:
     from mmldm_data.dataset import SoundingVideoDataset
     from mmldm_dit.latents import build_dit_latent_cache
 
-    dataset = SoundingVideoDataset(to_typed(DatasetConfig, {"data_root": str(synthetic_root), **TINY_AE_DATASET}))
+    dataset = SoundingVideoDataset(
+        to_typed(DatasetConfig, {"data_root": str(synthetic_root), **TINY_AE_DATASET})
+    )
     out_dir = tmp_path_factory.mktemp("dit-latents") / "cache"
-    return build_dit_latent_cache(dataset, load_autoencoder(tiny_ae_run), out_dir, batch_size=8, progress=False)
+    return build_dit_latent_cache(
+        dataset, load_autoencoder(tiny_ae_run), out_dir, batch_size=8, progress=False
+    )

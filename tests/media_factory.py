@@ -22,10 +22,14 @@ def moving_frames(num_frames: int, height: int, width: int, seed: int = 0) -> np
     return frames
 
 
-def tone(seconds: float, sample_rate: int, channels: int = 1, frequency: float = 440.0, amplitude: float = 0.3) -> np.ndarray:
+def tone(
+    seconds: float, sample_rate: int, channels: int = 1, frequency: float = 440.0, amplitude: float = 0.3
+) -> np.ndarray:
     """float32 [C, N]: a sine, each channel a little detuned."""
     t = np.arange(round(seconds * sample_rate)) / sample_rate
-    return np.stack([amplitude * np.sin(2 * np.pi * (frequency + 20 * c) * t) for c in range(channels)]).astype(np.float32)
+    return np.stack(
+        [amplitude * np.sin(2 * np.pi * (frequency + 20 * c) * t) for c in range(channels)]
+    ).astype(np.float32)
 
 
 def write_test_video(

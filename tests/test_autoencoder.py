@@ -18,6 +18,7 @@ from conftest import preset
 from diffusers import AutoencoderKL
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator
+from mmldm_ae.autoencoder import model as autoencoder_model
 from mmldm_ae.autoencoder.decoder import DecoderConditions
 from mmldm_ae.autoencoder.semantic import contrastive_loss
 from mmldm_ae.engine.diffusion import build_sampling_scheduler, build_train_scheduler, predict_x0, q_sample
@@ -103,6 +104,10 @@ def test_paper_preset_is_the_dataclass_defaults():
 def test_config_errors_name_the_bad_value():
     with pytest.raises(ConfigError, match="guidance_dropout"):
         preset("ae", "tiny", guidance_dropout=1.0)
+    with pytest.raises(
+        ConfigError, match=r"ae.guidance_video must be >= 0 \(paper Eq. 9 s; 0: no guidance\)"
+    ):
+        preset("ae", "tiny", guidance_video=-1.0)
     with pytest.raises(ConfigError, match="projectors must end at the same size"):
         preset("ae", "tiny", audio_projector_mult=[1])
     with pytest.raises(ConfigError, match="vae_downsample"):
@@ -262,7 +267,7 @@ def test_condition_paths_get_gradients_in_every_layer_after_one_step(model, vae)
         "context_from_audio": model.context_from_audio,
     }
     batch = make_batch(model.cfg, batch_size=3)
-    opt = torch.optim.AdamW(model.generator_parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
     model.training_losses(batch, vae, generator=seeded(0))["loss"].backward()
     # Step 0: the zero last layers get gradients; layers behind them get none yet.
     for mlp in (model.video_content, model.audio_content, model.context_from_video, model.context_from_audio):
@@ -383,8 +388,11 @@ def test_attention_over_more_sequences_than_a_cuda_grid_holds_goes_in_equal_slic
     monkeypatch.setattr(layers, "MAX_ATTENTION_BATCH", 7)
     calls = []
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
-                        lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v))
+    monkeypatch.setattr(
+        layers.F,
+        "scaled_dot_product_attention",
+        lambda q, k, v: calls.append(q.shape[0]) or original(q, k, v),
+    )
     torch.testing.assert_close(layer(x), whole)
     assert calls == [7] * 6 + [6]
 
@@ -431,6 +439,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_contrastive_loss_gathers_negatives_across_ranks(tmp_path):
     """Two gloo ranks holding half the batch each reproduce the one-device loss and gradients."""
     g = seeded(6)
@@ -578,10 +587,41 @@ def test_decode_shapes_and_determinism(model):
         z_a,
         num_frames=3,
         steps=2,
-        guidance_audio=1.0,
-        guidance_video=1.0,
+        guidance_audio=0.0,
+        guidance_video=0.0,
         generator=seeded(11),
         class_id=torch.tensor([0, -1]),
     )
     assert unguided[0].shape == frames.shape and not torch.equal(unguided[0], frames)
     assert math.isfinite(unguided[1].abs().sum().item())
+
+
+def authors_guidance(eps_u, eps_c, w):
+    """The authors' form of classifier-free guidance, eps_u + w (eps_c - eps_u), w per item."""
+    return eps_u + w.to(eps_c).reshape(-1, 1, 1, 1) * (eps_c - eps_u)
+
+
+def test_decoder_guidance_is_eq_9_with_the_authors_values_less_one(model, monkeypatch):
+    """s here is the authors' w - 1: the default 1.5 decodes as their w = 2.5 and AudioSet's audio
+    0.5 / video 2.0 as their 1.5 / 3.0; s = 0, like their w = 1, skips the unconditional branch."""
+    batch = make_batch(model.cfg)
+    z_v, z_a = model.encode(batch["key_latents"], batch["audio_latents"])
+    settings = dict(num_frames=3, steps=2, class_id=torch.tensor([0, 3]))
+
+    def decode(audio, video):
+        return model.decode(
+            z_v, z_a, guidance_audio=audio, guidance_video=video, generator=seeded(11), **settings
+        )
+
+    ours = [decode(None, None), decode(0.5, 2.0)]
+    unguided = decode(0.0, 0.0)
+    assert model.cfg.guidance_audio == model.cfg.guidance_video == 1.5
+    monkeypatch.setattr(autoencoder_model, "guided_eps", authors_guidance)
+    theirs = [decode(2.5, 2.5), decode(1.5, 3.0)]
+    for mine, reference in zip(ours, theirs, strict=True):
+        for x, y in zip(mine, reference, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours[0][0], unguided[0], atol=1e-3)  # guidance does change the decode
+    monkeypatch.setattr(autoencoder_model, "guided_eps", None)  # s = 0 never calls it
+    for x, y in zip(decode(0.0, 0.0), unguided, strict=True):
+        assert torch.equal(x, y)

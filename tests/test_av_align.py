@@ -25,7 +25,7 @@ def test_video_peaks_at_motion_bursts():
     frames = np.zeros((12, 48, 48, 3), np.uint8)
     x = np.cumsum([0, 1, 1, 1, 6, 1, 1, 1, 1, 6, 1, 1]) + 4  # the square jumps into frames 4 and 9
     for t, left in enumerate(x):
-        frames[t, 18:30, left:left + 8] = 220
+        frames[t, 18:30, left : left + 8] = 220
     np.testing.assert_allclose(video_peak_times(frames, FPS), [0.4, 0.9])
 
 

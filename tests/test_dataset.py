@@ -20,7 +20,9 @@ CLIP_FRAMES = 32  # the synthetic fixture's clips: 3.2 s at 10 fps
 
 
 def synthetic_config(root: Path, **overrides) -> DatasetConfig:
-    return to_typed(DatasetConfig, {"data_root": str(root), "resolution": 64, "mel": {"image_size": 64}, **overrides})
+    return to_typed(
+        DatasetConfig, {"data_root": str(root), "resolution": 64, "mel": {"image_size": 64}, **overrides}
+    )
 
 
 def test_windows_slide_over_every_file(synthetic_root):
@@ -101,19 +103,47 @@ def test_classes_from_label_files_and_patterns(tmp_path):
     for name in ("gBR_sBM_c01_d04_mBR0_ch01", "gPO_sBM_c02_d11_mPO1_ch02", "noclass"):
         write_test_video(root / f"{name}.mp4", audio=tone(2.0, 44100))
     by_pattern = SoundingVideoDataset(
-        to_typed(DatasetConfig, {"data_root": str(root), "class_source": "pattern", "class_pattern": "_(m[A-Z]{2}[0-9])_", "resolution": 32})
+        to_typed(
+            DatasetConfig,
+            {
+                "data_root": str(root),
+                "class_source": "pattern",
+                "class_pattern": "_(m[A-Z]{2}[0-9])_",
+                "resolution": 32,
+            },
+        )
     )
     assert by_pattern.class_names == ["mBR0", "mPO1"]
-    assert by_pattern.summary.to_json()["skipped_reasons"] == {"no class (name does not match class_pattern)": 1}
+    assert by_pattern.summary.to_json()["skipped_reasons"] == {
+        "no class (name does not match class_pattern)": 1
+    }
 
     (tmp_path / "labels.csv").write_text("path,label\ngBR_sBM_c01_d04_mBR0_ch01.mp4,dance\nnoclass,silence\n")
-    (tmp_path / "labels.json").write_text(json.dumps({"gPO_sBM_c02_d11_mPO1_ch02": {"class_id": 3, "class_name": "pop"}}))
+    (tmp_path / "labels.json").write_text(
+        json.dumps({"gPO_sBM_c02_d11_mPO1_ch02": {"class_id": 3, "class_name": "pop"}})
+    )
     by_csv = SoundingVideoDataset(
-        to_typed(DatasetConfig, {"data_root": str(root), "class_source": "label_file", "label_file": str(tmp_path / "labels.csv"), "resolution": 32})
+        to_typed(
+            DatasetConfig,
+            {
+                "data_root": str(root),
+                "class_source": "label_file",
+                "label_file": str(tmp_path / "labels.csv"),
+                "resolution": 32,
+            },
+        )
     )
     assert by_csv.class_names == ["dance", "silence"] and by_csv.summary.usable_files == 2
     by_json = SoundingVideoDataset(
-        to_typed(DatasetConfig, {"data_root": str(root), "class_source": "label_file", "label_file": str(tmp_path / "labels.json"), "resolution": 32})
+        to_typed(
+            DatasetConfig,
+            {
+                "data_root": str(root),
+                "class_source": "label_file",
+                "label_file": str(tmp_path / "labels.json"),
+                "resolution": 32,
+            },
+        )
     )
     assert by_json.class_names == ["pop"]
     assert by_json.summary.skipped["no class (not in the label file)"] == 2
@@ -132,7 +162,9 @@ def mixed_root(tmp_path_factory, synthetic_root) -> Path:
     write_test_video(odd / "stereo.mp4", audio=tone(2.0, 44100, channels=2))
     write_test_video(odd / "surround.mp4", audio=tone(2.0, 48000, channels=6), sample_rate=48000)
     write_test_video(odd / "rate8k.mp4", audio=tone(2.0, 8000), sample_rate=8000)
-    write_test_video(odd / "gray_odd_size.mkv", size=(47, 63), gray=True, audio=tone(2.0, 22050), sample_rate=22050)
+    write_test_video(
+        odd / "gray_odd_size.mkv", size=(47, 63), gray=True, audio=tone(2.0, 22050), sample_rate=22050
+    )
     write_test_video(odd / "silent.mp4", audio=np.zeros((1, 88200), np.float32))
     truncate(write_test_video(odd / "truncated_tail.mkv", seconds=4.0, audio=tone(4.0, 44100)), 0.7)
     # unusable
@@ -146,12 +178,20 @@ def mixed_root(tmp_path_factory, synthetic_root) -> Path:
     return root
 
 
-EXPECTED_SKIPS = {"unreadable": 3, "no audio stream": 1, "empty audio stream": 1,
-                  "shorter than one window (16 frames at 10 fps)": 1, "not inside a class folder": 1}
+EXPECTED_SKIPS = {
+    "unreadable": 3,
+    "no audio stream": 1,
+    "empty audio stream": 1,
+    "shorter than one window (16 frames at 10 fps)": 1,
+    "not inside a class folder": 1,
+}
 
 
+@pytest.mark.slow
 def test_inspect_dataset_counts_good_and_broken_files(mixed_root):
-    result = run_tool("inspect_dataset.py", "dataset=synthetic", f"data_root={mixed_root}", "dataset.resolution=32")
+    result = run_tool(
+        "inspect_dataset.py", "dataset=synthetic", f"data_root={mixed_root}", "dataset.resolution=32"
+    )
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["skipped_reasons"] == EXPECTED_SKIPS
     assert report["skipped"] == sum(EXPECTED_SKIPS.values())
@@ -159,7 +199,9 @@ def test_inspect_dataset_counts_good_and_broken_files(mixed_root):
     assert report["notes"] == {"silent audio": 1, "truncated (decodable part used)": 1}
     complete_windows = 2 * (CLIP_FRAMES - 16 + 1) + 5 * (20 - 16 + 1)
     assert complete_windows + 1 <= report["windows"] < complete_windows + (40 - 16 + 1)
-    assert set(report["classes"]) == {"odd"} | {p.parent.name for p in mixed_root.glob("*/*.mp4") if p.parent.name != "odd"}
+    assert set(report["classes"]) == {"odd"} | {
+        p.parent.name for p in mixed_root.glob("*/*.mp4") if p.parent.name != "odd"
+    }
     assert {f["path"] for f in report["skipped_files"]} >= {"odd/garbage.mp4", "odd/no_audio.mp4"}
 
 
@@ -177,6 +219,7 @@ def test_every_usable_awkward_file_yields_items(mixed_root):
             assert item["audio_image"].max() == -1.0, "silence is the floor colour"
 
 
+@pytest.mark.slow
 def test_folder_without_usable_clip_is_a_clear_error(tmp_path):
     with pytest.raises(DatasetError, match="is not a folder"):
         SoundingVideoDataset(synthetic_config(tmp_path / "missing"))

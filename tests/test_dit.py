@@ -219,6 +219,7 @@ def test_misspelt_config_key_is_named():
         preset("dit", "XXL")
 
 
+@pytest.mark.slow
 def test_model_card_last_line_is_json_of_all_presets():
     result = run_tool("model_card.py")
     cards = json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,4 @@
-"""Generator training end to end at the tiny size: latent cache, exact resume, the tool, config checks."""
+"""DiT training end to end at the tiny size: latent cache, exact resume, the tool, config checks."""
 
 from __future__ import annotations
 
@@ -24,9 +24,17 @@ from mmldm_dit.latents import (
 from mmldm_dit.sampling import DiTLossConfig
 from mmldm_dit.train_dit import DiTTrainingTask, PreviewConfig, train_dit_from_config
 
-TOOL_SETTINGS = ["dataset.resolution=32", "dataset.mel.image_size=32",
-                 "dataset.window_stride=8", "train.batch_size=4", "train.log_every=1", "preview.samples=1",
-                 "preview.steps=2", "preview.ae_steps=2", "preview.vocoder=griffinlim"]
+TOOL_SETTINGS = [
+    "dataset.resolution=32",
+    "dataset.mel.image_size=32",
+    "dataset.window_stride=8",
+    "train.batch_size=4",
+    "train.log_every=1",
+    "preview.samples=1",
+    "preview.steps=2",
+    "preview.ae_steps=2",
+    "preview.vocoder=griffinlim",
+]
 
 
 def dataset_config(root: Path, **overrides) -> DatasetConfig:
@@ -128,16 +136,29 @@ def test_resumed_dit_run_matches_an_uninterrupted_one(pipeline, cache, tmp_path,
     assert len(straight.recorded) == 3 and first.recorded + second.recorded == straight.recorded
 
 
-def test_train_dit_tool_trains_resumes_and_checks_configs(synthetic_root, tiny_ae_run, tiny_dit_cache, tmp_path):
+@pytest.mark.slow
+def test_train_dit_tool_trains_resumes_and_checks_configs(
+    synthetic_root, tiny_ae_run, tiny_dit_cache, tmp_path
+):
     run_dir = tmp_path / "run"
-    common = [f"ae_run={tiny_ae_run}", f"data_root={synthetic_root}", f"run_dir={run_dir}",
-              f"latent_cache={tiny_dit_cache}", *TOOL_SETTINGS]
+    common = [
+        f"ae_run={tiny_ae_run}",
+        f"data_root={synthetic_root}",
+        f"run_dir={run_dir}",
+        f"latent_cache={tiny_dit_cache}",
+        *TOOL_SETTINGS,
+    ]
     first = run_tool("train_dit.py", *common, "train.max_steps=1")
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["step"] == 1 and summary["training_items"] == 36
     checkpoint = run_dir / "checkpoints" / "step_0000001"
     state = json.loads((checkpoint / "state.json").read_text())
-    assert set(state["architecture"]["latent_stats"]) == {"audio_mean", "audio_std", "video_mean", "video_std"}
+    assert set(state["architecture"]["latent_stats"]) == {
+        "audio_mean",
+        "audio_std",
+        "video_mean",
+        "video_std",
+    }
     assert (checkpoint / "dit.safetensors").is_file() and (checkpoint / "ema.safetensors").is_file()
     assert (run_dir / "samples" / "step_0000001" / "svg_0000.mp4").is_file()
 
@@ -145,14 +166,18 @@ def test_train_dit_tool_trains_resumes_and_checks_configs(synthetic_root, tiny_a
     assert "resumed from" in second.stderr and json.loads(second.stdout.strip().splitlines()[-1])["step"] == 2
 
     changed = run_tool("train_dit.py", *common, "train.max_steps=3", "dit.depth=2", check=False)
-    assert changed.returncode == 2 and "dit.depth: 4 -> 2" in changed.stderr and "Traceback" not in changed.stderr
-
+    assert (
+        changed.returncode == 2
+        and "dit.depth: 4 -> 2" in changed.stderr
+        and "Traceback" not in changed.stderr
+    )
 
 
 def compose_train_dit(*overrides: str):
     return compose(REPO_ROOT / "conf", "train_dit", ["run_dir=unused", *TOOL_SETTINGS, *overrides])
 
 
+@pytest.mark.slow
 def test_train_dit_config_errors_name_the_fix(synthetic_root, tiny_ae_run, tmp_path):
     with pytest.raises(ConfigError, match="ae_run is not set"):
         train_dit_from_config(compose_train_dit())

@@ -14,16 +14,23 @@ demo = load_tool("demo.py")
 
 # Every stage at a handful of steps: checks the wiring, not the quality.
 QUICK = [
-    "num_clips=6", "heldout_clips=6",
+    "num_clips=6",
+    "heldout_clips=6",
     "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
     "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2']",
     "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
     "train_dit_long=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
-    "sampling.steps=2", "sampling.ae_steps=2", "sampling.long_clips=2", "sampling.svg_samples=2",
-    "sampling.vocoder=griffinlim", "evaluation.real_clips=6", "evaluation.reference_clips=3",
+    "sampling.steps=2",
+    "sampling.ae_steps=2",
+    "sampling.long_clips=2",
+    "sampling.svg_samples=2",
+    "sampling.vocoder=griffinlim",
+    "evaluation.real_clips=6",
+    "evaluation.reference_clips=3",
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
@@ -33,13 +40,13 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
 
     for name in ("report.md", "metrics.json", "samples/contact_sheet.png", "previews/contact_sheet.png"):
         assert (out / name).is_file(), name
-    for task in demo.TASKS:
+    for task in demo.SAMPLED_TASKS:
         assert (out / "samples" / f"spectrogram_{task}.png").is_file()
         videos = sorted((out / "samples" / task).glob("*.mp4"))
         assert videos, task
         video_seconds, audio_seconds, frames = stream_seconds(videos[0])
         assert audio_seconds == pytest.approx(video_seconds, abs=0.05), task
-        assert frames == (32 if task == "long" else 16), task
+        assert frames == (32 if task.needs_long_model else 16), task
     conditions = json.loads((out / "samples" / "a2v" / "conditions.json").read_text())
     assert len(conditions) == 6 and {c["task"] for c in conditions.values()} == {"a2v"}
 
@@ -54,7 +61,17 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert "| a2v oracle accuracy |" in (out / "report.md").read_text()
 
     second = run_tool("demo.py", f"out={out}", *QUICK)
-    for stage in ("synthetic", "heldout", "previews", "vae", "ae", "dit", "dit_long", "samples", "evaluation"):
+    for stage in (
+        "synthetic",
+        "heldout",
+        "previews",
+        "vae",
+        "ae",
+        "dit",
+        "dit_long",
+        "samples",
+        "evaluation",
+    ):
         assert f"[{stage}] up to date" in second.stderr, stage
     assert "running" not in second.stderr
 
@@ -79,30 +96,39 @@ def test_changed_settings_rerun_a_stage_and_an_interrupted_one_resumes(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         demo.run_stage(folder, {"steps": 3}, interrupted, resumable=True)
     resumed = []
-    demo.run_stage(folder, {"steps": 3}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
+    demo.run_stage(
+        folder, {"steps": 3}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True
+    )
     assert resumed == [True]  # the trainer would find its checkpoint
     with pytest.raises(KeyboardInterrupt):
         demo.run_stage(folder, {"steps": 4}, interrupted, resumable=True)
-    demo.run_stage(folder, {"steps": 5}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True)
+    demo.run_stage(
+        folder, {"steps": 5}, lambda f: resumed.append((f / "checkpoint").is_file()) or {}, resumable=True
+    )
     assert resumed == [True, False]  # other settings start over
 
 
 def test_quality_table_marks_the_bars():
-    reports = {"svg": {"oracle_class_agreement": 0.9, "oracle_onset_error_frames": 2.0, "fvd": 100.0},
-               "a2v": {"oracle_a2v_accuracy": 0.5, "oracle_a2v_given_accuracy": 1.0},
-               "real": {"oracle_class_agreement": 1.0, "fvd": 10.0}}
+    reports = {
+        "svg": {"oracle_class_agreement": 0.9, "oracle_onset_error_frames": 2.0, "fvd": 100.0},
+        "a2v": {"oracle_a2v_accuracy": 0.5, "oracle_a2v_given_accuracy": 1.0},
+        "real": {"oracle_class_agreement": 1.0, "fvd": 10.0},
+    }
     rows, table = demo.quality_table(reports)
     by_label = {row["label"]: row for row in rows}
     assert by_label["joint (svg) cross-modal class agreement"]["passed"] is True
     assert by_label["joint (svg) cross-modal class agreement"]["real_floor"] == 1.0
     assert by_label["a2v oracle accuracy"]["passed"] is False
     assert by_label["median onset-to-impact error (frames), svg"]["passed"] is False
-    assert by_label["v2a oracle accuracy"]["value"] is None and by_label["v2a oracle accuracy"]["passed"] is None
+    assert (
+        by_label["v2a oracle accuracy"]["value"] is None and by_label["v2a oracle accuracy"]["passed"] is None
+    )
     assert "| a2v oracle accuracy | 0.5 | n/a | >= 0.8 | **no** |" in table
     ceiling = by_label["a2v: given sound read right after the autoencoder (ceiling)"]
     assert ceiling["value"] == 1.0 and ceiling["bar"] is None and ceiling["passed"] is None
 
 
+@pytest.mark.slow
 def test_bad_end_to_end_config_names_the_key():
     with pytest.raises(ConfigError, match="sampling.steps"):
         to_typed(demo.EndToEndConfig, {"sampling": {"steps": 0}})

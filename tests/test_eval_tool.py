@@ -39,6 +39,7 @@ def models(cache: Path) -> EvalModels:
     return EvalModels(i3d=load_i3d(cache_dir=cache), fad={"aisfx": load_aisfx()})
 
 
+@pytest.mark.slow
 def test_fvd_is_zero_for_identical_sets_and_grows_with_noise(models: EvalModels):
     clean = np.stack([render_clip(i, seed=i).frames[:16] for i in range(4)])  # uint8 [4, 16, 64, 64, 3]
     reference = i3d_features(models.i3d, clean, batch_size=4)
@@ -62,7 +63,10 @@ class Identity:
         return batch
 
 
-def test_reconstruction_hook_of_a_perfect_autoencoder_scores_zero(models: EvalModels, synthetic_root: Path, cache: Path):
+@pytest.mark.slow
+def test_reconstruction_hook_of_a_perfect_autoencoder_scores_zero(
+    models: EvalModels, synthetic_root: Path, cache: Path
+):
     identity = Identity()
     sets = EvalSets.scan(synthetic_root, PROTOCOL, reconstructor=identity)
     report = evaluate(sets, PROTOCOL, models, seeds=[0], cache_dir=cache / "eval", progress=False)
@@ -72,8 +76,10 @@ def test_reconstruction_hook_of_a_perfect_autoencoder_scores_zero(models: EvalMo
     assert "| rfvd |" in markdown_table(report)
 
 
-def test_generated_videos_without_audio_skip_audio_metrics(models: EvalModels, synthetic_root: Path, cache: Path,
-                                                          tmp_path: Path):
+@pytest.mark.slow
+def test_generated_videos_without_audio_skip_audio_metrics(
+    models: EvalModels, synthetic_root: Path, cache: Path, tmp_path: Path
+):
     generated = tmp_path / "generated"
     for name in ("a", "b"):
         write_test_video(generated / f"{name}.mp4", seconds=2.0, audio=None)
@@ -90,12 +96,23 @@ def test_generated_videos_without_audio_skip_audio_metrics(models: EvalModels, s
     assert "| fad_aisfx | skipped |" in markdown_table(report)
 
 
+@pytest.mark.slow
 def test_tool_compares_two_synthetic_folders_offline(synthetic_root: Path, tmp_path: Path):
     generated = tmp_path / "generated"
     write_synthetic_dataset(generated, num_clips=2, seed=1, cfg=SyntheticConfig(duration=1.6), progress=False)
     out = tmp_path / "eval" / "report.json"
-    args = ("--generated", str(generated), "--real", str(synthetic_root), "--num-clips", "2",
-            "--resolution", "64", "--out", str(out))
+    args = (
+        "--generated",
+        str(generated),
+        "--real",
+        str(synthetic_root),
+        "--num-clips",
+        "2",
+        "--resolution",
+        "64",
+        "--out",
+        str(out),
+    )
     first = run_tool("eval_fvd_fad.py", *args)
     report = json.loads(out.read_text())
     for key in ("fvd", "kvd", "fad_aisfx", "av_align", "oracle_class_agreement", "oracle_onset_error_frames"):
@@ -152,14 +169,25 @@ def test_clips_shorter_than_16_frames(tool, capsys, synthetic_root: Path, tmp_pa
 
 def test_argument_errors(tool, capsys, synthetic_root: Path):
     assert "either --generated" in run_main(tool, capsys, "--real", str(synthetic_root))
-    error = run_main(tool, capsys, "--generated", str(synthetic_root), "--real", str(synthetic_root), "--fad-backends", "clap")
+    error = run_main(
+        tool,
+        capsys,
+        "--generated",
+        str(synthetic_root),
+        "--real",
+        str(synthetic_root),
+        "--fad-backends",
+        "clap",
+    )
     assert "unknown FAD backend(s) ['clap']" in error
     error = run_main(tool, capsys, "--generated", str(synthetic_root), "--real", "dataset=nonexistent")
     assert "nonexistent" in error
 
 
-def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(tool, capsys, monkeypatch, tiny_ae_run: Path,
-                                                             synthetic_root: Path, tmp_path: Path):
+@pytest.mark.slow
+def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(
+    tool, capsys, monkeypatch, tiny_ae_run: Path, synthetic_root: Path, tmp_path: Path
+):
     error = run_main(tool, capsys, "--recon", str(tmp_path / "absent"), "--real", str(synthetic_root))
     assert "does not exist" in error and "checkpoints/step_*" in error
 
@@ -170,8 +198,25 @@ def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(tool, capsys, monke
 
     monkeypatch.setattr(tool, "load_reconstructor", few_steps)
     out = tmp_path / "recon.json"
-    assert tool.main(["--recon", str(tiny_ae_run), "--real", str(synthetic_root), "--num-clips", "2",
-                      "--resolution", "64", "--device", "cpu", "--out", str(out)]) == 0
+    assert (
+        tool.main(
+            [
+                "--recon",
+                str(tiny_ae_run),
+                "--real",
+                str(synthetic_root),
+                "--num-clips",
+                "2",
+                "--resolution",
+                "64",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["rfvd"] > 1 and isinstance(report["rfad_aisfx"], float)  # an untrained autoencoder
     assert report["inputs"]["generated"] == "autoencoder round trip of the real clips"

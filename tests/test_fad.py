@@ -1,4 +1,6 @@
-"""FAD backends: loaders (random weights saved to a file), front ends, the offline stand-in, missing weights."""
+"""FAD backends: loaders (random weights saved to a file), front ends, the offline stand-in,
+missing weights.
+"""
 
 from __future__ import annotations
 
@@ -35,21 +37,29 @@ def randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     with torch.no_grad():
         for tensor in model.state_dict().values():  # shares storage; fixed buffers (windows) stay as built
             if tensor.is_floating_point():
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) * 0.2 + 0.9 if tensor.ndim == 1
-                             else torch.randn(tensor.shape, generator=generator) * 0.05)
+                tensor.copy_(
+                    torch.rand(tensor.shape, generator=generator) * 0.2 + 0.9
+                    if tensor.ndim == 1
+                    else torch.randn(tensor.shape, generator=generator) * 0.05
+                )
     return model.eval()
 
 
 # ----------------------------------------------------------------------------- missing weights
 
 
-@pytest.mark.parametrize(("name", "source"), [("vggish", "harritaylor/torchvggish/releases"),
-                                              ("audioclip", "AndreyGuzhov/AudioCLIP/releases")])
+@pytest.mark.parametrize(
+    ("name", "source"),
+    [("vggish", "harritaylor/torchvggish/releases"), ("audioclip", "AndreyGuzhov/AudioCLIP/releases")],
+)
 def test_missing_weights_name_source_and_fix(name: str, source: str, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("MMLDM_CACHE", str(tmp_path))
     monkeypatch.delenv(f"MMLDM_{name.upper()}_WEIGHTS", raising=False)
-    with pytest.raises(FADWeightsError, match=rf"{name}.*not found.*{source}.*--fad-weights {name}=PATH.*"
-                                              rf"MMLDM_{name.upper()}_WEIGHTS"):
+    with pytest.raises(
+        FADWeightsError,
+        match=rf"{name}.*not found.*{source}.*--fad-weights {name}=PATH.*"
+        rf"MMLDM_{name.upper()}_WEIGHTS",
+    ):
         load_fad_backend(name)
     with pytest.raises(FADWeightsError, match="absent.pth"):
         load_fad_backend(name, tmp_path / "absent.pth")
@@ -69,20 +79,25 @@ def test_unknown_backend():
 # ----------------------------------------------------------------------------- VGGish
 
 
+@pytest.mark.slow
 def test_vggish_loads_torchvggish_state_dict(tmp_path: Path, monkeypatch):
     reference = randomised(VGGish(), seed=0)
     path = tmp_path / "vggish-10086976.pth"
     torch.save(reference.state_dict(), path)  # torchvggish's key layout: features.N.*, embeddings.N.*
     audio = np.stack([render_clip(0, seed).audio[:70560] for seed in range(2)])
     loaded = load_vggish(path)
-    np.testing.assert_allclose(loaded.embed(audio, 44100), reference.embed(audio, 44100), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        loaded.embed(audio, 44100), reference.embed(audio, 44100), rtol=1e-5, atol=1e-6
+    )
     assert loaded.embed(audio, 44100).shape == (2, 128)  # a 1.6 s clip holds one 0.96 s example
 
     monkeypatch.setenv("MMLDM_VGGISH_WEIGHTS", str(path))
     assert resolve_weights_path(VGGISH) == path
 
     torch.save({"features.0.weight": torch.zeros(64, 1, 3, 3)}, tmp_path / "partial.pth")
-    with pytest.raises(FADWeightsError, match=r"(?s)does not fit the vggish network.*Missing key.*embeddings\.4\.bias"):
+    with pytest.raises(
+        FADWeightsError, match=r"(?s)does not fit the vggish network.*Missing key.*embeddings\.4\.bias"
+    ):
         load_vggish(tmp_path / "partial.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(FADWeightsError, match="not a readable PyTorch state dict"):
@@ -96,7 +111,9 @@ def test_vggish_front_end():
     examples = vggish_examples(0.5 * np.sin(2 * np.pi * 1000.0 * seconds))
     assert examples.shape == (1, 96, 64)
     loudest_band = int(examples[0].mean(axis=0).argmax())
-    centres_hz = 700 * (np.exp(np.linspace(*1127 * np.log(1 + np.array([125, 7500]) / 700), 66)[1:-1] / 1127) - 1)
+    centres_hz = 700 * (
+        np.exp(np.linspace(*1127 * np.log(1 + np.array([125, 7500]) / 700), 66)[1:-1] / 1127) - 1
+    )
     assert abs(centres_hz[loudest_band] - 1000.0) < 60.0
     with pytest.raises(ValueError, match="at least 0.975 s"):
         vggish_examples(np.zeros(8000))
@@ -105,7 +122,9 @@ def test_vggish_front_end():
 # ----------------------------------------------------------------------------- AudioCLIP
 
 
-def reference_fbsp_weights(m: torch.Tensor, fb: torch.Tensor, fc: torch.Tensor, length: int, eps: float = 1e-8) -> torch.Tensor:
+def reference_fbsp_weights(
+    m: torch.Tensor, fb: torch.Tensor, fc: torch.Tensor, length: int, eps: float = 1e-8
+) -> torch.Tensor:
     """AudioCLIP's LinearFBSP._materialize_weights (normalized=True) with real arithmetic, -> [K, L, 2]."""
     t = np.pi * torch.linspace(-1.0, 1.0, length).reshape(1, -1, 1) + eps
     m, fb, fc = m.reshape(-1, 1, 1), fb.reshape(-1, 1, 1), fc.reshape(-1, 1, 1)
@@ -113,11 +132,16 @@ def reference_fbsp_weights(m: torch.Tensor, fb: torch.Tensor, fc: torch.Tensor, 
     x = fb * t / (m + eps)
     win = torch.where(x == 0, torch.ones_like(x), torch.sin(x) / x)
     magnitudes, phases = win.abs(), torch.atan2(torch.zeros_like(win), win)
-    win_mag = (magnitudes ** 2) ** (0.5 * m)
+    win_mag = (magnitudes**2) ** (0.5 * m)
     win = win_mag * torch.cat((torch.cos(m * phases), torch.sin(m * phases)), dim=-1)
-    weights = fb.sqrt() * torch.cat((win[..., :1] * kernel[..., :1] - win[..., 1:] * kernel[..., 1:],
-                                     win[..., :1] * kernel[..., 1:] + win[..., 1:] * kernel[..., :1]), dim=-1)
-    return weights / length ** 0.5
+    weights = fb.sqrt() * torch.cat(
+        (
+            win[..., :1] * kernel[..., :1] - win[..., 1:] * kernel[..., 1:],
+            win[..., :1] * kernel[..., 1:] + win[..., 1:] * kernel[..., :1],
+        ),
+        dim=-1,
+    )
+    return weights / length**0.5
 
 
 def test_fbsp_filterbank_matches_audioclip_formula():
@@ -132,6 +156,7 @@ def test_fbsp_filterbank_matches_audioclip_formula():
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_audioclip_loads_full_checkpoint_layout(tmp_path: Path):
     reference = randomised(AudioCLIPAudio(), seed=1)
     assert reference.log_power_spectrogram(torch.zeros(1, 70560)).shape == (1, 3, 341, 124)

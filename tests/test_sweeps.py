@@ -21,16 +21,31 @@ from mmldm_dit.train_dit import EvalSampling
 EndToEndConfig = load_tool("demo.py").EndToEndConfig
 CONF = REPO_ROOT / "conf"
 # The config groups each root config chooses from (nested choices such as dataset.mel come with their parent).
-GROUPS = {"data": ("dataset",), "train_vae": ("dataset", "vae", "train", "wandb"),
-          "train_ae": ("dataset", "vae", "ae", "train", "wandb", "ablation"),
-          "train_dit": ("dataset", "dit", "dit_loss", "train", "wandb"),
-          "train_dit_long": ("dataset", "dit", "dit_loss", "train", "wandb"),
-          "sample": (), "demo": (), "synth_bench": ()}
+GROUPS = {
+    "data": ("dataset",),
+    "train_vae": ("dataset", "vae", "train", "wandb"),
+    "train_ae": ("dataset", "vae", "ae", "train", "wandb", "ablation"),
+    "train_dit": ("dataset", "dit", "dit_loss", "train", "wandb"),
+    "train_dit_long": ("dataset", "dit", "dit_loss", "train", "wandb"),
+    "sample": (),
+    "demo": (),
+    "synth_bench": (),
+}
 # Every section a tool turns into a dataclass: the groups' schemas and the root configs' own sections.
-SECTIONS = {**SCHEMAS, "experiment": ExperimentConfig, "evaluate": EvalPlan,
-            "evaluate_sampling": EvalSampling}
-SWEEPS = {"sensitivity": "train_ae", "sensitivity_tiny": "train_ae", "ablation": "train_ae",
-          "ablation_tiny": "train_ae", "scale": "train_dit", "scale_tiny": "train_dit"}
+SECTIONS = {
+    **SCHEMAS,
+    "experiment": ExperimentConfig,
+    "evaluate": EvalPlan,
+    "evaluate_sampling": EvalSampling,
+}
+SWEEPS = {
+    "sensitivity": "train_ae",
+    "sensitivity_tiny": "train_ae",
+    "ablation": "train_ae",
+    "ablation_tiny": "train_ae",
+    "scale": "train_dit",
+    "scale_tiny": "train_dit",
+}
 
 
 def options(group: str) -> list[str]:
@@ -47,7 +62,12 @@ def typed_sections(cfg) -> None:
 
 
 def choices() -> list[tuple[str, str, str]]:
-    return [(name, group, option) for name, groups in GROUPS.items() for group in groups for option in options(group)]
+    return [
+        (name, group, option)
+        for name, groups in GROUPS.items()
+        for group in groups
+        for option in options(group)
+    ]
 
 
 @pytest.mark.parametrize(("config_name", "group", "option"), choices())
@@ -101,6 +121,7 @@ def test_presets_hold_only_what_differs_from_what_they_inherit(group, option):
     assert not repeated, f"conf/{group}/{option}.yaml repeats what it inherits: {repeated}"
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_the_dataclass_defaults_the_yaml_leaves_out():
     cfg = OmegaConf.create(run_tool("train_ae.py", "--cfg", "job").stdout)
     assert cfg.train.keep_checkpoints == 2 and cfg.dataset.index_workers == 0 and cfg.ae.unet_init is None
@@ -113,7 +134,9 @@ def test_every_sweep_composes_with_its_grid(sweep):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name=SWEEPS[sweep], overrides=[f"+sweep={sweep}"], return_hydra_config=True)
     assert cfg.experiment.study == sweep.removesuffix("_tiny")
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"  # named from overrides
+    assert (
+        OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+    )  # named from overrides
     grid = {key: str(values).split(",") for key, values in cfg.hydra.sweeper.params.items()}
     if sweep.startswith("sensitivity"):
         assert grid == {"ae.w_kl": ["1e-8", "1e-7"], "ae.w_cls": ["1.0", "0.3", "0.1"]}
@@ -127,8 +150,11 @@ def test_every_sweep_composes_with_its_grid(sweep):
 
 def test_submitit_launcher_config_composes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train_ae", overrides=["+sweep=sensitivity", "hydra/launcher=slurm"],
-                      return_hydra_config=True)
+        cfg = compose(
+            config_name="train_ae",
+            overrides=["+sweep=sensitivity", "hydra/launcher=slurm"],
+            return_hydra_config=True,
+        )
     assert cfg.hydra.launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node
 
@@ -146,7 +172,10 @@ def test_ablation_rows_are_cumulative():
 
 def test_demo_configs_compose():
     for name in ("demo", "synth_bench"):
-        to_typed(EndToEndConfig, OmegaConf.to_container(compose_checked(CONF, name, []), resolve=False) | {"out": "x"})
+        to_typed(
+            EndToEndConfig,
+            OmegaConf.to_container(compose_checked(CONF, name, []), resolve=False) | {"out": "x"},
+        )
 
 
 @pytest.mark.parametrize(
@@ -161,9 +190,15 @@ def test_demo_configs_compose():
         ("train_vae.py", "train.lr=-1", "train.lr"),
     ],
 )
+@pytest.mark.slow
 def test_bad_overrides_fail_before_any_model_with_the_key(tool, override, key, tmp_path):
-    result = run_tool(tool, override, f"run_dir={tmp_path / 'run'}", "ae_run=none" if tool == "train_dit.py" else "data_root=none",
-                      check=False)
+    result = run_tool(
+        tool,
+        override,
+        f"run_dir={tmp_path / 'run'}",
+        "ae_run=none" if tool == "train_dit.py" else "data_root=none",
+        check=False,
+    )
     assert result.returncode != 0
     assert key in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -173,8 +208,15 @@ def test_bad_overrides_fail_before_any_model_with_the_key(tool, override, key, t
 # The tiny sweeps, end to end
 # ---------------------------------------------------------------------------------------------
 
-FAST = ["train.max_steps=1", "train.log_every=1", "train.checkpoint_every=1", "evaluate.clips=2",
-        "evaluate.batch_size=2", "wandb.mode=offline", "dataset.window_stride=8"]
+FAST = [
+    "train.max_steps=1",
+    "train.log_every=1",
+    "train.checkpoint_every=1",
+    "evaluate.clips=2",
+    "evaluate.batch_size=2",
+    "wandb.mode=offline",
+    "dataset.window_stride=8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -197,18 +239,33 @@ def collect(sweep_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def sensitivity_sweep(tmp_path_factory, synthetic_root, tiny_vae) -> Path:
     sweep = tmp_path_factory.mktemp("sweeps") / "sensitivity"
-    run_tool("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
-             f"vae.weights={tiny_vae}", f"latent_cache={sweep.parent / 'vae_latents'}", "ae.decode_steps=2",
-             "preview_steps=2", *FAST)
+    run_tool(
+        "train_ae.py",
+        "-m",
+        "+sweep=sensitivity_tiny",
+        f"hydra.sweep.dir={sweep}",
+        f"data_root={synthetic_root}",
+        f"vae.weights={tiny_vae}",
+        f"latent_cache={sweep.parent / 'vae_latents'}",
+        "ae.decode_steps=2",
+        "preview_steps=2",
+        *FAST,
+    )
     return sweep
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_sensitivity_sweep_gives_table_6(sensitivity_sweep):
     runs = sorted(p.parent for p in sensitivity_sweep.glob("*/metrics.json"))
     # Folders are named from the overrides (Hydra's override_dirname, paths and presets left out).
-    grid = {tuple(part for part in run.name.split(",") if part.startswith(("ae.w_kl=", "ae.w_cls="))) for run in runs}
-    assert grid == {(f"ae.w_cls={c}", f"ae.w_kl={k}") for k in ("1e-07", "1e-08") for c in ("0.1", "0.3", "1.0")}
+    grid = {
+        tuple(part for part in run.name.split(",") if part.startswith(("ae.w_kl=", "ae.w_cls=")))
+        for run in runs
+    }
+    assert grid == {
+        (f"ae.w_cls={c}", f"ae.w_kl={k}") for k in ("1e-07", "1e-08") for c in ("0.1", "0.3", "1.0")
+    }
     assert not any("data_root" in run.name or "vae.weights" in run.name for run in runs)
     record = json.loads((runs[0] / "metrics.json").read_text())
     assert record["study"] == "sensitivity" and "ae.w_kl=1e-07" in record["overrides"]
@@ -217,45 +274,90 @@ def test_tiny_sensitivity_sweep_gives_table_6(sensitivity_sweep):
     table = collect(sensitivity_sweep)
     assert "| # | w_kl | w_cls | w_con | Reso. | rFVD | rKVD | rFAD (aisfx) |" in table
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [row.split(" | ")[1:4] for row in rows][:3] == [["1e-08", "1", "1"], ["1e-08", "0.3", "0.3"], ["1e-08", "0.1", "0.1"]]
+    assert [row.split(" | ")[1:4] for row in rows][:3] == [
+        ["1e-08", "1", "1"],
+        ["1e-08", "0.3", "0.3"],
+        ["1e-08", "0.1", "0.1"],
+    ]
     assert "failed" not in table
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_ablation_sweep_gives_table_5(tmp_path, synthetic_root, tiny_vae):
     sweep = tmp_path / "ablation"
-    run_tool("train_ae.py", "-m", "+sweep=ablation_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
-             f"ablation_vae.original={tiny_vae}", f"latent_cache={tmp_path / 'vae_latents'}", "ae.decode_steps=2",
-             "preview_steps=2", *FAST)
+    run_tool(
+        "train_ae.py",
+        "-m",
+        "+sweep=ablation_tiny",
+        f"hydra.sweep.dir={sweep}",
+        f"data_root={synthetic_root}",
+        f"ablation_vae.original={tiny_vae}",
+        f"latent_cache={tmp_path / 'vae_latents'}",
+        "ae.decode_steps=2",
+        "preview_steps=2",
+        *FAST,
+    )
     table = collect(sweep)
     rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ")][1:]
     # As in the paper, a row is named by the component it removes (with every one above it).
-    assert rows == [["| MM-LDM", "7_adversarial"], ["| Finetune KL-VAE decoder", "5_semantic"],
-                    ["| Semantic cross-modal feature", "4_class"], ["| Learnable class embedding", "3_pooling"],
-                    ["| Latent average pooling", "2_prompt"], ["| Weight initialization", "0_base"]]
+    assert rows == [
+        ["| MM-LDM", "7_adversarial"],
+        ["| Finetune KL-VAE decoder", "5_semantic"],
+        ["| Semantic cross-modal feature", "4_class"],
+        ["| Learnable class embedding", "3_pooling"],
+        ["| Latent average pooling", "2_prompt"],
+        ["| Weight initialization", "0_base"],
+    ]
     assert "failed" not in table
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sweep):
     ae_run = next(sensitivity_sweep.glob("*/metrics.json")).parent
     sweep = tmp_path / "scale"
-    run_tool("train_dit.py", "-m", "+sweep=scale_tiny", f"hydra.sweep.dir={sweep}", f"data_root={synthetic_root}",
-             f"ae_run='{ae_run}'", "evaluate_sampling.steps=2", "evaluate_sampling.ae_steps=2",  # quoted: = and ,
-             "evaluate_sampling.vocoder=griffinlim", "preview.steps=2", "preview.ae_steps=2",
-             "preview.vocoder=griffinlim", *FAST)
+    run_tool(
+        "train_dit.py",
+        "-m",
+        "+sweep=scale_tiny",
+        f"hydra.sweep.dir={sweep}",
+        f"data_root={synthetic_root}",
+        f"ae_run='{ae_run}'",
+        "evaluate_sampling.steps=2",
+        "evaluate_sampling.ae_steps=2",  # quoted: = and ,
+        "evaluate_sampling.vocoder=griffinlim",
+        "preview.steps=2",
+        "preview.ae_steps=2",
+        "preview.vocoder=griffinlim",
+        *FAST,
+    )
     table = collect(sweep)
     assert "| Model | Params | GFLOPs | FVD | KVD | FAD (aisfx) |" in table
-    models = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| MM-LDM")]
+    models = [
+        line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| MM-LDM")
+    ]
     assert models == ["MM-LDM-tiny_S", "MM-LDM-tiny_B", "MM-LDM-tiny_L"]  # sorted by size
 
 
+@pytest.mark.slow
 def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
     sweep = tmp_path / "sensitivity"
-    result = run_tool("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}",
-                      f"data_root={synthetic_root}", f"vae.weights={tiny_vae}", f"latent_cache={tmp_path / 'latents'}",
-                      "ae.w_kl=1e-8,-1", "ae.w_cls=0.1", "ae.decode_steps=2",
-                      "preview_steps=2", *FAST, check=False)
+    result = run_tool(
+        "train_ae.py",
+        "-m",
+        "+sweep=sensitivity_tiny",
+        f"hydra.sweep.dir={sweep}",
+        f"data_root={synthetic_root}",
+        f"vae.weights={tiny_vae}",
+        f"latent_cache={tmp_path / 'latents'}",
+        "ae.w_kl=1e-8,-1",
+        "ae.w_cls=0.1",
+        "ae.decode_steps=2",
+        "preview_steps=2",
+        *FAST,
+        check=False,
+    )
     assert result.returncode != 0  # Hydra reports the failed job after running the others
     failed = next(sweep.glob("*ae.w_kl=-1*"))
     assert "w_kl" in (failed / "failed.txt").read_text()
@@ -264,6 +366,7 @@ def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
     assert f"- failed: `{failed.name}`: ConfigError" in table
 
 
+@pytest.mark.slow
 def test_collect_results_refuses_a_folder_without_runs(tmp_path):
     result = run_tool("collect_results.py", str(tmp_path), check=False)
     assert result.returncode == 2 and "no runs" in result.stderr

@@ -82,6 +82,7 @@ def test_written_dataset_layout(decoded_dataset):
     assert all(frames.shape == (32, 64, 64, 3) for _, frames, _ in decoded_dataset)
 
 
+@pytest.mark.slow
 def test_oracles_on_decoded_clips(decoded_dataset):
     rng = np.random.default_rng(0)
     scores = dict.fromkeys(

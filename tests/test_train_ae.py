@@ -20,9 +20,15 @@ from mmldm_data.dataset import SoundingVideoDataset
 
 RESOLUTION = 32
 TINY_OVERRIDES = [  # 32^2 frames through a 2-block VAE (16x16 latents): seconds per step on CPU
-    f"dataset.resolution={RESOLUTION}", f"dataset.mel.image_size={RESOLUTION}", "dataset.window_stride=8",
-    f"ae.resolution={RESOLUTION}", "ae.vae_downsample=2",
-    "preview_clips=1", "preview_steps=2", "vocoder=griffinlim", "train.log_every=1",
+    f"dataset.resolution={RESOLUTION}",
+    f"dataset.mel.image_size={RESOLUTION}",
+    "dataset.window_stride=8",
+    f"ae.resolution={RESOLUTION}",
+    "ae.vae_downsample=2",
+    "preview_clips=1",
+    "preview_steps=2",
+    "vocoder=griffinlim",
+    "train.log_every=1",
 ]
 
 
@@ -35,8 +41,15 @@ def vae_folder(tmp_path_factory) -> Path:
 
 
 def dataset_config(root: Path) -> DatasetConfig:
-    return to_typed(DatasetConfig, {"data_root": str(root), "resolution": RESOLUTION,
-                                    "mel": {"image_size": RESOLUTION}, "window_stride": 8})
+    return to_typed(
+        DatasetConfig,
+        {
+            "data_root": str(root),
+            "resolution": RESOLUTION,
+            "mel": {"image_size": RESOLUTION},
+            "window_stride": 8,
+        },
+    )
 
 
 class RecordingTask(AETrainingTask):
@@ -61,12 +74,18 @@ def make_task(root: Path, vae_folder: Path) -> tuple[RecordingTask, SoundingVide
     pipeline = AutoencoderPipeline(model, vae, pixels.config, pixels.class_names)
     model.train()
     preview = collate([pixels[0]])
-    architecture = {"ae": "tiny-32", "num_classes": len(pixels.class_names), "class_names": pixels.class_names}
-    task = RecordingTask(pipeline, build_discriminator(cfg), preview, architecture, preview_steps=2,
-                         vocoder="griffinlim")
+    architecture = {
+        "ae": "tiny-32",
+        "num_classes": len(pixels.class_names),
+        "class_names": pixels.class_names,
+    }
+    task = RecordingTask(
+        pipeline, build_discriminator(cfg), preview, architecture, preview_steps=2, vocoder="griffinlim"
+    )
     return task, pixels
 
 
+@pytest.mark.slow
 def test_resumed_autoencoder_run_matches_an_uninterrupted_one(synthetic_root, vae_folder, tmp_path):
     settings = dict(batch_size=2, lr=1e-3, checkpoint_every=100, log_every=1)
     straight, data = make_task(synthetic_root, vae_folder)
@@ -76,15 +95,21 @@ def test_resumed_autoencoder_run_matches_an_uninterrupted_one(synthetic_root, va
     second, data = make_task(synthetic_root, vae_folder)
     Trainer(second, data, TrainConfig(max_steps=3, **settings), tmp_path / "split").train()
 
-    assert len(straight.recorded) == 6  # generator and discriminator losses of 3 steps
+    assert len(straight.recorded) == 6  # model and discriminator losses of 3 steps
     assert first.recorded + second.recorded == straight.recorded
     samples = tmp_path / "split" / "samples" / "step_0000003"
     assert (samples / "clip0.mp4").is_file() and (samples / "contact_sheet.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_folder, tmp_path):
     run_dir = tmp_path / "run"
-    common = [f"data_root={synthetic_root}", f"vae.weights={vae_folder}", f"run_dir={run_dir}", *TINY_OVERRIDES]
+    common = [
+        f"data_root={synthetic_root}",
+        f"vae.weights={vae_folder}",
+        f"run_dir={run_dir}",
+        *TINY_OVERRIDES,
+    ]
     first = run_tool("train_ae.py", *common, "train.max_steps=1")
     assert json.loads(first.stdout.strip().splitlines()[-1])["step"] == 1
     assert (run_dir / "checkpoints" / "step_0000001" / "autoencoder.safetensors").is_file()
@@ -98,8 +123,13 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert changed.returncode == 2
     assert "ae.latent_channels: 8 -> 4" in changed.stderr and "Traceback" not in changed.stderr
 
-    no_vae = run_tool("train_ae.py", f"data_root={synthetic_root}", f"run_dir={tmp_path / 'other'}",
-                      *TINY_OVERRIDES, check=False)
+    no_vae = run_tool(
+        "train_ae.py",
+        f"data_root={synthetic_root}",
+        f"run_dir={tmp_path / 'other'}",
+        *TINY_OVERRIDES,
+        check=False,
+    )
     assert no_vae.returncode == 2 and "vae.weights is not set" in no_vae.stderr
 
     pipeline = load_autoencoder(run_dir)
@@ -111,8 +141,18 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert decoded.frames.shape == (2, 16, 3, RESOLUTION, RESOLUTION)
     assert decoded.audio_images.shape == (2, 3, RESOLUTION, RESOLUTION)
 
-    report = run_tool("reconstruct.py", str(run_dir), "--num-clips", "2", "--steps", "2", "--vocoder", "griffinlim",
-                      "--out", str(tmp_path / "recon"))
+    report = run_tool(
+        "reconstruct.py",
+        str(run_dir),
+        "--num-clips",
+        "2",
+        "--steps",
+        "2",
+        "--vocoder",
+        "griffinlim",
+        "--out",
+        str(tmp_path / "recon"),
+    )
     metrics = json.loads(report.stdout.strip().splitlines()[-1])
     assert metrics["clips"] == 2 and metrics["psnr"] > 0 and metrics["logmel_l1"] >= 0
     assert 0.0 <= metrics["class_accuracy"] <= 1.0

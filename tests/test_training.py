@@ -39,23 +39,25 @@ class ToyGanTask:
 
     def __init__(self, width: int = 8, nan_from_step: int | None = None):
         torch.manual_seed(0)
-        self.generator = nn.Sequential(nn.Linear(4, width), nn.SiLU(), nn.Linear(width, 4))
+        self.model = nn.Sequential(nn.Linear(4, width), nn.SiLU(), nn.Linear(width, 4))
         self.critic = nn.Linear(4, 1)
         self.width, self.nan_from_step = width, nan_from_step
         self.losses: list[float] = []
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "critic": self.critic}
+        return {"model": self.model, "critic": self.critic}
 
     def optimizer_modules(self) -> list[str]:
-        return ["generator", "critic"]
+        return ["model", "critic"]
 
     def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
         noise = 0.01 * torch.randn_like(batch["x"])
-        prediction = modules["generator"](batch["x"] + noise)
+        prediction = modules["model"](batch["x"] + noise)
         if optimizer == "critic":
             critic = modules["critic"]
-            loss = torch.relu(1 - critic(batch["y"])).mean() + torch.relu(1 + critic(prediction.detach())).mean()
+            loss = (
+                torch.relu(1 - critic(batch["y"])).mean() + torch.relu(1 + critic(prediction.detach())).mean()
+            )
             return loss, {"critic": loss.item()}
         loss = (prediction - batch["y"]).square().mean()
         if self.nan_from_step is not None and step >= self.nan_from_step:
@@ -91,8 +93,13 @@ def test_resumed_run_continues_with_the_same_losses(tmp_path):
     assert first.losses + second.losses == pytest.approx(straight.losses, rel=0, abs=0)
     final = checkpoint_dirs(tmp_path / "split")[-1]
     assert final.name == "step_0000006"
-    assert {p.name for p in final.iterdir()} >= {"generator.safetensors", "critic.safetensors", "optimizers.pt",
-                                                   "rng_0.pt", "state.json"}
+    assert {p.name for p in final.iterdir()} >= {
+        "model.safetensors",
+        "critic.safetensors",
+        "optimizers.pt",
+        "rng_0.pt",
+        "state.json",
+    }
     assert json.loads((final / "state.json").read_text())["samples_seen"] == 6 * 4 * 2
     assert (tmp_path / "split" / "media" / "step_6.txt").is_file()
 
@@ -114,7 +121,7 @@ def test_nonfinite_losses_skip_steps_then_abort(tmp_path, capsys):
     task = ToyGanTask(nan_from_step=2)
     with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 2.*Lower train.lr"):
         Trainer(task, NoisyPairs(), config(max_nonfinite_steps=3), tmp_path / "run").train()
-    assert capsys.readouterr().err.count("non-finite generator loss") == 3
+    assert capsys.readouterr().err.count("non-finite model loss") == 3
 
 
 def test_resume_with_an_incompatible_config_names_the_keys(tmp_path):
@@ -142,6 +149,11 @@ def test_bad_train_settings_are_named():
 
 def test_wandb_offline_run_is_written_under_the_run_folder(tmp_path):
     run_dir = tmp_path / "run"
-    Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=2), run_dir,
-            wandb=WandbConfig(mode="offline", project="mmldm-test")).train()
+    Trainer(
+        ToyGanTask(),
+        NoisyPairs(),
+        config(max_steps=2),
+        run_dir,
+        wandb=WandbConfig(mode="offline", project="mmldm-test"),
+    ).train()
     assert list((run_dir / "wandb").glob("offline-run-*"))

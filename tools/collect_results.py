@@ -39,9 +39,9 @@ ABLATION_ROWS = {
 CAPTIONS = {
     "sensitivity": "Table 6 layout: autoencoder reconstructions under each loss weighting (r = round trip).",
     "ablation": "Table 5 layout: each row removes the named component and every one above it "
-                "(conf/ablation/ lists the components of each step).",
+    "(conf/ablation/ lists the components of each step).",
     "scale": "Table 4 layout: params and GFLOPs (multiply-accumulates of the linear layers, the paper's "
-             "convention) of the DiT, FVD / KVD / FAD of its svg samples.",
+    "convention) of the DiT, FVD / KVD / FAD of its svg samples.",
 }
 
 
@@ -67,8 +67,10 @@ class CollectError(ValueError):
 
 def read_runs(sweep: Path) -> list[Run]:
     if not sweep.is_dir():
-        raise CollectError(f"{sweep} is not a folder; give the sweep folder (hydra.sweep.dir, e.g. outputs/sweeps/"
-                           "sensitivity-tiny)")
+        raise CollectError(
+            f"{sweep} is not a folder; give the sweep folder (hydra.sweep.dir, e.g. outputs/sweeps/"
+            "sensitivity-tiny)"
+        )
     runs = []
     for config_file in sorted(sweep.glob("*/.hydra/config.yaml")):
         folder = config_file.parent.parent
@@ -83,15 +85,19 @@ def read_runs(sweep: Path) -> list[Run]:
             run.failure = "no metrics.json (unfinished, or evaluate.clips was 0)"
         runs.append(run)
     if not runs:
-        raise CollectError(f"{sweep} holds no runs (no */.hydra/config.yaml): is it the folder of a Hydra multirun?")
+        raise CollectError(
+            f"{sweep} holds no runs (no */.hydra/config.yaml): is it the folder of a Hydra multirun?"
+        )
     return runs
 
 
 def study_of(runs: list[Run]) -> str:
     studies = {run.select("experiment.study") for run in runs}
     if len(studies) != 1 or None in studies:
-        raise CollectError(f"the runs name studies {sorted(map(str, studies))}; a sweep folder holds one study "
-                           f"(experiment.study, one of {STUDIES})")
+        raise CollectError(
+            f"the runs name studies {sorted(map(str, studies))}; a sweep folder holds one study "
+            f"(experiment.study, one of {STUDIES})"
+        )
     return studies.pop()
 
 
@@ -108,25 +114,41 @@ def table(study: str, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the study's table; a failed run's metric cells say so."""
     prefix = "" if study == "scale" else "r"
     fad = fad_key(runs, prefix)
-    metrics = [(f"{prefix}FVD", f"{prefix}fvd"), (f"{prefix}KVD", f"{prefix}kvd"),
-               (f"{prefix}FAD ({fad.split('_', 1)[1]})" if fad else f"{prefix}FAD", fad)]
+    metrics = [
+        (f"{prefix}FVD", f"{prefix}fvd"),
+        (f"{prefix}KVD", f"{prefix}kvd"),
+        (f"{prefix}FAD ({fad.split('_', 1)[1]})" if fad else f"{prefix}FAD", fad),
+    ]
     if study == "sensitivity":
         runs.sort(key=lambda r: (r.select("ae.w_kl"), -r.select("ae.w_cls")))
         header = ["#", "w_kl", "w_cls", "w_con", "Reso."]
-        keys = [lambda i, r: str(i + 1), lambda i, r: f"{r.select('ae.w_kl'):g}", lambda i, r: f"{r.select('ae.w_cls'):g}",
-                lambda i, r: f"{r.select('ae.w_con'):g}", lambda i, r: f"{r.select('evaluate.resolution')}^2"]
+        keys = [
+            lambda i, r: str(i + 1),
+            lambda i, r: f"{r.select('ae.w_kl'):g}",
+            lambda i, r: f"{r.select('ae.w_cls'):g}",
+            lambda i, r: f"{r.select('ae.w_con'):g}",
+            lambda i, r: f"{r.select('evaluate.resolution')}^2",
+        ]
     elif study == "ablation":
         order = list(ABLATION_ROWS)
-        runs.sort(key=lambda r: order.index(r.select("experiment.label")) if r.select("experiment.label") in order else 99)
+        runs.sort(
+            key=lambda r: (
+                order.index(r.select("experiment.label")) if r.select("experiment.label") in order else 99
+            )
+        )
         header = ["Model", "step"]
-        keys = [lambda i, r: ABLATION_ROWS.get(r.select("experiment.label"), "?"),
-                lambda i, r: str(r.select("experiment.label"))]
+        keys = [
+            lambda i, r: ABLATION_ROWS.get(r.select("experiment.label"), "?"),
+            lambda i, r: str(r.select("experiment.label")),
+        ]
     else:
         runs.sort(key=lambda r: (r.metrics or {}).get("params") or 0)
         header = ["Model", "Params", "GFLOPs"]
-        keys = [lambda i, r: f"MM-LDM-{r.choices.get('dit')}",
-                lambda i, r: f"{r.metrics['params'] / 1e6:.2f}M" if r.metrics else "-",
-                lambda i, r: f"{r.metrics['gmacs_linear']:.3g}" if r.metrics else "-"]
+        keys = [
+            lambda i, r: f"MM-LDM-{r.choices.get('dit')}",
+            lambda i, r: f"{r.metrics['params'] / 1e6:.2f}M" if r.metrics else "-",
+            lambda i, r: f"{r.metrics['gmacs_linear']:.3g}" if r.metrics else "-",
+        ]
     rows = []
     for index, run in enumerate(runs):
         cells = [key(index, run) for key in keys]
@@ -138,7 +160,9 @@ def table(study: str, runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep", type=Path, help="the sweep folder (hydra.sweep.dir)")
     args = parser.parse_args()
     try:
@@ -148,8 +172,14 @@ def main() -> int:
         print(f"collect_results: error: {error}", file=sys.stderr)
         return 2
     header, rows = table(study, runs)
-    lines = [f"## {study}: {args.sweep}", "", CAPTIONS[study], "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"## {study}: {args.sweep}",
+        "",
+        CAPTIONS[study],
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     failed = [run for run in runs if run.metrics is None]
     if failed:
@@ -161,7 +191,10 @@ def main() -> int:
         writer.writerow([*header, "run"])
         writer.writerows([*row, run.folder.name] for row, run in zip(rows, runs, strict=True))
     print(markdown)
-    print(f"{len(runs)} runs ({len(failed)} failed); wrote {args.sweep / 'results.md'} and results.csv", file=sys.stderr)
+    print(
+        f"{len(runs)} runs ({len(failed)} failed); wrote {args.sweep / 'results.md'} and results.csv",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -52,14 +52,17 @@ from mmldm_data.evaluation import EvalProtocol, EvalSets, EvaluationError, evalu
 from mmldm_data.media import read_audio, read_video, write_video
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.synthetic import CLASS_NAMES, SyntheticConfig, write_synthetic_dataset
+from mmldm_data.tasks import Task
 from mmldm_data.video import to_uint8_frames
 from mmldm_dit.config import register_schemas
-from mmldm_dit.generate import SampleConfig, conditioning_from_items, generate, load_generator
+from mmldm_dit.generate import SampleConfig, conditioning_from_items, generate, load_trained_dit
 from mmldm_dit.train_dit import train_dit_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
-TASKS = ("svg", "a2v", "v2a", "long")
+SAMPLED_TASKS = (Task.svg, Task.a2v, Task.v2a, Task.long)
+# Long samples are left out of the evaluation: the evaluator reads one window per file, too few for FVD.
+EVALUATED_TASKS = tuple(task for task in SAMPLED_TASKS if not task.needs_long_model)
 REFERENCE_SETS = ("real", "shuffled", "swapped")  # held-out clips; frames shuffled; sound of another clip
 
 # ---------------------------------------------------------------------------------------------
@@ -105,16 +108,28 @@ class EndToEndConfig:
         problems = []
         classes = len(CLASS_NAMES)
         if self.num_clips < classes or self.heldout_clips < classes:
-            problems.append(f"num_clips ({self.num_clips}) and heldout_clips ({self.heldout_clips}) must be at "
-                            f"least {classes}, one per class")
+            problems.append(
+                f"num_clips ({self.num_clips}) and heldout_clips ({self.heldout_clips}) must be at "
+                f"least {classes}, one per class"
+            )
         plan = self.sampling
-        for name in ("per_class", "svg_samples", "long_samples", "long_clips", "batch_size", "steps", "ae_steps"):
+        for name in (
+            "per_class",
+            "svg_samples",
+            "long_samples",
+            "long_clips",
+            "batch_size",
+            "steps",
+            "ae_steps",
+        ):
             if getattr(plan, name) < 1:
                 problems.append(f"sampling.{name} must be >= 1, got {getattr(plan, name)}")
         if plan.guidance < 0:
             problems.append(f"sampling.guidance must be >= 0, got {plan.guidance}")
         if self.evaluation.real_clips < 2 or self.evaluation.reference_clips < 2:
-            problems.append("evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)")
+            problems.append(
+                "evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)"
+            )
         if problems:
             raise ConfigError("invalid end-to-end config:\n  " + "\n  ".join(problems))
 
@@ -149,7 +164,9 @@ def run_stage(folder: Path, settings: dict, work: Callable[[Path], dict], resuma
     print(f"[{folder.name}] running ...", file=sys.stderr, flush=True)
     result = work(folder) | {"key": key}
     result["seconds"] = round(time.perf_counter() - started, 1)
-    marker.write_text(json.dumps({"key": key, "settings": settings, "finished": True, "result": result}, indent=1))
+    marker.write_text(
+        json.dumps({"key": key, "settings": settings, "finished": True, "result": result}, indent=1)
+    )
     print(f"[{folder.name}] done in {result['seconds']} s", file=sys.stderr, flush=True)
     return result
 
@@ -177,18 +194,24 @@ def write_previews(folder: Path, dataset: SoundingVideoDataset) -> dict:
         rows.append([*to_uint8_frames(item["key_frames"]), audio_image, spectrogram])
         labels.append(name)
         video = folder / f"window_{name}.mp4"
-        write_video(video, to_uint8_frames(item["frames"]), config.fps, item["audio"].numpy(), config.mel.sample_rate)
+        write_video(
+            video, to_uint8_frames(item["frames"]), config.fps, item["audio"].numpy(), config.mel.sample_rate
+        )
         videos.append(str(video))
     sheet = save_png(contact_sheet(rows, labels), folder / "contact_sheet.png")
     return {"contact_sheet": str(sheet), "videos": videos, "classes": labels}
 
 
-def train_stage(config_name: str, overrides: list[str], train: Callable[[object], dict]) -> Callable[[Path], dict]:
+def train_stage(
+    config_name: str, overrides: list[str], train: Callable[[object], dict]
+) -> Callable[[Path], dict]:
     """The work of a training stage: conf/<config_name>.yaml with `overrides`, run into the stage's folder."""
+
     def work(folder: Path) -> dict:
         summary = train(compose(CONF_DIR, config_name, [*overrides, f"run_dir={folder}"]))
         summary.pop("is_main", None)
         return summary
+
     return work
 
 
@@ -203,34 +226,49 @@ def heldout_windows(dataset: SoundingVideoDataset, per_class: int) -> list[int]:
     return chosen
 
 
-def write_samples(folder: Path, dit_run: Path, long_run: Path, heldout: SoundingVideoDataset,
-                  plan: SamplingPlan, seed: int) -> dict:
+def write_samples(
+    folder: Path, dit_run: Path, long_run: Path, heldout: SoundingVideoDataset, plan: SamplingPlan, seed: int
+) -> dict:
     """Every task's samples under folder/<task>/, a contact sheet (first sample of each task) and spectrograms."""
-    common = dict(steps=plan.steps, ae_steps=plan.ae_steps, guidance_audio=plan.guidance,
-                  guidance_video=plan.guidance, vocoder=plan.vocoder, seed=seed, batch_size=plan.batch_size)
-    generator = load_generator(dit_run)
+    common = dict(
+        steps=plan.steps,
+        ae_steps=plan.ae_steps,
+        guidance_audio=plan.guidance,
+        guidance_video=plan.guidance,
+        vocoder=plan.vocoder,
+        seed=seed,
+        batch_size=plan.batch_size,
+    )
+    dit = load_trained_dit(dit_run)
     windows = heldout_windows(heldout, plan.per_class)
     items = [heldout[w] for w in windows]
     sources = [f"{heldout.files[heldout.windows[w][0]].path}@{heldout.windows[w][1]}" for w in windows]
     summaries = {}
-    for task in ("svg", "a2v", "v2a"):
+    for task in EVALUATED_TASKS:
         out_dir = folder / task
-        if task == "svg":
-            config = SampleConfig(run=str(dit_run), task=task, out_dir=str(out_dir), num_samples=plan.svg_samples,
-                                  **common)
-            summaries[task] = generate(generator, config)
+        if task.given_modality is None:
+            config = SampleConfig(
+                run=str(dit_run), task=task, out_dir=str(out_dir), num_samples=plan.svg_samples, **common
+            )
+            summaries[task] = generate(dit, config)
         else:
-            modality = "audio" if task == "a2v" else "video"
-            config = SampleConfig(run=str(dit_run), task=task, out_dir=str(out_dir), num_samples=len(items),
-                                  **common)
-            conditioning = conditioning_from_items(generator, items, modality, sources)
-            summaries[task] = generate(generator, config, conditioning)
-    long_config = SampleConfig(run=str(long_run), task="long", out_dir=str(folder / "long"),
-                               num_samples=plan.long_samples, num_clips=plan.long_clips, **common)
-    summaries["long"] = generate(load_generator(long_run), long_config)
+            config = SampleConfig(
+                run=str(dit_run), task=task, out_dir=str(out_dir), num_samples=len(items), **common
+            )
+            conditioning = conditioning_from_items(dit, items, task.given_modality, sources)
+            summaries[task] = generate(dit, config, conditioning)
+    long_config = SampleConfig(
+        run=str(long_run),
+        task=Task.long,
+        out_dir=str(folder / Task.long),
+        num_samples=plan.long_samples,
+        num_clips=plan.long_clips,
+        **common,
+    )
+    summaries[Task.long] = generate(load_trained_dit(long_run), long_config)
 
     rows, labels = [], []
-    for task in TASKS:
+    for task in SAMPLED_TASKS:
         video = sorted((folder / task).glob("*.mp4"))[0]
         frames = read_video(video, fps=heldout.config.fps).frames
         wave = read_audio(video, heldout.config.mel.sample_rate)
@@ -240,8 +278,11 @@ def write_samples(folder: Path, dit_run: Path, long_run: Path, heldout: Sounding
         rows.append([*frames[picks], spectrogram])
         labels.append(task)
     sheet = save_png(contact_sheet(rows, labels, cell=96), folder / "contact_sheet.png")
-    return {"tasks": summaries, "contact_sheet": str(sheet),
-            "spectrograms": [str(folder / f"spectrogram_{task}.png") for task in TASKS]}
+    return {
+        "tasks": summaries,
+        "contact_sheet": str(sheet),
+        "spectrograms": [str(folder / f"spectrogram_{task}.png") for task in SAMPLED_TASKS],
+    }
 
 
 def write_references(folder: Path, heldout: SoundingVideoDataset, count: int, seed: int) -> dict[str, Path]:
@@ -257,10 +298,15 @@ def write_references(folder: Path, heldout: SoundingVideoDataset, count: int, se
         frames = to_uint8_frames(item["frames"])
         audio = item["audio"].numpy()
         other = items[(index + 1) % len(items)]["audio"].numpy()
-        variants = {"real": (frames, audio), "shuffled": (frames[rng.permutation(len(frames))], audio),
-                    "swapped": (frames, other)}
+        variants = {
+            "real": (frames, audio),
+            "shuffled": (frames[rng.permutation(len(frames))], audio),
+            "swapped": (frames, other),
+        }
         for name, (video, sound) in variants.items():
-            write_video(folders[name] / f"{name}_{index:04d}.mp4", video, config.fps, sound, config.mel.sample_rate)
+            write_video(
+                folders[name] / f"{name}_{index:04d}.mp4", video, config.fps, sound, config.mel.sample_rate
+            )
     return folders
 
 
@@ -271,9 +317,17 @@ def evaluate_sets(folder: Path, real_root: Path, sets: dict[str, Path], plan: Ev
     reports = {}
     for name, generated in sets.items():
         print(f"[evaluation] {name}", file=sys.stderr, flush=True)
-        report = evaluate(EvalSets.scan(real_root, protocol, generated), protocol, models, seeds=[0],
-                          cache_dir=folder / "cache", batch_size=plan.batch_size)
-        reports[name] = {key: value for key, value in report.items() if key not in ("per_seed", "protocol", "inputs")}
+        report = evaluate(
+            EvalSets.scan(real_root, protocol, generated),
+            protocol,
+            models,
+            seeds=[0],
+            cache_dir=folder / "cache",
+            batch_size=plan.batch_size,
+        )
+        reports[name] = {
+            key: value for key, value in report.items() if key not in ("per_seed", "protocol", "inputs")
+        }
     (folder / "reports.json").write_text(json.dumps(reports, indent=1))
     return reports
 
@@ -284,21 +338,39 @@ def evaluate_sets(folder: Path, real_root: Path, sets: dict[str, Path], plan: Ev
 
 # (label, metric, which generated set, reference set or None, bar: (">=" or "<=", value) or None)
 QUALITY_ROWS = (
-    ("joint (svg) cross-modal class agreement", "oracle_class_agreement", "svg", "real", (">=", 0.8)),
-    ("a2v oracle accuracy", "oracle_a2v_accuracy", "a2v", None, (">=", 0.8)),
-    ("v2a oracle accuracy", "oracle_v2a_accuracy", "v2a", None, (">=", 0.8)),
-    # What bounds the two above: the given clip as the generator sees it (its latent, decoded) and
+    ("joint (svg) cross-modal class agreement", "oracle_class_agreement", Task.svg, "real", (">=", 0.8)),
+    ("a2v oracle accuracy", "oracle_a2v_accuracy", Task.a2v, None, (">=", 0.8)),
+    ("v2a oracle accuracy", "oracle_v2a_accuracy", Task.v2a, None, (">=", 0.8)),
+    # What bounds the two above: the given clip as the DiT sees it (its latent, decoded) and
     # whether the generated modality follows that.
-    ("a2v: given sound read right after the autoencoder (ceiling)", "oracle_a2v_given_accuracy", "a2v", None, None),
-    ("a2v: video matches the given sound as decoded", "oracle_a2v_agreement", "a2v", None, None),
-    ("v2a: given video read right after the autoencoder (ceiling)", "oracle_v2a_given_accuracy", "v2a", None, None),
-    ("v2a: sound matches the given video as decoded", "oracle_v2a_agreement", "v2a", None, None),
-    ("median onset-to-impact error (frames), svg", "oracle_onset_error_frames", "svg", "real", ("<=", 1.0)),
-    ("FVD vs training clips, svg", "fvd", "svg", "real", None),
+    (
+        "a2v: given sound read right after the autoencoder (ceiling)",
+        "oracle_a2v_given_accuracy",
+        Task.a2v,
+        None,
+        None,
+    ),
+    ("a2v: video matches the given sound as decoded", "oracle_a2v_agreement", Task.a2v, None, None),
+    (
+        "v2a: given video read right after the autoencoder (ceiling)",
+        "oracle_v2a_given_accuracy",
+        Task.v2a,
+        None,
+        None,
+    ),
+    ("v2a: sound matches the given video as decoded", "oracle_v2a_agreement", Task.v2a, None, None),
+    (
+        "median onset-to-impact error (frames), svg",
+        "oracle_onset_error_frames",
+        Task.svg,
+        "real",
+        ("<=", 1.0),
+    ),
+    ("FVD vs training clips, svg", "fvd", Task.svg, "real", None),
     ("FVD, time-shuffled held-out frames", "fvd", "shuffled", None, None),
-    ("AV-Align, svg", "av_align", "svg", "real", None),
+    ("AV-Align, svg", "av_align", Task.svg, "real", None),
     ("AV-Align, held-out frames with another clip's sound", "av_align", "swapped", None, None),
-    ("FAD (aisfx stand-in, not comparable to papers), svg", "fad_aisfx", "svg", "real", None),
+    ("FAD (aisfx stand-in, not comparable to papers), svg", "fad_aisfx", Task.svg, "real", None),
 )
 
 
@@ -311,8 +383,17 @@ def quality_table(reports: dict[str, dict]) -> tuple[list[dict], str]:
         passed = None
         if bar is not None and value is not None:
             passed = value >= bar[1] if bar[0] == ">=" else value <= bar[1]
-        rows.append({"label": label, "metric": metric, "set": generated, "value": value, "real_floor": floor,
-                     "bar": f"{bar[0]} {bar[1]:g}" if bar else None, "passed": passed})
+        rows.append(
+            {
+                "label": label,
+                "metric": metric,
+                "set": generated,
+                "value": value,
+                "real_floor": floor,
+                "bar": f"{bar[0]} {bar[1]:g}" if bar else None,
+                "passed": passed,
+            }
+        )
 
     def shown(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3g}"
@@ -320,7 +401,9 @@ def quality_table(reports: dict[str, dict]) -> tuple[list[dict], str]:
     lines = ["| metric | generated | real held-out clips | bar | met |", "|---|---|---|---|---|"]
     for row in rows:
         met = {True: "yes", False: "**no**", None: ""}[row["passed"]]
-        lines.append(f"| {row['label']} | {shown(row['value'])} | {shown(row['real_floor'])} | {row['bar'] or ''} | {met} |")
+        lines.append(
+            f"| {row['label']} | {shown(row['value'])} | {shown(row['real_floor'])} | {row['bar'] or ''} | {met} |"
+        )
     return rows, "\n".join(lines) + "\n"
 
 
@@ -335,55 +418,111 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
     out = Path(cfg.out)
     started = time.perf_counter()
     data = {}
-    for name, clips, seed in (("synthetic", cfg.num_clips, cfg.seed), ("heldout", cfg.heldout_clips, cfg.seed + 1000)):
-        data[name] = run_stage(out / name, {"clips": clips, "seed": seed, "synthetic": asdict(SyntheticConfig())},
-                               lambda folder, c=clips, s=seed: write_synthetic_dataset(folder, c, s, progress=True))
+    for name, clips, seed in (
+        ("synthetic", cfg.num_clips, cfg.seed),
+        ("heldout", cfg.heldout_clips, cfg.seed + 1000),
+    ):
+        data[name] = run_stage(
+            out / name,
+            {"clips": clips, "seed": seed, "synthetic": asdict(SyntheticConfig())},
+            lambda folder, c=clips, s=seed: write_synthetic_dataset(folder, c, s, progress=True),
+        )
     train_root, heldout_root = out / "synthetic", out / "heldout"
-    training = SoundingVideoDataset(synthetic_dataset_config(train_root), return_all_frames=True, progress=True)
-    previews = run_stage(out / "previews", {"data": data["synthetic"]["key"]},
-                         lambda folder: write_previews(folder, training))
+    training = SoundingVideoDataset(
+        synthetic_dataset_config(train_root), return_all_frames=True, progress=True
+    )
+    previews = run_stage(
+        out / "previews", {"data": data["synthetic"]["key"]}, lambda folder: write_previews(folder, training)
+    )
 
     runs = out / "runs"
     data_override = [f"data_root={train_root}"]
-    vae = run_stage(runs / "vae", {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
-                    train_stage("train_vae", [*data_override, *cfg.train_vae], train_vae_from_config),
-                    resumable=True)
-    ae = run_stage(runs / "ae", {"vae": vae["key"], "overrides": cfg.train_ae},
-                   train_stage("train_ae", [*data_override, f"vae.weights={runs / 'vae' / 'vae'}",
-                                                      f"latent_cache={runs / 'vae_latents'}", *cfg.train_ae],
-                               train_ae_from_config), resumable=True)
+    vae = run_stage(
+        runs / "vae",
+        {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
+        train_stage("train_vae", [*data_override, *cfg.train_vae], train_vae_from_config),
+        resumable=True,
+    )
+    ae = run_stage(
+        runs / "ae",
+        {"vae": vae["key"], "overrides": cfg.train_ae},
+        train_stage(
+            "train_ae",
+            [
+                *data_override,
+                f"vae.weights={runs / 'vae' / 'vae'}",
+                f"latent_cache={runs / 'vae_latents'}",
+                *cfg.train_ae,
+            ],
+            train_ae_from_config,
+        ),
+        resumable=True,
+    )
     dits = {}
-    for name, config_name, overrides in (("dit", "train_dit", cfg.train_dit), ("dit_long", "train_dit_long", cfg.train_dit_long)):
-        dits[name] = run_stage(runs / name, {"ae": ae["key"], "overrides": overrides},
-                               train_stage(config_name, [*data_override, f"ae_run={runs / 'ae'}", *overrides],
-                                           train_dit_from_config), resumable=True)
+    for name, config_name, overrides in (
+        ("dit", "train_dit", cfg.train_dit),
+        ("dit_long", "train_dit_long", cfg.train_dit_long),
+    ):
+        dits[name] = run_stage(
+            runs / name,
+            {"ae": ae["key"], "overrides": overrides},
+            train_stage(
+                config_name, [*data_override, f"ae_run={runs / 'ae'}", *overrides], train_dit_from_config
+            ),
+            resumable=True,
+        )
 
     heldout = SoundingVideoDataset(synthetic_dataset_config(heldout_root), return_all_frames=True)
-    samples = run_stage(out / "samples", {"dits": [d["key"] for d in dits.values()], "heldout": data["heldout"]["key"],
-                                          "plan": asdict(cfg.sampling), "seed": cfg.seed},
-                        lambda folder: write_samples(folder, runs / "dit", runs / "dit_long", heldout, cfg.sampling,
-                                                     cfg.seed))
+    samples = run_stage(
+        out / "samples",
+        {
+            "dits": [d["key"] for d in dits.values()],
+            "heldout": data["heldout"]["key"],
+            "plan": asdict(cfg.sampling),
+            "seed": cfg.seed,
+        },
+        lambda folder: write_samples(
+            folder, runs / "dit", runs / "dit_long", heldout, cfg.sampling, cfg.seed
+        ),
+    )
 
     def evaluation(folder: Path) -> dict:
-        references = write_references(folder / "references", heldout, cfg.evaluation.reference_clips, cfg.seed)
-        # Long samples are left out: the evaluator reads one window per file, too few for FVD.
-        sets = {task: out / "samples" / task for task in ("svg", "a2v", "v2a")} | references
+        references = write_references(
+            folder / "references", heldout, cfg.evaluation.reference_clips, cfg.seed
+        )
+        sets = {task: out / "samples" / task for task in EVALUATED_TASKS} | references
         return {"reports": evaluate_sets(folder, train_root, sets, cfg.evaluation)}
 
-    evaluated = run_stage(out / "evaluation", {"samples": samples["key"], "plan": asdict(cfg.evaluation)}, evaluation)
+    evaluated = run_stage(
+        out / "evaluation", {"samples": samples["key"], "plan": asdict(cfg.evaluation)}, evaluation
+    )
     rows, table = quality_table(evaluated["reports"])
     minutes = (time.perf_counter() - started) / 60
 
     metrics = {
         "quality": rows,
         "reports": evaluated["reports"],
-        "training": {name: {key: stage.get(key) for key in ("step", "seconds", "last")}
-                     for name, stage in (("vae", vae), ("ae", ae), ("dit", dits["dit"]), ("dit_long", dits["dit_long"]))},
+        "training": {
+            name: {key: stage.get(key) for key in ("step", "seconds", "last")}
+            for name, stage in (
+                ("vae", vae),
+                ("ae", ae),
+                ("dit", dits["dit"]),
+                ("dit_long", dits["dit_long"]),
+            )
+        },
         "sampling": samples["tasks"],
-        "config": {"num_clips": cfg.num_clips, "heldout_clips": cfg.heldout_clips, "seed": cfg.seed,
-                   "train_vae": cfg.train_vae, "train_ae": cfg.train_ae, "train_dit": cfg.train_dit,
-                   "train_dit_long": cfg.train_dit_long,
-                   "sampling": asdict(cfg.sampling), "evaluation": asdict(cfg.evaluation)},
+        "config": {
+            "num_clips": cfg.num_clips,
+            "heldout_clips": cfg.heldout_clips,
+            "seed": cfg.seed,
+            "train_vae": cfg.train_vae,
+            "train_ae": cfg.train_ae,
+            "train_dit": cfg.train_dit,
+            "train_dit_long": cfg.train_dit_long,
+            "sampling": asdict(cfg.sampling),
+            "evaluation": asdict(cfg.evaluation),
+        },
         "minutes": round(minutes, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -418,9 +557,11 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
         "Rows: svg (sound and video from noise), a2v (video for a held-out clip's sound), v2a (sound for a "
         "held-out clip's video), long (autoregressive); 8 frames, then the spectrogram of the sound.",
         "",
-        *[f"- {task}: `{relative(summary['out_dir'])}/` ({summary['samples']} samples of "
-          f"{summary['frames_per_sample']} frames, {summary['seconds_per_sample']} s each)"
-          for task, summary in metrics["sampling"].items()],
+        *[
+            f"- {task}: `{relative(summary['out_dir'])}/` ({summary['samples']} samples of "
+            f"{summary['frames_per_sample']} frames, {summary['seconds_per_sample']} s each)"
+            for task, summary in metrics["sampling"].items()
+        ],
         f"- training clips, one per class: `{relative(str(Path(previews['contact_sheet']).parent))}/`",
         "",
         "## Quality (synthetic oracles, FVD, AV-Align)",
@@ -440,7 +581,9 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config-name", default="demo", help="conf/<name>.yaml: demo or synth_bench")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value) of that config")
     args = parser.parse_args()
@@ -451,13 +594,23 @@ def main() -> int:
         metrics = run_end_to_end(config)
     out = Path(config.out)
     print(f"\n{metrics['table']}", file=sys.stderr)
-    print(f"{config.title} finished in {metrics['minutes']} min\n"
-          f"  report        : {out / 'report.md'}\n"
-          f"  contact sheet : {out / 'samples' / 'contact_sheet.png'}\n"
-          f"  samples       : {out / 'samples'}/{{svg,a2v,v2a,long}}/*.mp4 (with sound)\n"
-          f"  metrics       : {out / 'metrics.json'}", file=sys.stderr)
-    print(json.dumps({"out": str(out), "minutes": metrics["minutes"],
-                      "quality": {row["label"]: row["value"] for row in metrics["quality"]}}))
+    print(
+        f"{config.title} finished in {metrics['minutes']} min\n"
+        f"  report        : {out / 'report.md'}\n"
+        f"  contact sheet : {out / 'samples' / 'contact_sheet.png'}\n"
+        f"  samples       : {out / 'samples'}/{{svg,a2v,v2a,long}}/*.mp4 (with sound)\n"
+        f"  metrics       : {out / 'metrics.json'}",
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "minutes": metrics["minutes"],
+                "quality": {row["label"]: row["value"] for row in metrics["quality"]},
+            }
+        )
+    )
     return 0
 
 

@@ -52,19 +52,39 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--generated", type=Path, help="folder of generated videos (any nesting)")
     parser.add_argument("--real", required=True, help="folder of real videos, or dataset=NAME")
-    parser.add_argument("--recon", type=Path, help="autoencoder run_dir of tools/train_ae.py (or one of its "
-                        "checkpoints/step_* folders): evaluate its round trips of the real clips")
+    parser.add_argument(
+        "--recon",
+        type=Path,
+        help="autoencoder run_dir of tools/train_ae.py (or one of its "
+        "checkpoints/step_* folders): evaluate its round trips of the real clips",
+    )
     parser.add_argument("--num-clips", type=int, default=2048, help="clips per side (default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the clip draws (default 0)")
-    parser.add_argument("--repeats", type=int, default=1, help="repeat with seeds seed..seed+K-1; report mean and std")
-    parser.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=256,
-                        help="frames are letterboxed to this size before I3D (default 256; 64: MM-Diffusion's)")
-    parser.add_argument("--fad-backends", default="aisfx", help=f"comma list from {sorted(BACKENDS)} (default aisfx)")
-    parser.add_argument("--fad-weights", action="append", default=[], metavar="NAME=PATH",
-                        help="weights file of a FAD backend, e.g. vggish=/w/vggish-10086976.pth")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="repeat with seeds seed..seed+K-1; report mean and std"
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        choices=RESOLUTIONS,
+        default=256,
+        help="frames are letterboxed to this size before I3D (default 256; 64: MM-Diffusion's)",
+    )
+    parser.add_argument(
+        "--fad-backends", default="aisfx", help=f"comma list from {sorted(BACKENDS)} (default aisfx)"
+    )
+    parser.add_argument(
+        "--fad-weights",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="weights file of a FAD backend, e.g. vggish=/w/vggish-10086976.pth",
+    )
     parser.add_argument("--out", type=Path, help="JSON report path; the markdown table goes beside it (.md)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,8 +101,10 @@ def real_source(real: str, overrides: list[str]) -> tuple[Path, float, int, list
     config = dataset_config_from(compose(CONF_DIR, "data", [real, *overrides]))
     root = Path(config.data_root)
     if not root.is_dir():
-        raise EvaluationError(f"{real}: its data_root {config.data_root!r} is not a folder; "
-                              "pass data_root=PATH after the other arguments")
+        raise EvaluationError(
+            f"{real}: its data_root {config.data_root!r} is not a folder; "
+            "pass data_root=PATH after the other arguments"
+        )
     return root, config.fps, config.num_frames, config.extensions, f"{real} ({root})"
 
 
@@ -91,7 +113,9 @@ def parse_fad_weights(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         name, _, path = pair.partition("=")
         if name not in BACKENDS or not path:
-            raise EvaluationError(f"--fad-weights {pair!r}: expected NAME=PATH with NAME one of {sorted(BACKENDS)}")
+            raise EvaluationError(
+                f"--fad-weights {pair!r}: expected NAME=PATH with NAME one of {sorted(BACKENDS)}"
+            )
         weights[name] = path
     return weights
 
@@ -105,20 +129,35 @@ def main(argv: list[str]) -> int:
         if unknown_flags:
             raise EvaluationError(f"unknown option(s) {unknown_flags}; see --help")
         if (args.generated is None) == (args.recon is None):
-            raise EvaluationError("give either --generated DIR (samples to evaluate) or --recon CKPT (autoencoder round trips)")
+            raise EvaluationError(
+                "give either --generated DIR (samples to evaluate) or --recon CKPT (autoencoder round trips)"
+            )
         if args.repeats < 1:
             raise EvaluationError(f"--repeats must be >= 1, got {args.repeats}")
         root, fps, num_frames, extensions, label = real_source(args.real, overrides)
         backends = tuple(name.strip() for name in args.fad_backends.split(",") if name.strip())
-        protocol = EvalProtocol(num_frames=num_frames, fps=fps, resolution=args.resolution, num_clips=args.num_clips,
-                                fad_backends=backends, **({"extensions": tuple(extensions)} if extensions else {}))
+        protocol = EvalProtocol(
+            num_frames=num_frames,
+            fps=fps,
+            resolution=args.resolution,
+            num_clips=args.num_clips,
+            fad_backends=backends,
+            **({"extensions": tuple(extensions)} if extensions else {}),
+        )
         fad_weights = parse_fad_weights(args.fad_weights)
         reconstructor = load_reconstructor(args.recon, args.device) if args.recon else None
         sets = EvalSets.scan(root, protocol, args.generated, reconstructor, label)
         print(f"{PROGRAM}: loading I3D and FAD backends {list(backends)} on {args.device}", file=sys.stderr)
         models = load_models(protocol, args.device, fad_weights)
-        report = evaluate(sets, protocol, models, seeds=[args.seed + k for k in range(args.repeats)],
-                          cache_dir=args.cache_dir, batch_size=args.batch_size, progress=True)
+        report = evaluate(
+            sets,
+            protocol,
+            models,
+            seeds=[args.seed + k for k in range(args.repeats)],
+            cache_dir=args.cache_dir,
+            batch_size=args.batch_size,
+            progress=True,
+        )
     report["wall_seconds"] = round(time.perf_counter() - began, 1)
     table = markdown_table(report)
     print(table)

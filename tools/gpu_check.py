@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmldm_data.config import preset
+from mmldm_data.tasks import Task
 from mmldm_dit.config import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +53,9 @@ def run_stage(name: str, command: list[str], log_dir: Path) -> tuple[StageResult
     if finished.returncode != 0:
         tail = (log_dir / f"{name}.log").read_text().strip().splitlines()[-15:]
         print("\n".join(tail), file=sys.stderr)
-        return StageResult(name, False, round(wall, 1), note=f"exit {finished.returncode}; see {name}.log"), None
+        return StageResult(
+            name, False, round(wall, 1), note=f"exit {finished.returncode}; see {name}.log"
+        ), None
     try:
         summary = json.loads(lines[-1]) if lines else None
     except json.JSONDecodeError:
@@ -74,21 +77,35 @@ def training_result(result: StageResult, summary: dict | None, batch_size: int) 
 def sampling_result(result: StageResult, summary: dict | None) -> StageResult:
     if summary is not None:
         result.peak_mem_gb = summary.get("peak_mem_gb")
-        result.note = (f"{summary['samples']} x {summary['frames_per_sample']} frames, "
-                       f"{summary['seconds_per_sample']} s/sample")
+        result.note = (
+            f"{summary['samples']} x {summary['frames_per_sample']} frames, "
+            f"{summary['seconds_per_sample']} s/sample"
+        )
     return result
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/gpu_check"), help="data, runs, samples, logs")
-    parser.add_argument("--steps", type=int, default=5, help="training steps per stage (the last one is timed)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/gpu_check"), help="data, runs, samples, logs"
+    )
+    parser.add_argument(
+        "--steps", type=int, default=5, help="training steps per stage (the last one is timed)"
+    )
     parser.add_argument("--dit", default="S", help="DiT preset (conf/dit/)")
     parser.add_argument("--tiny", action="store_true", help="CPU presets at 64^2 (a dry run of this script)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
-    parser.add_argument("--ae-batch", type=int, default=None,
-                        help="autoencoder clips per step (default 8: the paper's 20 do not fit 80 GB in one step)")
-    parser.add_argument("--dit-batch", type=int, default=None, help="DiT clips per step (default: dit_paper's)")
+    parser.add_argument(
+        "--ae-batch",
+        type=int,
+        default=None,
+        help="autoencoder clips per step (default 8: the paper's 20 do not fit 80 GB in one step)",
+    )
+    parser.add_argument(
+        "--dit-batch", type=int, default=None, help="DiT clips per step (default: dit_paper's)"
+    )
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -102,64 +119,158 @@ def main() -> int:
     if args.tiny:  # a dry run: a few clips per step
         batch = {"vae": 2, "ae": 2, "dit": 4}
     else:  # the paper presets' batches, but 8 autoencoder clips in one step (its 20 do not fit 80 GB)
-        batch = {"vae": preset(CONF_DIR, "train", "vae_sd").batch_size, "ae": 8,
-                 "dit": preset(CONF_DIR, "train", "dit_paper").batch_size}
+        batch = {
+            "vae": preset(CONF_DIR, "train", "vae_sd").batch_size,
+            "ae": 8,
+            "dit": preset(CONF_DIR, "train", "dit_paper").batch_size,
+        }
     batch["ae"] = args.ae_batch or batch["ae"]
     batch["dit"] = args.dit_batch or batch["dit"]
     tool = [sys.executable]
-    data = [f"data_root={out / 'data'}", f"dataset.resolution={resolution}", f"dataset.mel.image_size={resolution}",
-            "dataset.window_stride=4"]
-    common = [f"train.max_steps={args.steps}", "train.grad_accum=1", "train.log_every=1", f"train.precision={args.precision}",
-              "train.resume=false", "wandb.mode=disabled"]
+    data = [
+        f"data_root={out / 'data'}",
+        f"dataset.resolution={resolution}",
+        f"dataset.mel.image_size={resolution}",
+        "dataset.window_stride=4",
+    ]
+    common = [
+        f"train.max_steps={args.steps}",
+        "train.grad_accum=1",
+        "train.log_every=1",
+        f"train.precision={args.precision}",
+        "train.resume=false",
+        "wandb.mode=disabled",
+    ]
     previews = ["preview_clips=1", "preview_steps=10", "vocoder=griffinlim"]
-    dit_previews = ["preview.samples=1", "preview.steps=10", "preview.ae_steps=10", "preview.vocoder=griffinlim"]
+    dit_previews = [
+        "preview.samples=1",
+        "preview.steps=10",
+        "preview.ae_steps=10",
+        "preview.vocoder=griffinlim",
+    ]
     results: list[StageResult] = []
 
-    result, _ = run_stage("data", [*tool, "tools/make_synthetic.py", "--out", str(out / "data"), "--num-clips", "12",
-                                   "--seed", "0", "--resolution", str(resolution), "--quiet"], logs)
+    result, _ = run_stage(
+        "data",
+        [
+            *tool,
+            "tools/make_synthetic.py",
+            "--out",
+            str(out / "data"),
+            "--num-clips",
+            "12",
+            "--seed",
+            "0",
+            "--resolution",
+            str(resolution),
+            "--quiet",
+        ],
+        logs,
+    )
     results.append(result)
     train = "tiny" if args.tiny else "paper"
     stages = [  # name, batch size, command
-        ("vae", batch["vae"], ["tools/train_vae.py", f"vae={vae_preset}", f"train=vae_{vae_preset}",
-                               f"run_dir={out / 'vae'}"]),
-        ("autoencoder", batch["ae"], ["tools/train_ae.py", f"vae={vae_preset}", f"vae.weights={out / 'vae' / 'vae'}",
-                                      f"ae={ae_preset}", f"train=ae_{train}", f"run_dir={out / 'ae'}", *previews]),
-        ("dit", batch["dit"], ["tools/train_dit.py", f"dit={dit}", f"train=dit_{train}", f"ae_run={out / 'ae'}",
-                               f"run_dir={out / 'dit'}", *dit_previews]),
-        ("dit_long", batch["dit"], ["tools/train_dit.py", "--config-name", "train_dit_long", f"dit={dit}",
-                                    f"train=dit_{train}", f"ae_run={out / 'ae'}", f"run_dir={out / 'dit_long'}",
-                                    *dit_previews]),
+        (
+            "vae",
+            batch["vae"],
+            ["tools/train_vae.py", f"vae={vae_preset}", f"train=vae_{vae_preset}", f"run_dir={out / 'vae'}"],
+        ),
+        (
+            "autoencoder",
+            batch["ae"],
+            [
+                "tools/train_ae.py",
+                f"vae={vae_preset}",
+                f"vae.weights={out / 'vae' / 'vae'}",
+                f"ae={ae_preset}",
+                f"train=ae_{train}",
+                f"run_dir={out / 'ae'}",
+                *previews,
+            ],
+        ),
+        (
+            "dit",
+            batch["dit"],
+            [
+                "tools/train_dit.py",
+                f"dit={dit}",
+                f"train=dit_{train}",
+                f"ae_run={out / 'ae'}",
+                f"run_dir={out / 'dit'}",
+                *dit_previews,
+            ],
+        ),
+        (
+            "dit_long",
+            batch["dit"],
+            [
+                "tools/train_dit.py",
+                "--config-name",
+                "train_dit_long",
+                f"dit={dit}",
+                f"train=dit_{train}",
+                f"ae_run={out / 'ae'}",
+                f"run_dir={out / 'dit_long'}",
+                *dit_previews,
+            ],
+        ),
     ]
     for name, batch_size, command in stages:
         if not all(r.ok for r in results):
             results.append(StageResult(name, False, 0.0, note="skipped: an earlier stage failed"))
             continue
-        result, summary = run_stage(name, [*tool, *command, *data, *common, f"train.batch_size={batch_size}"], logs)
+        result, summary = run_stage(
+            name, [*tool, *command, *data, *common, f"train.batch_size={batch_size}"], logs
+        )
         results.append(training_result(result, summary, batch_size))
 
-    sampling = ["steps=50", "vocoder=griffinlim", "num_samples=1", "batch_size=1", f"out_dir={out / 'samples'}"]
-    for task, run in (("svg", "dit"), ("a2v", "dit"), ("long", "dit_long")):
+    sampling = [
+        "steps=50",
+        "vocoder=griffinlim",
+        "num_samples=1",
+        "batch_size=1",
+        f"out_dir={out / 'samples'}",
+    ]
+    for task in (Task.svg, Task.a2v, Task.long):
+        run = "dit_long" if task.needs_long_model else "dit"
         name = f"sample_{task}"
         if not next(r for r in results if r.stage == run).ok:
             results.append(StageResult(name, False, 0.0, note=f"skipped: {run} failed"))
             continue
-        extra = ["num_clips=10"] if task == "long" else []
-        result, summary = run_stage(name, [*tool, "tools/sample.py", f"run={out / run}", f"task={task}", *sampling,
-                                           *extra], logs)
+        extra = ["num_clips=10"] if task.needs_long_model else []
+        result, summary = run_stage(
+            name, [*tool, "tools/sample.py", f"run={out / run}", f"task={task}", *sampling, *extra], logs
+        )
         results.append(sampling_result(result, summary))
 
     header = f"{'stage':<12} {'ok':<3} {'wall s':>8} {'step ms':>9} {'samples/s':>10} {'peak GB':>8}  note"
     print(header)
     for r in results:
-        cells = [f"{r.step_ms:.1f}" if r.step_ms is not None else "-",
-                 f"{r.samples_per_s:.2f}" if r.samples_per_s is not None else "-",
-                 f"{r.peak_mem_gb:.2f}" if r.peak_mem_gb is not None else "-"]
-        print(f"{r.stage:<12} {'yes' if r.ok else 'NO':<3} {r.wall_s:>8.1f} {cells[0]:>9} {cells[1]:>10} {cells[2]:>8}  "
-              f"{r.note}")
+        cells = [
+            f"{r.step_ms:.1f}" if r.step_ms is not None else "-",
+            f"{r.samples_per_s:.2f}" if r.samples_per_s is not None else "-",
+            f"{r.peak_mem_gb:.2f}" if r.peak_mem_gb is not None else "-",
+        ]
+        print(
+            f"{r.stage:<12} {'yes' if r.ok else 'NO':<3} {r.wall_s:>8.1f} {cells[0]:>9} {cells[1]:>10} {cells[2]:>8}  "
+            f"{r.note}"
+        )
     failed = [r.stage for r in results if not r.ok]
-    print(f"{'all stages ran' if not failed else 'FAILED: ' + ', '.join(failed)}; logs in {logs}", file=sys.stderr)
-    print(json.dumps({"presets": {"vae": vae_preset, "ae": ae_preset, "dit": dit}, "precision": args.precision,
-                      "batch": batch, "steps": args.steps, "stages": [asdict(r) for r in results]}))
+    print(
+        f"{'all stages ran' if not failed else 'FAILED: ' + ', '.join(failed)}; logs in {logs}",
+        file=sys.stderr,
+    )
+    print(
+        json.dumps(
+            {
+                "presets": {"vae": vae_preset, "ae": ae_preset, "dit": dit},
+                "precision": args.precision,
+                "batch": batch,
+                "steps": args.steps,
+                "stages": [asdict(r) for r in results],
+            }
+        )
+    )
     return 1 if failed else 0
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Index a sounding-video folder and print what is usable, as one JSON line.
+r"""Index a sounding-video folder and print what is usable, as one JSON line.
 
     python tools/inspect_dataset.py dataset=aist data_root=/data/AIST++
-    python tools/inspect_dataset.py dataset=landscape data_root=/data/landscape dataset.split=val dataset.val_fraction=0.1
+    python tools/inspect_dataset.py dataset=landscape data_root=/data/landscape \
+        dataset.split=val dataset.val_fraction=0.1
 
 stdout: {"clips": files used, "windows": training windows, "skipped": count,
          "skipped_reasons": {reason: count}, "skipped_files": [...], "classes": {name: windows}, ...}

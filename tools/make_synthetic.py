@@ -65,7 +65,10 @@ def _output_problem(out: Path, overwrite: bool) -> str | None:
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"
     if out.is_dir() and any(out.iterdir()) and not overwrite and _previous_run(out) is None:
-        return f"--out {out} is not empty and was not written by this tool; pick another folder or pass --overwrite"
+        return (
+            f"--out {out} is not empty and was not written by this tool; "
+            "pick another folder or pass --overwrite"
+        )
     return None
 
 
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = write_synthetic_dataset(args.out, args.num_clips, args.seed, cfg, progress=not args.quiet)
     print(
         f"wrote {summary['num_clips']} clips, {summary['num_classes']} classes, "
-        f"{summary['total_seconds']:.1f} s of video to {summary['out_dir']} in {summary['wall_seconds']:.1f} s"
+        f"{summary['total_seconds']:.1f} s of video to {summary['out_dir']} "
+        f"in {summary['wall_seconds']:.1f} s"
     )
 
 

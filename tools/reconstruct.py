@@ -26,13 +26,21 @@ from mmldm_data.dataset import SoundingVideoDataset
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="run_dir of tools/train_ae.py, or one of its checkpoints/step_* folders")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "checkpoint", help="run_dir of tools/train_ae.py, or one of its checkpoints/step_* folders"
+    )
     parser.add_argument("--num-clips", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("outputs/reconstructions"))
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the run's ae.decode_steps)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="DDIM steps (default: the run's ae.decode_steps)"
+    )
     parser.add_argument("--data-root", help="read clips from here instead of the run's dataset folder")
-    parser.add_argument("--split", choices=["all", "train", "val"], help="which split of the dataset to draw from")
+    parser.add_argument(
+        "--split", choices=["all", "train", "val"], help="which split of the dataset to draw from"
+    )
     parser.add_argument("--vocoder", default="hifigan-universal")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -50,10 +58,18 @@ def main() -> int:
         count = min(args.num_clips, len(dataset))
         indices = torch.linspace(0, len(dataset) - 1, count).long().tolist()
         print(f"reconstructing {count} clips of {config.data_root} ...", file=sys.stderr)
-        written = write_reconstructions(pipeline, collate([dataset[i] for i in indices]), args.out,
-                                        steps=args.steps, vocoder=args.vocoder, seed=args.seed)
+        written = write_reconstructions(
+            pipeline,
+            collate([dataset[i] for i in indices]),
+            args.out,
+            steps=args.steps,
+            vocoder=args.vocoder,
+            seed=args.seed,
+        )
         metrics = reconstruction_metrics(pipeline, dataset, indices, steps=args.steps, seed=args.seed)
-    print(f"wrote {len(written.videos)} side-by-side mp4s and contact_sheet.png to {args.out}", file=sys.stderr)
+    print(
+        f"wrote {len(written.videos)} side-by-side mp4s and contact_sheet.png to {args.out}", file=sys.stderr
+    )
     print(json.dumps(metrics | {"out": str(args.out)}))
     return 0
 

@@ -25,7 +25,7 @@ from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import to_typed
 from mmldm_dit.config import register_schemas
-from mmldm_dit.generate import SampleConfig, generate, load_generator
+from mmldm_dit.generate import SampleConfig, generate, load_trained_dit
 
 
 @hydra.main(config_path="../conf", config_name="sample", version_base="1.3")
@@ -34,10 +34,13 @@ def main(cfg: DictConfig) -> None:
         config = to_typed(SampleConfig, cfg)  # validates before any model loads
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"loading {config.run} ...", file=sys.stderr, flush=True)
-        generator = load_generator(config.run, device=device, use_ema=config.use_ema, ae_run=config.ae_run)
-        summary = generate(generator, config)
-    print(f"wrote {summary['samples']} {summary['task']} samples ({summary['frames_per_sample']} frames each) "
-          f"to {summary['out_dir']}", file=sys.stderr)
+        dit = load_trained_dit(config.run, device=device, use_ema=config.use_ema, ae_run=config.ae_run)
+        summary = generate(dit, config)
+    print(
+        f"wrote {summary['samples']} {summary['task']} samples ({summary['frames_per_sample']} frames each) "
+        f"to {summary['out_dir']}",
+        file=sys.stderr,
+    )
     print(json.dumps(summary))
 
 

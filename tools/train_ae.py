@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Stage 1: train the hierarchical multi-modal autoencoder.
+r"""Stage 1: train the hierarchical multi-modal autoencoder.
 
     make train-ae DATASET=synthetic                 # tiny presets on CPU
-    python tools/train_ae.py dataset=aist data_root=/data/AIST++ ae=paper vae=sd vae.weights=/models/sd/vae train=ae_paper
+    python tools/train_ae.py dataset=aist data_root=/data/AIST++ ae=paper vae=sd \
+        vae.weights=/models/sd/vae train=ae_paper
     accelerate launch --config_file conf/accelerate/multi_gpu.yaml tools/train_ae.py dataset=aist ae=paper ...
 
 Checkpoints go to <run_dir>/checkpoints/ (a second invocation resumes), reconstructions (mp4 with

@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Stage 2: train the DiT generator on cached perceptual latents of a trained autoencoder.
+r"""Stage 2: train the DiT generator on cached perceptual latents of a trained autoencoder.
 
-    make train-dit DATASET=synthetic                 # tiny DiT on CPU, on outputs/runs/ae-synthetic-tiny
-    python tools/train_dit.py ae_run=outputs/runs/ae-aist-paper dataset=aist data_root=/data/AIST++ dit=S train=dit_paper
-    python tools/train_dit.py ae_run=... dit.modalities=[video] run_dir=outputs/runs/dit-v-synthetic-tiny   # MM-LDM-v
-    python tools/train_dit.py --config-name train_dit_long ae_run=...                                      # long model
+    make train-dit DATASET=synthetic                   # tiny DiT on CPU, on outputs/runs/ae-synthetic-tiny
+    python tools/train_dit.py ae_run=outputs/runs/ae-aist-paper dataset=aist data_root=/data/AIST++ \
+        dit=S train=dit_paper
+    python tools/train_dit.py ae_run=... dit.modalities=[video] \
+        run_dir=outputs/runs/dit-v-synthetic-tiny      # MM-LDM-v
+    python tools/train_dit.py --config-name train_dit_long ae_run=...   # long model
     accelerate launch --config_file conf/accelerate/multi_gpu.yaml tools/train_dit.py ...
 
 The first run encodes every window once with the frozen autoencoder (reused by later runs and

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Stage 0: train (tiny, from scratch) or fine-tune (SD, decoder only) the KL-VAE.
+r"""Stage 0: train (tiny, from scratch) or fine-tune (SD, decoder only) the KL-VAE.
 
     python tools/train_vae.py dataset=synthetic
-    python tools/train_vae.py dataset=aist data_root=/data/AIST++ vae=sd vae.weights=/models/sd-v1-4/vae train=vae_sd
+    python tools/train_vae.py dataset=aist data_root=/data/AIST++ vae=sd \
+        vae.weights=/models/sd-v1-4/vae train=vae_sd
     accelerate launch --config_file conf/accelerate/multi_gpu.yaml tools/train_vae.py dataset=aist vae=sd ...
 
 Checkpoints go to <run_dir>/checkpoints/ (a second invocation resumes), reconstructions to

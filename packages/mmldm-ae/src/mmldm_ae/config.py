@@ -9,5 +9,10 @@ from mmldm_ae.vae import VAEConfig
 from mmldm_data.config import SCHEMAS as DATA_SCHEMAS
 
 # Config group -> its dataclass: the data groups and this package's.
-SCHEMAS: dict[str, type] = {**DATA_SCHEMAS, "vae": VAEConfig, "ae": AEConfig, "train": TrainConfig,
-                            "wandb": WandbConfig}
+SCHEMAS: dict[str, type] = {
+    **DATA_SCHEMAS,
+    "vae": VAEConfig,
+    "ae": AEConfig,
+    "train": TrainConfig,
+    "wandb": WandbConfig,
+}

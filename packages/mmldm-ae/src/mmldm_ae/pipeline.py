@@ -60,8 +60,15 @@ class DecodedClips:
 
 
 class AutoencoderPipeline:
-    def __init__(self, model: MultiModalAutoencoder, vae: KLVAE, dataset: DatasetConfig, class_names: list[str]):
-        self.model, self.vae, self.dataset, self.class_names = model.eval(), vae.freeze(), dataset, class_names
+    def __init__(
+        self, model: MultiModalAutoencoder, vae: KLVAE, dataset: DatasetConfig, class_names: list[str]
+    ):
+        self.model, self.vae, self.dataset, self.class_names = (
+            model.eval(),
+            vae.freeze(),
+            dataset,
+            class_names,
+        )
         self._vocoders: dict[str, object] = {}
 
     @property
@@ -92,11 +99,19 @@ class AutoencoderPipeline:
         class_id: Tensor | None = None,
     ) -> DecodedClips:
         frame_latents, audio_latents = self.model.decode(
-            z_v.to(self.device), z_a.to(self.device), num_frames=self.dataset.num_frames, steps=steps,
-            guidance_audio=guidance_audio, guidance_video=guidance_video, generator=generator, class_id=class_id,
+            z_v.to(self.device),
+            z_a.to(self.device),
+            num_frames=self.dataset.num_frames,
+            steps=steps,
+            guidance_audio=guidance_audio,
+            guidance_video=guidance_video,
+            generator=generator,
+            class_id=class_id,
         )
         frames = self.vae.decode(frame_latents.flatten(0, 1)).unflatten(0, frame_latents.shape[:2])
-        return DecodedClips(frames=frames.clamp(-1, 1), audio_images=self.vae.decode(audio_latents).clamp(-1, 1))
+        return DecodedClips(
+            frames=frames.clamp(-1, 1), audio_images=self.vae.decode(audio_latents).clamp(-1, 1)
+        )
 
     def fingerprint(self) -> str:
         """A hash of the autoencoder's and the VAE's weights: identifies what encoded a cache of perceptual latents."""
@@ -117,7 +132,10 @@ class AutoencoderPipeline:
         num_mel_frames = self.mel.num_frames(self.dataset.clip_samples)
         logmel = audio_image_to_logmel(audio_images.float(), num_mel_frames, self.mel)
         waves = self.vocoder(vocoder)(logmel)[:, : self.dataset.clip_samples].cpu().numpy()
-        return [(to_uint8_frames(clip.float().cpu()), wave.astype(np.float32)) for clip, wave in zip(frames, waves, strict=True)]
+        return [
+            (to_uint8_frames(clip.float().cpu()), wave.astype(np.float32))
+            for clip, wave in zip(frames, waves, strict=True)
+        ]
 
 
 @dataclass
@@ -140,14 +158,18 @@ def write_reconstructions(
     folder.mkdir(parents=True, exist_ok=True)
     config = pipeline.dataset
     z_v, z_a = pipeline.encode_clips(batch)
-    decoded = pipeline.decode_clips(z_v, z_a, steps=steps, generator=torch.Generator(pipeline.device).manual_seed(seed))
+    decoded = pipeline.decode_clips(
+        z_v, z_a, steps=steps, generator=torch.Generator(pipeline.device).manual_seed(seed)
+    )
     media = pipeline.to_media(decoded.audio_images, decoded.frames, vocoder)
     num_mel_frames = config.mel.num_frames(config.clip_samples)
     videos, rows = [], []
     for index, (frames, wave) in enumerate(media):
         original = to_uint8_frames(batch["frames"][index])
         video = folder / f"clip{index}.mp4"
-        write_video(video, np.concatenate([original, frames], axis=2), config.fps, wave, config.mel.sample_rate)
+        write_video(
+            video, np.concatenate([original, frames], axis=2), config.fps, wave, config.mel.sample_rate
+        )
         videos.append(video)
         spectrograms = [
             spectrogram_rgb(audio_image_to_logmel(image[None].float().cpu(), num_mel_frames, config.mel)[0])
@@ -161,8 +183,13 @@ def write_reconstructions(
 
 @torch.no_grad()
 def reconstruction_metrics(
-    pipeline: AutoencoderPipeline, dataset, indices: list[int], steps: int | None = None,
-    batch_size: int = 8, seed: int = 0, oracle_vocoder: str | None = None,
+    pipeline: AutoencoderPipeline,
+    dataset,
+    indices: list[int],
+    steps: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    oracle_vocoder: str | None = None,
 ) -> dict[str, float]:
     """How well clips survive encode -> decode: PSNR of all decoded frames (dB, on [0, 1] pixels),
     log-mel L1 of the decoded audio images against the input audio (over the [-80, +20] dB range
@@ -170,7 +197,7 @@ def reconstruction_metrics(
 
     With `oracle_vocoder` (synthetic data only), also the fraction of clips whose decoded frames,
     and whose decoded sound through that vocoder, the synthetic oracles read as the clip's class:
-    what a generator on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy).
+    what a DiT on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy).
     """
     config = pipeline.dataset
     num_mel_frames = config.mel.num_frames(config.clip_samples)
@@ -194,11 +221,14 @@ def reconstruction_metrics(
             labelled += int(known.sum())
         if oracle_vocoder is not None:
             truth = [dataset.class_names[c] if c >= 0 else None for c in batch["class_id"].tolist()]
-            for (frames, wave), name in zip(pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder),
-                                            truth, strict=True):
+            for (frames, wave), name in zip(
+                pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder), truth, strict=True
+            ):
                 reading = read_oracles(frames, wave, config.fps, config.mel.sample_rate)
                 for modality, found in (("video", reading.video_class), ("audio", reading.audio_class)):
-                    oracle_hits[modality].append(name is not None and found >= 0 and CLASS_NAMES[found] == name)
+                    oracle_hits[modality].append(
+                        name is not None and found >= 0 and CLASS_NAMES[found] == name
+                    )
     mse = torch.cat(squared_errors)
     metrics = {
         "clips": len(indices),
@@ -211,8 +241,12 @@ def reconstruction_metrics(
     return metrics
 
 
-def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
-                     vae_weights: str | None = None) -> AutoencoderPipeline:
+def load_autoencoder(
+    run_or_checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    use_ema: bool = True,
+    vae_weights: str | None = None,
+) -> AutoencoderPipeline:
     """Rebuild the autoencoder of a `tools/train_ae.py` run from its newest (or a given) checkpoint.
 
     The checkpoint's state.json holds the composed config of the run, so nothing else is needed;
@@ -225,18 +259,24 @@ def load_autoencoder(run_or_checkpoint: str | Path, device: str | torch.device =
         raise ConfigError(f"{path} is not an autoencoder checkpoint (its config has no 'ae' section)")
     vae_config = to_typed(VAEConfig, config["vae"] | ({"weights": vae_weights} if vae_weights else {}))
     vae = build_vae(vae_config)
-    model = MultiModalAutoencoder(to_typed(AEConfig, config["ae"]), num_classes=state["architecture"]["num_classes"])
+    model = MultiModalAutoencoder(
+        to_typed(AEConfig, config["ae"]), num_classes=state["architecture"]["num_classes"]
+    )
     load_module_weights(model, path, "autoencoder")
     if use_ema:
         load_ema_weights(model, path)
     dataset = to_typed(DatasetConfig, config["dataset"])
-    return AutoencoderPipeline(model.to(device), vae.to(device), dataset, state["architecture"]["class_names"])
+    return AutoencoderPipeline(
+        model.to(device), vae.to(device), dataset, state["architecture"]["class_names"]
+    )
 
 
 class AutoencoderReconstructor:
     """The evaluator's autoencoder round trip (mmldm_data.evaluation.Reconstructor) for rFVD / rFAD."""
 
-    def __init__(self, pipeline: AutoencoderPipeline, steps: int | None = None, vocoder: str = "hifigan-universal"):
+    def __init__(
+        self, pipeline: AutoencoderPipeline, steps: int | None = None, vocoder: str = "hifigan-universal"
+    ):
         self.pipeline, self.steps, self.vocoder = pipeline, steps, vocoder
 
     @torch.no_grad()
@@ -244,18 +284,23 @@ class AutoencoderReconstructor:
         pipeline, config = self.pipeline, self.pipeline.dataset
         frames = batch.frames.to(pipeline.device)  # [B, T, 3, r, r] at the evaluation resolution
         if frames.shape[1] != config.num_frames:
-            raise ValueError(f"the evaluator's clips have {frames.shape[1]} frames, the autoencoder decodes "
-                             f"{config.num_frames}: evaluate with the autoencoder's clip length")
+            raise ValueError(
+                f"the evaluator's clips have {frames.shape[1]} frames, the autoencoder decodes "
+                f"{config.num_frames}: evaluate with the autoencoder's clip length"
+            )
         size = frames.shape[-1]
         model_frames = _resize_frames(frames, config.resolution)
         audio = pad_or_trim(batch.audio.to(pipeline.device).float(), config.clip_samples)
-        clips = {"key_frames": model_frames[:, config.key_frame_indices],
-                 "audio_image": waveform_to_audio_image(audio, config.mel)}
+        clips = {
+            "key_frames": model_frames[:, config.key_frame_indices],
+            "audio_image": waveform_to_audio_image(audio, config.mel),
+        }
         z_v, z_a = pipeline.encode_clips(clips)
         decoded = pipeline.decode_clips(z_v, z_a, steps=self.steps)
         num_mel_frames = config.mel.num_frames(config.clip_samples)
-        waves = pipeline.vocoder(self.vocoder)(audio_image_to_logmel(decoded.audio_images.float(), num_mel_frames,
-                                                                     config.mel))
+        waves = pipeline.vocoder(self.vocoder)(
+            audio_image_to_logmel(decoded.audio_images.float(), num_mel_frames, config.mel)
+        )
         return ClipBatch(
             frames=_resize_frames(decoded.frames, size).cpu(),
             audio=pad_or_trim(waves, batch.audio.shape[-1]).cpu().to(batch.audio.dtype),
@@ -271,6 +316,8 @@ def _resize_frames(frames: Tensor, size: int) -> Tensor:
     return resized.clamp(-1, 1).unflatten(0, frames.shape[:2])
 
 
-def load_reconstructor(checkpoint: str | Path, device: str | torch.device = "cpu") -> AutoencoderReconstructor:
+def load_reconstructor(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> AutoencoderReconstructor:
     """Entry point the evaluator's --recon uses."""
     return AutoencoderReconstructor(load_autoencoder(checkpoint, device=device))

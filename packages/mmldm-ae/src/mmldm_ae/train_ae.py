@@ -1,6 +1,6 @@
 """Stage 1: train the hierarchical multi-modal autoencoder (docs/design.md#autoencoder).
 
-The task for the shared `Trainer`: the generator step (diffusion MSE of both modalities, KL,
+The task for the shared `Trainer`: the model's step (diffusion MSE of both modalities, KL,
 classification, contrastive and adversarial terms, all inside `MultiModalAutoencoder`), the
 cross-modal discriminator step, and reconstructions for people (mp4 with sound, side by side
 with the input, and spectrograms). Batches are pixels encoded by the frozen KL-VAE on the fly,
@@ -70,20 +70,35 @@ class AETrainingTask(TrainingTask):
         if optimizer == "discriminator":
             if self._pixels is None:
                 return None, {}
-            losses = discriminator_losses(modules["discriminator"], self._pixels["real"], self._pixels["fake"])
+            losses = discriminator_losses(
+                modules["discriminator"], self._pixels["real"], self._pixels["fake"]
+            )
             return losses["loss_d"], {k: v.item() for k, v in losses.items()}
         latents = batch if "key_latents" in batch else pixels_to_latents(self.vae, batch)
         losses = modules["autoencoder"](latents, self.vae, discriminator=modules.get("discriminator"))
-        self._pixels = {"real": losses["disc_real"], "fake": losses["disc_fake"]} if "disc_real" in losses else None
+        self._pixels = (
+            {"real": losses["disc_real"], "fake": losses["disc_fake"]} if "disc_real" in losses else None
+        )
         return losses["loss"], {k: v.item() for k, v in losses.items() if v.ndim == 0 and k != "loss"}
 
     def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
-        written = write_reconstructions(self.pipeline, self.preview, run_dir / "samples" / f"step_{step:07d}",
-                                        steps=self.preview_steps, vocoder=self.vocoder_name)
+        written = write_reconstructions(
+            self.pipeline,
+            self.preview,
+            run_dir / "samples" / f"step_{step:07d}",
+            steps=self.preview_steps,
+            vocoder=self.vocoder_name,
+        )
         for index, video in enumerate(written.videos):
-            logger.log_video(f"reconstruction/clip{index}", video, step, caption="input | reconstruction (decoded sound)")
-        logger.log_image("reconstruction/contact_sheet", np.asarray(written.sheet), step,
-                         caption="first/last frame: input, reconstruction; spectrogram: input, reconstruction")
+            logger.log_video(
+                f"reconstruction/clip{index}", video, step, caption="input | reconstruction (decoded sound)"
+            )
+        logger.log_image(
+            "reconstruction/contact_sheet",
+            np.asarray(written.sheet),
+            step,
+            caption="first/last frame: input, reconstruction; spectrogram: input, reconstruction",
+        )
 
 
 def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig) -> None:
@@ -95,13 +110,19 @@ def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig
             "preset give SD's KL-f8 VAE folder (the vae/ folder of a Stable Diffusion v1.x diffusers repository)"
         )
     if ae.resolution != dataset.resolution:
-        problems.append(f"ae.resolution ({ae.resolution}) must equal dataset.resolution ({dataset.resolution})")
+        problems.append(
+            f"ae.resolution ({ae.resolution}) must equal dataset.resolution ({dataset.resolution})"
+        )
     if ae.num_key_frames != len(dataset.key_frame_indices):
-        problems.append(f"ae.num_key_frames ({ae.num_key_frames}) must equal the number of "
-                        f"dataset.key_frame_indices ({len(dataset.key_frame_indices)})")
+        problems.append(
+            f"ae.num_key_frames ({ae.num_key_frames}) must equal the number of "
+            f"dataset.key_frame_indices ({len(dataset.key_frame_indices)})"
+        )
     if ae.num_target_frames != dataset.num_target_frames:
-        problems.append(f"ae.num_target_frames ({ae.num_target_frames}) must equal dataset.num_target_frames "
-                        f"({dataset.num_target_frames})")
+        problems.append(
+            f"ae.num_target_frames ({ae.num_target_frames}) must equal dataset.num_target_frames "
+            f"({dataset.num_target_frames})"
+        )
     if problems:
         raise ConfigError("incompatible settings:\n  " + "\n  ".join(problems))
 
@@ -128,9 +149,11 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     pixels = SoundingVideoDataset(dataset_config, return_all_frames=True, progress=True)
     vae = build_vae(vae_config)
     if vae.downsample != ae_config.vae_downsample or vae.latent_channels != ae_config.vae_channels:
-        raise ConfigError(f"the VAE in {vae_config.weights} makes {vae.latent_channels}-channel latents at 1/"
-                          f"{vae.downsample} size, but ae.vae_channels={ae_config.vae_channels} and "
-                          f"ae.vae_downsample={ae_config.vae_downsample}")
+        raise ConfigError(
+            f"the VAE in {vae_config.weights} makes {vae.latent_channels}-channel latents at 1/"
+            f"{vae.downsample} size, but ae.vae_channels={ae_config.vae_channels} and "
+            f"ae.vae_downsample={ae_config.vae_downsample}"
+        )
     model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = AutoencoderPipeline(model, vae.to(device), dataset_config, pixels.class_names)
@@ -141,16 +164,27 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     training_data = pixels
     if cfg.latent_cache:
         cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
-        training_data = LatentCacheDataset(cache, num_target_frames=dataset_config.num_target_frames,
-                                           seed=dataset_config.seed, dataset_config=dataset_config, vae=vae)
+        training_data = LatentCacheDataset(
+            cache,
+            num_target_frames=dataset_config.num_target_frames,
+            seed=dataset_config.seed,
+            dataset_config=dataset_config,
+            vae=vae,
+        )
     architecture = {
         "ae": to_plain_dict(ae_config),
         "vae": {"downsample": vae.downsample, "channels": vae.latent_channels, "scale": vae.scale},
         "num_classes": len(pixels.class_names),
         "class_names": pixels.class_names,
     }
-    task = AETrainingTask(pipeline, build_discriminator(ae_config), preview, architecture,
-                          preview_steps=cfg.preview_steps, vocoder=cfg.vocoder)
+    task = AETrainingTask(
+        pipeline,
+        build_discriminator(ae_config),
+        preview,
+        architecture,
+        preview_steps=cfg.preview_steps,
+        vocoder=cfg.vocoder,
+    )
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config |= {"dataset": to_plain_dict(dataset_config), "vae": to_plain_dict(vae_config)}
     trainer = Trainer(task, training_data, train_config, run_dir, wandb_config, run_config=run_config)
@@ -164,7 +198,9 @@ def evaluate_autoencoder(run_dir: Path, plan: EvalPlan, dataset: DatasetConfig) 
     reconstructor = AutoencoderReconstructor(load_autoencoder(run_dir, device=device))
     protocol = plan.protocol(dataset.fps, dataset.num_frames)
     sets = EvalSets.scan(dataset.data_root, protocol, reconstructor=reconstructor)
-    report = evaluate(sets, protocol, load_models(protocol, device), seeds=[plan.seed], batch_size=plan.batch_size)
+    report = evaluate(
+        sets, protocol, load_models(protocol, device), seeds=[plan.seed], batch_size=plan.batch_size
+    )
     return {key: value for key, value in report.items() if value is None or isinstance(value, int | float)}
 
 
@@ -179,7 +215,12 @@ def train_ae_from_config(cfg: DictConfig) -> dict[str, Any]:
     summary |= {"samples": str(training.run_dir / "samples"), "is_main": training.trainer.is_main}
     if plan.clips and training.trainer.is_main:
         metrics = evaluate_autoencoder(training.run_dir, plan, training.pipeline.dataset)
-        write_results(training.run_dir, experiment, metrics | {"step": summary["step"]},
-                      to_typed(WandbConfig, cfg.wandb), training.trainer.run_config)
+        write_results(
+            training.run_dir,
+            experiment,
+            metrics | {"step": summary["step"]},
+            to_typed(WandbConfig, cfg.wandb),
+            training.trainer.run_config,
+        )
         summary["metrics"] = metrics
     return summary

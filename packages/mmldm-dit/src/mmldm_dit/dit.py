@@ -1,4 +1,4 @@
-"""The MM-LDM generator: a DiT over audio and video perceptual latents (paper section 3.2, docs/design.md#generator).
+"""The MM-LDM DiT over audio and video perceptual latents (paper section 3.2, docs/design.md#dit).
 
 One transformer denoises both modalities at a shared timestep. With patch size p (paper: 1) the
 sequence is, for the paper preset,

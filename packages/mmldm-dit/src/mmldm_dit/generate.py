@@ -1,8 +1,9 @@
-"""Sounding videos from a trained generator: the library behind `tools/sample.py` (and the DiT's previews).
+"""Sounding videos from a trained DiT: the library behind `tools/sample.py` (and the DiT's previews).
 
 A trained DiT run knows everything it needs: its checkpoint holds the DiT config, the latent
 statistics it was trained with and the fingerprint of its autoencoder; its config names the
-autoencoder run and the latent cache. `load_generator` rebuilds all of it, `generate` runs a task:
+autoencoder run and the latent cache. `load_trained_dit` rebuilds all of it, `generate` runs a task
+(`mmldm_data.tasks.Task`):
 
     svg                 audio and video from noise
     a2v / v2a           video for a given sound / sound for a given video: an input file, or clips
@@ -40,6 +41,7 @@ from mmldm_data.config import ConfigError, to_typed
 from mmldm_data.evaluation import CONDITIONS_FILE
 from mmldm_data.media import MediaError, probe_media, read_audio, read_video, write_audio, write_video
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
+from mmldm_data.tasks import Task
 from mmldm_data.video import to_model_frames
 from mmldm_dit.dit import MODALITIES, DiTConfig, MMDiT
 from mmldm_dit.latents import DiTLatentDataset, LatentStats
@@ -47,24 +49,13 @@ from mmldm_dit.sampling import DEFAULT_GUIDANCE, SAMPLERS, sample, sample_long
 
 log = logging.getLogger(__name__)
 
-# Each task's given modality (from a file or a dataset clip), or None.
-GIVEN_MODALITY = {
-    "svg": None,
-    "a2v": "audio",
-    "v2a": "video",
-    "audio_continuation": "audio",
-    "video_continuation": "video",
-    "long": None,
-}
-TASKS = tuple(GIVEN_MODALITY)
-CONTINUING_TASKS = ("audio_continuation", "video_continuation", "long")  # need the long-generation model
 SHEET_FRAMES = 8  # frames per contact-sheet row, evenly spread over the sample
 
 
 @dataclass
 class SampleConfig:
     run: str | None = None  # run_dir of tools/train_dit.py, or one of its checkpoints/step_* folders
-    task: str = "svg"
+    task: str = "svg"  # a name of mmldm_data.tasks.Task
     out_dir: str = "outputs/samples"
     num_samples: int = 4
     batch_size: int = 4
@@ -86,9 +77,14 @@ class SampleConfig:
     def validate(self) -> None:
         problems = []
         if self.run is None:
-            problems.append("run is not set: give the run_dir of a tools/train_dit.py run (run=outputs/runs/...)")
-        if self.task not in TASKS:
-            problems.append(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+            problems.append(
+                "run is not set: give the run_dir of a tools/train_dit.py run (run=outputs/runs/...)"
+            )
+        try:
+            task = Task.parse(self.task)
+        except ConfigError as error:
+            problems.append(str(error))
+            task = None
         if self.sampler not in SAMPLERS:
             problems.append(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         for name in ("guidance_audio", "guidance_video"):
@@ -99,16 +95,21 @@ class SampleConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ae_steps is not None and self.ae_steps < 1:
             problems.append(f"ae_steps must be >= 1 or null, got {self.ae_steps}")
-        if self.input is not None and GIVEN_MODALITY.get(self.task) is None:
-            problems.append(f"input is only read by tasks that are given a clip (a2v, v2a, continuations), not {self.task}")
+        if self.input is not None and task is not None and task.given_modality is None:
+            problems.append(
+                f"input is only read by tasks that are given a clip "
+                f"({', '.join(t for t in Task if t.given_modality)}), not {self.task}"
+            )
         if self.clips is not None and len(self.clips) != self.num_samples:
-            problems.append(f"clips lists {len(self.clips)} dataset windows for num_samples={self.num_samples}")
+            problems.append(
+                f"clips lists {len(self.clips)} dataset windows for num_samples={self.num_samples}"
+            )
         if problems:
             raise ConfigError("invalid sample config:\n  " + "\n  ".join(problems))
 
 
 @dataclass
-class Generator:
+class TrainedDiT:
     """A trained DiT with what it needs to make media: its latent statistics and its autoencoder."""
 
     model: MMDiT
@@ -128,14 +129,20 @@ class Generator:
         return None if z is None else self.stats.unstandardise(modality, z)
 
 
-def load_generator(run_or_checkpoint: str | Path, device: str | torch.device = "cpu", use_ema: bool = True,
-                   ae_run: str | None = None) -> Generator:
+def load_trained_dit(
+    run_or_checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    use_ema: bool = True,
+    ae_run: str | None = None,
+) -> TrainedDiT:
     """Rebuild a tools/train_dit.py run: the DiT (EMA weights when it has them) and its autoencoder."""
     checkpoint = resolve_checkpoint(run_or_checkpoint, "train one with `make train-dit`")
     state = json.loads((checkpoint / "state.json").read_text())
     config, architecture = state["config"], state["architecture"]
     if "dit" not in config or "latent_stats" not in architecture:
-        raise ConfigError(f"{checkpoint} is not a DiT checkpoint of tools/train_dit.py (no dit config or latent stats)")
+        raise ConfigError(
+            f"{checkpoint} is not a DiT checkpoint of tools/train_dit.py (no dit config or latent stats)"
+        )
     model = MMDiT(to_typed(DiTConfig, config["dit"]))
     load_module_weights(model, checkpoint, "dit")
     if use_ema:
@@ -147,7 +154,9 @@ def load_generator(run_or_checkpoint: str | Path, device: str | torch.device = "
             "(other weights): pass ae_run=<the autoencoder run it was trained with>"
         )
     cache = Path(config["latent_cache"]) if config.get("latent_cache") else None
-    return Generator(model.to(device).eval(), LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint)
+    return TrainedDiT(
+        model.to(device).eval(), LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,43 +174,57 @@ class Conditioning:
     sources: list[str] = field(default_factory=list)
 
 
-def load_conditioning(generator: Generator, config: SampleConfig) -> Conditioning:
-    modality = GIVEN_MODALITY[config.task]
+def load_conditioning(dit: TrainedDiT, config: SampleConfig) -> Conditioning:
+    modality = Task(config.task).given_modality
     if modality is None:
         return Conditioning(None, class_ids=[-1] * config.num_samples, sources=[""] * config.num_samples)
     if config.input is not None:
-        latent = encode_file(generator.pipeline, Path(config.input), modality)
-        return Conditioning(modality, latent.expand(config.num_samples, -1, -1, -1), [-1] * config.num_samples,
-                            [config.input] * config.num_samples)
-    if generator.latent_cache is None or not generator.latent_cache.is_dir():
+        latent = encode_file(dit.pipeline, Path(config.input), modality)
+        return Conditioning(
+            modality,
+            latent.expand(config.num_samples, -1, -1, -1),
+            [-1] * config.num_samples,
+            [config.input] * config.num_samples,
+        )
+    if dit.latent_cache is None or not dit.latent_cache.is_dir():
         raise FileNotFoundError(
             f"task {config.task} without input= reads dataset clips from the run's latent cache "
-            f"({generator.latent_cache}), which is missing: give input=<file> or rebuild the cache with tools/train_dit.py"
+            f"({dit.latent_cache}), which is missing: give input=<file> or rebuild the cache with tools/train_dit.py"
         )
-    cache = DiTLatentDataset(generator.latent_cache)
+    cache = DiTLatentDataset(dit.latent_cache)
     windows = cache.index["count"]
     chosen = config.clips or torch.linspace(0, windows - 1, config.num_samples).round().long().tolist()
     outside = [c for c in chosen if not 0 <= c < windows]
     if outside:
         raise ConfigError(f"clips {outside} are not windows of the latent cache (0..{windows - 1})")
     latents = torch.stack([cache.latents(c)[MODALITIES.index(modality)] for c in chosen])
-    return Conditioning(modality, latents, [cache.index["class_ids"][c] for c in chosen],
-                        [cache.index["clip_ids"][c] for c in chosen])
+    return Conditioning(
+        modality,
+        latents,
+        [cache.index["class_ids"][c] for c in chosen],
+        [cache.index["clip_ids"][c] for c in chosen],
+    )
 
 
 @torch.no_grad()
-def conditioning_from_items(generator: Generator, items: list[dict], modality: str, sources: list[str]) -> Conditioning:
+def conditioning_from_items(
+    dit: TrainedDiT, items: list[dict], modality: str, sources: list[str]
+) -> Conditioning:
     """Conditioning on clips outside the latent cache (e.g. held-out windows of a dataset): items of
-    `SoundingVideoDataset`, encoded by the generator's autoencoder."""
+    `SoundingVideoDataset`, encoded by the DiT's autoencoder."""
     latents = []
     for start in range(0, len(items), 8):
         batch = items[start : start + 8]
-        z_v, z_a = generator.pipeline.encode_clips({
-            "key_frames": torch.stack([item["key_frames"] for item in batch]),
-            "audio_image": torch.stack([item["audio_image"] for item in batch]),
-        })
+        z_v, z_a = dit.pipeline.encode_clips(
+            {
+                "key_frames": torch.stack([item["key_frames"] for item in batch]),
+                "audio_image": torch.stack([item["audio_image"] for item in batch]),
+            }
+        )
         latents.append((z_a if modality == "audio" else z_v).cpu())
-    return Conditioning(modality, torch.cat(latents), [int(item["class_id"]) for item in items], list(sources))
+    return Conditioning(
+        modality, torch.cat(latents), [int(item["class_id"]) for item in items], list(sources)
+    )
 
 
 @torch.no_grad()
@@ -220,11 +243,15 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
         wave = read_audio(path, config.mel.sample_rate)
         adapted = []
         if info.audio_rate != config.mel.sample_rate or info.audio_channels != 1:
-            adapted.append(f"{info.audio_channels}-channel {info.audio_rate} Hz resampled to mono "
-                           f"{config.mel.sample_rate} Hz")
+            adapted.append(
+                f"{info.audio_channels}-channel {info.audio_rate} Hz resampled to mono "
+                f"{config.mel.sample_rate} Hz"
+            )
         if len(wave) != config.clip_samples:
-            adapted.append(f"{len(wave) / config.mel.sample_rate:.3g} s {'cut' if len(wave) > config.clip_samples else 'zero-padded'} "
-                           f"to {config.clip_seconds:g} s")
+            adapted.append(
+                f"{len(wave) / config.mel.sample_rate:.3g} s {'cut' if len(wave) > config.clip_samples else 'zero-padded'} "
+                f"to {config.clip_seconds:g} s"
+            )
         if adapted:
             log.warning("%s: %s", path, "; ".join(adapted))
         wave = pad_or_trim(torch.from_numpy(wave)[None], config.clip_samples)
@@ -234,8 +261,15 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
             raise MediaError(f"{path}: no video stream; v2a and video_continuation need a video file")
         clip = read_video(path, fps=config.fps, num_frames=config.num_frames)
         if abs(info.fps - config.fps) > 1e-3 or abs(info.duration - config.clip_seconds) > 0.5 / config.fps:
-            log.warning("%s: %.3g fps, %.3g s taken as its first %d frames at %g fps (%g s)", path, info.fps,
-                        info.duration, config.num_frames, config.fps, config.clip_seconds)
+            log.warning(
+                "%s: %.3g fps, %.3g s taken as its first %d frames at %g fps (%g s)",
+                path,
+                info.fps,
+                info.duration,
+                config.num_frames,
+                config.fps,
+                config.clip_seconds,
+            )
         frames = to_model_frames(clip.frames, resolution, config.frame_mode)  # [T, 3, R, R]
         key_frames = frames[config.key_frame_indices][None]
     z_v, z_a = pipeline.encode_clips({"key_frames": key_frames, "audio_image": audio_image})
@@ -247,22 +281,32 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
 # --------------------------------------------------------------------------------------------
 
 
-def sample_clips(generator: Generator, config: SampleConfig, given: Tensor | None, seed: int,
-                 batch_size: int) -> dict[str, Tensor]:
+def sample_clips(
+    dit: TrainedDiT, config: SampleConfig, given: Tensor | None, seed: int, batch_size: int
+) -> dict[str, Tensor]:
     """Raw latents [B, clips, C, S, S] of the modalities the model makes (and a2v / v2a's given one)."""
-    model, device = generator.model, next(generator.model.parameters()).device
-    modality = GIVEN_MODALITY[config.task]
-    given = generator.standardise(modality, given.to(device)) if given is not None else None
-    settings = dict(guidance_audio=config.guidance_audio, guidance_video=config.guidance_video,
-                    sampler=config.sampler, steps=config.steps, seed=seed, progress=True)
-    if config.task in CONTINUING_TASKS:
+    model, device = dit.model, next(dit.model.parameters()).device
+    task = Task(config.task)
+    modality = task.given_modality
+    given = dit.standardise(modality, given.to(device)) if given is not None else None
+    settings = dict(
+        guidance_audio=config.guidance_audio,
+        guidance_video=config.guidance_video,
+        sampler=config.sampler,
+        steps=config.steps,
+        seed=seed,
+        progress=True,
+    )
+    if task.needs_long_model:
         previous = {f"prev_{modality[0]}": given} if modality else {}
         z_a, z_v = sample_long(model, config.num_clips, batch_size, **previous, **settings)
     else:
         conditions = {f"cond_{modality[0]}": given} if modality else {}
-        z_a, z_v = (None if z is None else z[:, None] for z in sample(model, config.task, batch_size,
-                                                                        **conditions, **settings))
-    latents = {"audio": generator.unstandardise("audio", z_a), "video": generator.unstandardise("video", z_v)}
+        z_a, z_v = (
+            None if z is None else z[:, None]
+            for z in sample(model, task, batch_size, **conditions, **settings)
+        )
+    latents = {"audio": dit.unstandardise("audio", z_a), "video": dit.unstandardise("video", z_v)}
     return {m: z for m, z in latents.items() if z is not None}
 
 
@@ -273,8 +317,13 @@ class SampleMedia:
 
 
 @torch.no_grad()
-def decode_media(pipeline: AutoencoderPipeline, latents: dict[str, Tensor], steps: int | None = None,
-                 vocoder: str = "hifigan-universal", seed: int = 0) -> list[SampleMedia]:
+def decode_media(
+    pipeline: AutoencoderPipeline,
+    latents: dict[str, Tensor],
+    steps: int | None = None,
+    vocoder: str = "hifigan-universal",
+    seed: int = 0,
+) -> list[SampleMedia]:
     """Raw latents [B, clips, C, S, S] per modality -> media; clips decode one by one and join in time.
 
     A single-modal model's missing modality is decoded from the autoencoder's null latent (that of
@@ -282,13 +331,17 @@ def decode_media(pipeline: AutoencoderPipeline, latents: dict[str, Tensor], step
     """
     some = next(iter(latents.values()))
     batch, clips = some.shape[:2]
-    z = {m: latents.get(m, _null_latent(pipeline, m, batch)[:, None].expand(-1, clips, -1, -1, -1))
-         for m in MODALITIES}
+    z = {
+        m: latents.get(m, _null_latent(pipeline, m, batch)[:, None].expand(-1, clips, -1, -1, -1))
+        for m in MODALITIES
+    }
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     clip_samples = pipeline.dataset.clip_samples
     frames, waves = [], []
     for clip in range(clips):
-        decoded = pipeline.decode_clips(z["video"][:, clip], z["audio"][:, clip], steps=steps, generator=generator)
+        decoded = pipeline.decode_clips(
+            z["video"][:, clip], z["audio"][:, clip], steps=steps, generator=generator
+        )
         media = pipeline.to_media(decoded.audio_images, decoded.frames, vocoder)
         frames.append([f for f, _ in media])
         # Exactly one clip of sound per clip of frames (vocoders may end a few samples short), so
@@ -319,7 +372,9 @@ def write_sample(pipeline: AutoencoderPipeline, media: SampleMedia, folder: Path
     if media.frames is not None:
         written.append(folder / f"{name}.mp4")
         write_video(written[-1], media.frames, config.fps, media.wave, config.mel.sample_rate)
-        picks = np.linspace(0, len(media.frames) - 1, min(SHEET_FRAMES, len(media.frames))).round().astype(int)
+        picks = (
+            np.linspace(0, len(media.frames) - 1, min(SHEET_FRAMES, len(media.frames))).round().astype(int)
+        )
         row += [media.frames[i] for i in picks]
     if media.wave is not None:
         written.append(folder / f"{name}.wav")
@@ -330,60 +385,76 @@ def write_sample(pipeline: AutoencoderPipeline, media: SampleMedia, folder: Path
     return written
 
 
-def check_task(generator: Generator, config: SampleConfig) -> None:
+def check_task(dit: TrainedDiT, config: SampleConfig) -> None:
     """What config.validate() cannot know: whether this model can do the task."""
     config.validate()
-    if config.task in CONTINUING_TASKS and not generator.long:
-        raise ConfigError(f"task {config.task} needs the long-generation model (tools/train_dit.py --config-name "
-                          f"train_dit_long); {generator.checkpoint} has dit.previous_clip_depth=0")
-    if config.task in ("a2v", "v2a") and not generator.model.cfg.joint:
-        raise ConfigError(f"task {config.task} needs a model of both modalities; this one has "
-                          f"dit.modalities={generator.model.cfg.modalities}")
+    task = Task(config.task)
+    if task.needs_long_model and not dit.long:
+        raise ConfigError(
+            f"task {config.task} needs the long-generation model (tools/train_dit.py --config-name "
+            f"train_dit_long); {dit.checkpoint} has dit.previous_clip_depth=0"
+        )
+    if task.cross_modal and not dit.model.cfg.joint:
+        raise ConfigError(
+            f"task {config.task} needs a model of both modalities; this one has "
+            f"dit.modalities={dit.model.cfg.modalities}"
+        )
 
 
-def iterate_samples(generator: Generator, config: SampleConfig, conditioning: Conditioning | None = None,
-                    ) -> Iterator[tuple[int, SampleMedia, int, str]]:
+def iterate_samples(
+    dit: TrainedDiT,
+    config: SampleConfig,
+    conditioning: Conditioning | None = None,
+) -> Iterator[tuple[int, SampleMedia, int, str]]:
     """(sample index, its media, its conditioning class id or -1, its conditioning source), batch by batch.
 
     `conditioning` replaces what config.input / config.clips name (one entry per sample).
     """
-    check_task(generator, config)
+    check_task(dit, config)
+    task = Task(config.task)
     if conditioning is None:
-        conditioning = load_conditioning(generator, config)
-    elif conditioning.modality != GIVEN_MODALITY[config.task] or len(conditioning.class_ids) != config.num_samples:
-        raise ConfigError(f"task {config.task} with num_samples={config.num_samples} was given {conditioning.modality} "
-                          f"conditioning for {len(conditioning.class_ids)} samples")
-    clips = config.num_clips if config.task in CONTINUING_TASKS else 1
+        conditioning = load_conditioning(dit, config)
+    elif conditioning.modality != task.given_modality or len(conditioning.class_ids) != config.num_samples:
+        raise ConfigError(
+            f"task {config.task} with num_samples={config.num_samples} was given {conditioning.modality} "
+            f"conditioning for {len(conditioning.class_ids)} samples"
+        )
+    clips = config.num_clips if task.needs_long_model else 1
     for batch_index, start in enumerate(range(0, config.num_samples, config.batch_size)):
         rows = range(start, min(start + config.batch_size, config.num_samples))
         seed = config.seed + batch_index * clips
         given = conditioning.latents[rows.start : rows.stop] if conditioning.latents is not None else None
-        latents = sample_clips(generator, config, given, seed, len(rows))
-        media = decode_media(generator.pipeline, latents, config.ae_steps, config.vocoder, seed)
+        latents = sample_clips(dit, config, given, seed, len(rows))
+        media = decode_media(dit.pipeline, latents, config.ae_steps, config.vocoder, seed)
         for row, sample_media in zip(rows, media, strict=True):
             yield row, sample_media, conditioning.class_ids[row], conditioning.sources[row]
         print(f"{config.task}: {rows.stop}/{config.num_samples} samples", file=sys.stderr, flush=True)
 
 
-def generate(generator: Generator, config: SampleConfig, conditioning: Conditioning | None = None) -> dict:
+def generate(dit: TrainedDiT, config: SampleConfig, conditioning: Conditioning | None = None) -> dict:
     """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`)."""
     out_dir = Path(config.out_dir)
     started, files, conditions, sources = time.perf_counter(), 0, {}, set()
-    for row, media, class_id, source in iterate_samples(generator, config, conditioning):
+    config.validate()
+    task = Task(config.task)
+    for row, media, class_id, source in iterate_samples(dit, config, conditioning):
         sources.add(source)
         name = f"{config.task}_{row:04d}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        files += len(write_sample(generator.pipeline, media, out_dir, name))
-        if config.task in ("a2v", "v2a") and class_id >= 0:
-            conditions[f"{name}.mp4"] = {"task": config.task, "class": generator.pipeline.class_names[class_id]}
+        files += len(write_sample(dit.pipeline, media, out_dir, name))
+        if task.cross_modal and class_id >= 0:
+            conditions[f"{name}.mp4"] = {
+                "task": config.task,
+                "class": dit.pipeline.class_names[class_id],
+            }
     if conditions:
         (out_dir / CONDITIONS_FILE).write_text(json.dumps(conditions, indent=1))
     seconds = time.perf_counter() - started
-    clips = config.num_clips if config.task in CONTINUING_TASKS else 1
+    clips = config.num_clips if task.needs_long_model else 1
     return {
         "task": config.task,
         "samples": config.num_samples,
-        "frames_per_sample": clips * generator.pipeline.dataset.num_frames,
+        "frames_per_sample": clips * dit.pipeline.dataset.num_frames,
         "seconds": round(seconds, 2),
         "seconds_per_sample": round(seconds / config.num_samples, 3),
         "peak_mem_gb": round(peak_memory_gb(), 3),

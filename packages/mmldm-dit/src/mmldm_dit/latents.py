@@ -74,38 +74,45 @@ def build_dit_latent_cache(
     dataset: SoundingVideoDataset,
     pipeline: AutoencoderPipeline,
     out_dir: str | Path,
-    batch_size: int = 8,
-    shard_size: int = 1024,
-    num_workers: int = 0,
-    progress: bool = True,
+    **options,
 ) -> Path:
-    """Encode every window of `dataset` with the frozen autoencoder into `out_dir`; reuse what still matches."""
+    """Encode every window of `dataset` with the frozen autoencoder into `out_dir`; reuse what
+    still matches. `options` go to `ShardedCache.build` (batch_size: 8 and shard_size: 1024 unless given).
+    """
+    options = {"batch_size": 8, "shard_size": 1024, **options}
     ae = pipeline.model.cfg
 
     def encode(batch: dict) -> dict[str, Tensor]:
         z_v, z_a = pipeline.encode_clips(batch)  # [B, Cv, Sv, Sv], [B, Ca, Sa, Sa]
         return {"z_a": z_a, "z_v": z_v}
 
-    header = {"latent_shapes": {
-        "audio": [ae.latent_channels, ae.audio_latent_size, ae.audio_latent_size],
-        "video": [ae.latent_channels, ae.video_latent_size, ae.video_latent_size],
-    }}
+    header = {
+        "latent_shapes": {
+            "audio": [ae.latent_channels, ae.audio_latent_size, ae.audio_latent_size],
+            "video": [ae.latent_channels, ae.video_latent_size, ae.video_latent_size],
+        }
+    }
+
+    def statistics(folder: Path, shards: list[Shard]) -> dict:  # the index's "stats" entry
+        return {"stats": _statistics(folder, shards).to_dict()}
+
     return PERCEPTUAL_LATENTS.build(
-        dataset, out_dir, encode, pipeline.fingerprint(), header, batch_size=batch_size, shard_size=shard_size,
-        num_workers=num_workers, progress=progress,
-        summarise=lambda folder, shards: {"stats": _statistics(folder, shards).to_dict()},
+        dataset, out_dir, encode, pipeline.fingerprint(), header, summarise=statistics, **options
     )
 
 
 def _statistics(out_dir: Path, shards: list[Shard]) -> LatentStats:
     """Mean and std of every latent value per modality, accumulated in float64 shard by shard."""
-    sums = {key: torch.zeros(3, dtype=torch.float64) for key in LATENT_KEYS.values()}  # count, sum, sum of squares
+    sums = {
+        key: torch.zeros(3, dtype=torch.float64) for key in LATENT_KEYS.values()
+    }  # count, sum, sum of squares
     for shard in shards:
         with safe_open(out_dir / shard.file, framework="pt") as handle:
             for key in sums:
                 values = handle.get_tensor(key).double()
-                sums[key] += torch.stack([torch.tensor(values.numel(), dtype=torch.float64), values.sum(),
-                                          values.square().sum()])
+                sums[key] += torch.stack(
+                    [torch.tensor(values.numel(), dtype=torch.float64), values.sum(), values.square().sum()]
+                )
     numbers = {}
     for modality, key in LATENT_KEYS.items():
         count, total, squares = sums[key].tolist()
@@ -116,7 +123,9 @@ def _statistics(out_dir: Path, shards: list[Shard]) -> LatentStats:
     return LatentStats(**numbers)
 
 
-def dit_cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, pipeline: AutoencoderPipeline) -> str | None:
+def dit_cache_mismatch(
+    out_dir: str | Path, dataset_config: DatasetConfig, pipeline: AutoencoderPipeline
+) -> str | None:
     """Why the cache in `out_dir` cannot stand for `dataset_config` encoded by `pipeline`, or None."""
     return PERCEPTUAL_LATENTS.mismatch(out_dir, dataset_config, pipeline)
 
@@ -147,8 +156,9 @@ class DiTLatentDataset(ShardedCacheDataset):
             if not self.items:
                 raise LatentCacheError(
                     f"latent cache {str(self.out_dir)!r} has no window whose previous clip "
-                    f"({self.index['num_frames']} frames earlier in the same file) is cached: the long model needs "
-                    "videos of at least two clips and a dataset.window_stride that divides dataset.num_frames"
+                    f"({self.index['num_frames']} frames earlier in the same file) is cached: "
+                    "the long model needs videos of at least two clips and a dataset.window_stride that "
+                    "divides dataset.num_frames"
                 )
         else:
             self.items = list(range(self.index["count"]))
@@ -170,8 +180,12 @@ class DiTLatentDataset(ShardedCacheDataset):
     def __getitem__(self, index: int) -> dict:
         window = self.items[index]
         z_a, z_v = self.latents(window)
-        item = {"z_a": z_a, "z_v": z_v, "class_id": self.index["class_ids"][window],
-                "clip_id": self.index["clip_ids"][window]}
+        item = {
+            "z_a": z_a,
+            "z_v": z_v,
+            "class_id": self.index["class_ids"][window],
+            "clip_id": self.index["clip_ids"][window],
+        }
         if self.previous_clips:
             item["prev_z_a"], item["prev_z_v"] = self.latents(self.previous[window])
         return item

@@ -1,4 +1,4 @@
-"""Training loss and samplers of the MM-LDM generator (paper sections 3.2-3.3, docs/design.md#generator-training).
+"""Training loss and samplers of the MM-LDM DiT (paper sections 3.2-3.3, docs/design.md#dit-training).
 
 Training (`dit_training_loss`): one timestep per sample shared by both modalities, epsilon MSE per
 modality, and per-sample task masks that teach one model several distributions at once:
@@ -8,18 +8,19 @@ modality, and per-sample task masks that teach one model several distributions a
   * long-generation model only: the previous clip's video (20%, audio continuation) or audio
     (20%, video continuation) or both (10%, a first clip) replaced by the zero latent.
 
-The masks follow the authors' draw (docs/design.md#generator-training): context p; audio condition and
+The masks follow the authors' draw (docs/design.md#dit-training): context p; audio condition and
 video condition drawn independently at 5% among rows that keep their context; a row where both
 were chosen gets neither. So the rates are exactly 10% / 4.275% / 4.275% (see `task_rates`).
 
 Sampling (`sample`, `sample_long`): DDIM (50 steps, eta 0) or DPM-Solver++ through diffusers
-schedulers, with guidance per modality in the paper's Eq. 9 form
+schedulers, with guidance per modality by the paper's Eq. 9 (`guided_eps`, the autoencoder's
+decoder uses the same; docs/design.md#guidance)
 
-    eps = eps(x_t, c) + s * (eps(x_t, c) - eps(x_t, null))   =   eps_u + (1 + s) (eps_c - eps_u),
+    eps = eps(x_t, c) + s * (eps(x_t, c) - eps(x_t, null)),
 
-so the scale here is the paper's s: s = 0 is the plain conditional model, and the authors' CLI
-value 9.0 (written eps_u + s'(eps_c - eps_u)) is s = 8.0 here. The null branch removes everything
-the model is conditioned on: the prompt, the cross-modal condition and the previous clip.
+s = 0 being the plain conditional model. The authors' CLI value 9.0, written
+eps_u + w (eps_c - eps_u), is s = w - 1 = 8.0. The null branch removes everything the model is
+conditioned on: the prompt, the cross-modal condition and the previous clip.
 
 Deviations from the authors, and why:
   * their unconditional branch keeps the a2v / v2a condition and only drops the prompt, a
@@ -54,15 +55,13 @@ from mmldm_ae.engine.diffusion import (
     sample_timesteps,
 )
 from mmldm_data.config import ConfigError
+from mmldm_data.tasks import Task
 from mmldm_dit.dit import MODALITIES, MMDiT
 
-TASKS = ("svg", "a2v", "v2a")
+ONE_CLIP_TASKS = tuple(task for task in Task if not task.needs_long_model)  # what `sample` runs
 SAMPLERS = ("ddim", "dpmsolver++")
-# The authors' CLI default (9.0 in their eps_u + s'(eps_c - eps_u) form) in the paper's form.
+# The paper's Eq. 9 s of the authors' CLI default, w = 9.0 in their eps_u + w (eps_c - eps_u): s = w - 1.
 DEFAULT_GUIDANCE = 8.0
-# The modality each conditional task gives as input, and back.
-CONDITION_OF_TASK = {"a2v": "audio", "v2a": "video"}
-TASK_OF_CONDITION = {m: task for task, m in CONDITION_OF_TASK.items()}
 
 
 #################################################################################
@@ -72,7 +71,7 @@ TASK_OF_CONDITION = {m: task for task, m in CONDITION_OF_TASK.items()}
 
 @dataclass
 class DiTLossConfig:
-    """Multi-task training of the DiT (paper Eq. 9, docs/design.md#generator-training); rates are fractions of the rows."""
+    """Multi-task training of the DiT (paper Eq. 9, docs/design.md#dit-training); rates are fractions of the rows."""
 
     context_drop: float = 0.1  # trained unconditionally: the null branch of guidance
     a2v: float = 0.05  # rows that get the clean audio latent as a condition (exclusive with v2a)
@@ -282,14 +281,14 @@ def _predict_eps(
     for m, e in zip(MODALITIES, eps, strict=True):
         if e is not None:
             eps_cond, eps_null = e.chunk(2)
-            guided[m] = guided_eps(eps_null, eps_cond, 1.0 + guidance[m])  # Eq. 9 with s = guidance[m]
+            guided[m] = guided_eps(eps_null, eps_cond, guidance[m])
     return guided
 
 
 @torch.no_grad()
 def sample(
     model: MMDiT,
-    task: str = "svg",
+    task: Task | str = Task.svg,
     batch_size: int | None = None,
     *,
     cond_a: Tensor | None = None,
@@ -312,18 +311,15 @@ def sample(
     video continuation prev_v alone. Same seed, same inputs, same device: same sample (the
     initial noise is drawn on the CPU, so it is the same on every device).
     """
-    if task not in TASKS:
-        raise ConfigError(f"unknown task {task!r}; choose one of {TASKS}")
+    task = Task.parse(task, choices=ONE_CLIP_TASKS)
     for name, value in (("guidance_audio", guidance_audio), ("guidance_video", guidance_video)):
         if value < 0:
             raise ConfigError(f"{name} must be >= 0 (0: no guidance), got {value}")
     given_conditions = {"audio": cond_a, "video": cond_v}
     for modality, value in given_conditions.items():
-        if value is not None and CONDITION_OF_TASK.get(task) != modality:
-            raise ValueError(
-                f"cond_{modality[0]} is an input of task {TASK_OF_CONDITION[modality]}, not of {task}"
-            )
-    known_modality = CONDITION_OF_TASK.get(task)
+        if value is not None and task.given_modality != modality:
+            raise ValueError(f"cond_{modality[0]} is an input of task {Task.given(modality)}, not of {task}")
+    known_modality = task.given_modality
     if known_modality is not None:
         if not model.cfg.joint:
             raise ValueError(
@@ -409,7 +405,7 @@ def sample_long(
     clips: dict[str, list[Tensor]] = {m: [] for m in model.cfg.ordered_modalities}
     for index in range(num_clips):
         prev_a, prev_v = sample(
-            model, "svg", batch_size, prev_a=prev_a, prev_v=prev_v, seed=seed + index, **sample_kwargs
+            model, Task.svg, batch_size, prev_a=prev_a, prev_v=prev_v, seed=seed + index, **sample_kwargs
         )
         for m, z in zip(MODALITIES, (prev_a, prev_v), strict=True):
             if z is not None:

@@ -1,4 +1,4 @@
-"""Stage 2: train the DiT generator over cached perceptual latents (docs/design.md#generator; the paper's MM-LDM*).
+"""Stage 2: train the DiT over cached perceptual latents (docs/design.md#dit; the paper's MM-LDM*).
 
 `DiTTrainingTask` is the task for the shared `Trainer`: standardised latents of the cache, the
 multi-task loss of `dit_training_loss` (context / a2v / v2a masks; previous-clip masks for the
@@ -30,8 +30,9 @@ from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvalSets, evaluate, load_models
+from mmldm_data.tasks import Task
 from mmldm_dit.dit import DiTConfig, MMDiT, model_card
-from mmldm_dit.generate import Generator, SampleConfig, generate, load_generator
+from mmldm_dit.generate import SampleConfig, TrainedDiT, generate, load_trained_dit
 from mmldm_dit.latents import DiTLatentDataset, LatentStats, build_dit_latent_cache
 from mmldm_dit.sampling import DiTLossConfig, dit_training_loss
 
@@ -65,8 +66,15 @@ class PreviewConfig:
 
 
 class DiTTrainingTask(TrainingTask):
-    def __init__(self, model: MMDiT, stats: LatentStats, loss_config: DiTLossConfig, architecture: dict[str, Any],
-                 pipeline: AutoencoderPipeline, preview: PreviewConfig):
+    def __init__(
+        self,
+        model: MMDiT,
+        stats: LatentStats,
+        loss_config: DiTLossConfig,
+        architecture: dict[str, Any],
+        pipeline: AutoencoderPipeline,
+        preview: PreviewConfig,
+    ):
         self.model, self.stats, self.loss_config = model, stats, loss_config
         self.pipeline, self.preview = pipeline, preview
         self._architecture = architecture
@@ -83,39 +91,70 @@ class DiTTrainingTask(TrainingTask):
 
     def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
         # The loss draws t, masks and noise from the global RNG, which checkpoints restore: resumes are exact.
-        latents = {key: self.stats.standardise(modality, batch[key].float())
-                   for key, modality in LATENT_MODALITY.items() if key in batch}
-        losses = dit_training_loss(modules["dit"], latents.get("z_a"), latents.get("z_v"), self.scheduler,
-                                   cfg=self.loss_config, prev_a=latents.get("prev_z_a"), prev_v=latents.get("prev_z_v"))
+        latents = {
+            key: self.stats.standardise(modality, batch[key].float())
+            for key, modality in LATENT_MODALITY.items()
+            if key in batch
+        }
+        losses = dit_training_loss(
+            modules["dit"],
+            latents.get("z_a"),
+            latents.get("z_v"),
+            self.scheduler,
+            cfg=self.loss_config,
+            prev_a=latents.get("prev_z_a"),
+            prev_v=latents.get("prev_z_v"),
+        )
         return losses["loss"], {k: float(v) for k, v in losses.items() if k != "loss"}
 
     def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
         long = self.model.previous_encoder is not None
         folder = run_dir / "samples" / f"step_{step:07d}"
         preview = self.preview
-        generator = Generator(self.model, self.stats, self.pipeline, None, run_dir)
-        generate(generator, SampleConfig(
-            run=str(run_dir), task="long" if long else "svg", out_dir=str(folder), num_samples=preview.samples,
-            batch_size=preview.samples, steps=preview.steps, num_clips=preview.clips, ae_steps=preview.ae_steps,
-            vocoder=preview.vocoder,
-        ))
+        generate(
+            TrainedDiT(self.model, self.stats, self.pipeline, None, run_dir),
+            SampleConfig(
+                run=str(run_dir),
+                task=Task.long if long else Task.svg,
+                out_dir=str(folder),
+                num_samples=preview.samples,
+                batch_size=preview.samples,
+                steps=preview.steps,
+                num_clips=preview.clips,
+                ae_steps=preview.ae_steps,
+                vocoder=preview.vocoder,
+            ),
+        )
         for video in sorted(folder.glob("*.mp4")):
-            logger.log_video(f"samples/{video.stem}", video, step, caption="generated video with its generated sound")
+            logger.log_video(
+                f"samples/{video.stem}", video, step, caption="generated video with its generated sound"
+            )
         for sheet in sorted(folder.glob("*.png")):
-            logger.log_image(f"samples/{sheet.stem}", np.asarray(Image.open(sheet).convert("RGB")), step,
-                             caption="frames, then the spectrogram of the sound")
+            logger.log_image(
+                f"samples/{sheet.stem}",
+                np.asarray(Image.open(sheet).convert("RGB")),
+                step,
+                caption="frames, then the spectrogram of the sound",
+            )
 
 
-def check_compatible(dataset: DatasetConfig, dit: DiTConfig, pipeline: AutoencoderPipeline, ae_run: str) -> None:
+def check_compatible(
+    dataset: DatasetConfig, dit: DiTConfig, pipeline: AutoencoderPipeline, ae_run: str
+) -> None:
     """The DiT's data and latent shapes must be those of its autoencoder."""
     problems = []
     for name in AE_INPUT_SETTINGS:
         ours, theirs = getattr(dataset, name), getattr(pipeline.dataset, name)
         if ours != theirs:
-            problems.append(f"dataset.{name}={to_plain(ours)} but the autoencoder in {ae_run} was trained with "
-                            f"{to_plain(theirs)}: set dataset.{name} to that")
+            problems.append(
+                f"dataset.{name}={to_plain(ours)} but the autoencoder in {ae_run} was trained with "
+                f"{to_plain(theirs)}: set dataset.{name} to that"
+            )
     ae = pipeline.model.cfg
-    made = {"audio": (ae.latent_channels, ae.audio_latent_size), "video": (ae.latent_channels, ae.video_latent_size)}
+    made = {
+        "audio": (ae.latent_channels, ae.audio_latent_size),
+        "video": (ae.latent_channels, ae.video_latent_size),
+    }
     for modality in dit.modalities:
         channels, side, _ = dit.latent_shape(modality)
         if (channels, side) != made[modality]:
@@ -137,21 +176,39 @@ def default_cache_dir(ae_run: Path, dataset: DatasetConfig) -> Path:
     return ae_run / "dit_latents" / f"{dataset.name}-{settings_hash(encoded_dataset_config(dataset))[:12]}"
 
 
-def evaluate_generator(run_dir: Path, plan: EvalPlan, sampling: EvalSampling, dataset: DatasetConfig) -> dict[str, Any]:
+def evaluate_dit(
+    run_dir: Path, plan: EvalPlan, sampling: EvalSampling, dataset: DatasetConfig
+) -> dict[str, Any]:
     """FVD / KVD / FAD (paper Table 4) of `plan.clips` svg samples against the real clips, with AV-Align,
     the oracle readings on the synthetic set, and the DiT's parameters and forward FLOPs."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = load_generator(run_dir, device=device)
-    samples = Path(run_dir) / "evaluation" / "svg"
-    generate(generator, SampleConfig(
-        run=str(run_dir), task="svg", out_dir=str(samples), num_samples=plan.clips, batch_size=sampling.batch_size,
-        seed=plan.seed, steps=sampling.steps, ae_steps=sampling.ae_steps, guidance_audio=sampling.guidance,
-        guidance_video=sampling.guidance, vocoder=sampling.vocoder,
-    ))
+    dit = load_trained_dit(run_dir, device=device)
+    samples = Path(run_dir) / "evaluation" / Task.svg
+    generate(
+        dit,
+        SampleConfig(
+            run=str(run_dir),
+            task=Task.svg,
+            out_dir=str(samples),
+            num_samples=plan.clips,
+            batch_size=sampling.batch_size,
+            seed=plan.seed,
+            steps=sampling.steps,
+            ae_steps=sampling.ae_steps,
+            guidance_audio=sampling.guidance,
+            guidance_video=sampling.guidance,
+            vocoder=sampling.vocoder,
+        ),
+    )
     protocol = plan.protocol(dataset.fps, dataset.num_frames)
-    report = evaluate(EvalSets.scan(dataset.data_root, protocol, samples), protocol, load_models(protocol, device),
-                      seeds=[plan.seed], batch_size=plan.batch_size)
-    card = model_card(generator.model.cfg)
+    report = evaluate(
+        EvalSets.scan(dataset.data_root, protocol, samples),
+        protocol,
+        load_models(protocol, device),
+        seeds=[plan.seed],
+        batch_size=plan.batch_size,
+    )
+    card = model_card(dit.model.cfg)
     metrics = {key: value for key, value in report.items() if value is None or isinstance(value, int | float)}
     return metrics | {key: card[key] for key in ("params", "gflops", "gmacs_linear")}
 
@@ -171,14 +228,18 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
     wandb_config = to_typed(WandbConfig, cfg.wandb)
     preview = to_typed(PreviewConfig, cfg.preview)
     if not cfg.ae_run:
-        raise ConfigError("ae_run is not set: give the run_dir of a trained autoencoder (ae_run=outputs/runs/"
-                          "ae-synthetic-tiny after `make train-ae DATASET=synthetic`)")
+        raise ConfigError(
+            "ae_run is not set: give the run_dir of a trained autoencoder (ae_run=outputs/runs/"
+            "ae-synthetic-tiny after `make train-ae DATASET=synthetic`)"
+        )
     ae_run = Path(cfg.ae_run).resolve()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = load_autoencoder(ae_run, device=device)
     check_compatible(dataset_config, dit_config, pipeline, str(ae_run))
 
-    cache_dir = Path(cfg.latent_cache).resolve() if cfg.latent_cache else default_cache_dir(ae_run, dataset_config)
+    cache_dir = (
+        Path(cfg.latent_cache).resolve() if cfg.latent_cache else default_cache_dir(ae_run, dataset_config)
+    )
     print(f"latent cache: {cache_dir}", file=sys.stderr, flush=True)
     pixels = SoundingVideoDataset(dataset_config, progress=True)
     build_dit_latent_cache(pixels, pipeline, cache_dir, batch_size=cfg.encode_batch_size, progress=True)
@@ -187,22 +248,32 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
 
     torch.manual_seed(train_config.seed)
     model = MMDiT(dit_config)
-    architecture = {"dit": to_plain_dict(dit_config), "latent_stats": data.stats.to_dict(),
-                    "autoencoder_fingerprint": pipeline.fingerprint()}
+    architecture = {
+        "dit": to_plain_dict(dit_config),
+        "latent_stats": data.stats.to_dict(),
+        "autoencoder_fingerprint": pipeline.fingerprint(),
+    }
     task = DiTTrainingTask(model, data.stats, loss_config, architecture, pipeline, preview)
     run_config = OmegaConf.to_container(cfg, resolve=True) | {
-        "dataset": to_plain_dict(dataset_config), "dit": to_plain_dict(dit_config), "ae_run": str(ae_run),
+        "dataset": to_plain_dict(dataset_config),
+        "dit": to_plain_dict(dit_config),
+        "ae_run": str(ae_run),
         "latent_cache": str(cache_dir),
     }
-    print(f"training on {len(data)} {'(previous, current) pairs' if long else 'windows'} of {cache_dir}",
-          file=sys.stderr, flush=True)
+    print(
+        f"training on {len(data)} {'(previous, current) pairs' if long else 'windows'} of {cache_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
     trainer = Trainer(task, data, train_config, cfg.run_dir, wandb_config, run_config=run_config)
     summary = trainer.train()
     summary["samples"] = str(Path(cfg.run_dir) / "samples")
     summary["latent_cache"] = str(cache_dir)
     summary["training_items"] = len(data)
     if plan.clips and trainer.is_main:
-        metrics = evaluate_generator(Path(cfg.run_dir), plan, eval_sampling, dataset_config)
-        write_results(Path(cfg.run_dir), experiment, metrics | {"step": summary["step"]}, wandb_config, run_config)
+        metrics = evaluate_dit(Path(cfg.run_dir), plan, eval_sampling, dataset_config)
+        write_results(
+            Path(cfg.run_dir), experiment, metrics | {"step": summary["step"]}, wandb_config, run_config
+        )
         summary["metrics"] = metrics
     return summary | {"is_main": trainer.is_main}

@@ -95,11 +95,13 @@ class AEConfig:
     w_adv: float = 0.1
     guidance_dropout: float = 0.1  # per modality: its prompt and its encoder input are zeroed
 
-    # Decoding: DDIM, eta 0, classifier-free guidance per modality (the authors' AudioSet: audio 1.5,
-    # video 3.0).
+    # Decoding: DDIM, eta 0, classifier-free guidance per modality by the paper's Eq. 9,
+    # eps_c + s (eps_c - eps_u), s = 0: none (docs/design.md#guidance). The authors write
+    # eps_u + w (eps_c - eps_u) with w = 2.5, i.e. s = 1.5 here (their AudioSet: w = 1.5 / 3.0 for
+    # audio / video, i.e. s = 0.5 / 2.0).
     decode_steps: int = 50
-    guidance_audio: float = 2.5
-    guidance_video: float = 2.5
+    guidance_audio: float = 1.5
+    guidance_video: float = 1.5
 
     schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
@@ -171,12 +173,20 @@ class AEConfig:
             )
         if not 0.0 <= self.guidance_dropout < 1.0:
             problems.append(f"ae.guidance_dropout must be in [0, 1), got {self.guidance_dropout}")
+        problems += [
+            f"ae.{name} must be >= 0 (paper Eq. 9 s; 0: no guidance), got {getattr(self, name)}"
+            for name in ("guidance_audio", "guidance_video")
+            if getattr(self, name) < 0
+        ]
         if not 0.0 < self.contrastive_temperature <= 1.0:
             problems.append(
                 f"ae.contrastive_temperature must be in (0, 1], got {self.contrastive_temperature}"
             )
-        problems += [f"loss weight ae.{name} must be >= 0, got {getattr(self, name)}"
-                     for name in ("w_kl", "w_cls", "w_con", "w_adv") if getattr(self, name) < 0]
+        problems += [
+            f"loss weight ae.{name} must be >= 0, got {getattr(self, name)}"
+            for name in ("w_kl", "w_cls", "w_con", "w_adv")
+            if getattr(self, name) < 0
+        ]
         if self.adversarial and self.num_target_frames != 2:
             problems.append(
                 "the discriminator compares [audio, frame a, frame b]: ae.num_target_frames must be 2"

@@ -173,8 +173,8 @@ def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> None:
         raise FileNotFoundError(
             f"ae.unet_init={str(path)!r} is not a local diffusers UNet folder (config.json + weights) nor a "
             "pipeline folder with a unet/ subfolder. Download an SD-1.x repository once (e.g. "
-            "stable-diffusion-v1-5/stable-diffusion-v1-5) and point ae.unet_init at it, or set ae.unet_init=null "
-            "to start from random weights; nothing is downloaded at run time."
+            "stable-diffusion-v1-5/stable-diffusion-v1-5) and point ae.unet_init at it, or set "
+            "ae.unet_init=null to start from random weights; nothing is downloaded at run time."
         )
     pretrained = UNet2DConditionModel.from_pretrained(folder, local_files_only=True)
     ours, theirs = unet.state_dict(), pretrained.state_dict()
@@ -187,5 +187,3 @@ def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> None:
             "(ae.unet_init needs an SD-1.x UNet and the paper preset's unet_* settings)"
         )
     unet.load_state_dict(theirs)
-
-

@@ -52,7 +52,8 @@ class CrossModalDiscriminator(nn.Module):
         levels = len(cfg.channel_mult)
         if resolution % 2 ** (levels - 1):
             raise ValueError(
-                f"resolution {resolution} is not divisible by the discriminator's {2 ** (levels - 1)}x downsampling"
+                f"resolution {resolution} is not divisible by the discriminator's "
+                f"{2 ** (levels - 1)}x downsampling"
             )
         self.resolution = resolution
         self.slot_embed = nn.Parameter(torch.zeros(1, SLOTS, 3, resolution, resolution))
@@ -80,7 +81,8 @@ class CrossModalDiscriminator(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 5 or tuple(x.shape[1:]) != (SLOTS, 3, self.resolution, self.resolution):
             raise ValueError(
-                f"discriminator input has shape {tuple(x.shape)}, expected [N, {SLOTS}, 3, {self.resolution}, {self.resolution}] "
+                f"discriminator input has shape {tuple(x.shape)}, expected "
+                f"[N, {SLOTS}, 3, {self.resolution}, {self.resolution}] "
                 "(slots: audio image, frame a, frame b)"
             )
         h = self.conv_in(rearrange(x + self.slot_embed, "n s c h w -> n c s h w"))

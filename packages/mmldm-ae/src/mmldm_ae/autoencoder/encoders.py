@@ -96,5 +96,3 @@ class PerceptualEncoder(nn.Module):
         x = torch.cat([content, x], dim=1 if self.content_mode == "frame" else 2)
         h = self.body(self.conv_in(rearrange(x, "b t c h w -> b c t h w")))
         return DiagonalGaussian(self.mean_head(h)[:, :, 0], self.logvar_head(h)[:, :, 0])
-
-

@@ -171,8 +171,12 @@ def _batched_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """scaled_dot_product_attention over [N, heads, L, d], in slices of MAX_ATTENTION_BATCH along N."""
     if q.shape[0] <= MAX_ATTENTION_BATCH:
         return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat([F.scaled_dot_product_attention(*(y[start : start + MAX_ATTENTION_BATCH] for y in (q, k, v)))
-                      for start in range(0, q.shape[0], MAX_ATTENTION_BATCH)])
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(*(y[start : start + MAX_ATTENTION_BATCH] for y in (q, k, v)))
+            for start in range(0, q.shape[0], MAX_ATTENTION_BATCH)
+        ]
+    )
 
 
 class Attention(nn.Module):
@@ -250,5 +254,3 @@ def init_weights_(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, (ResBlock, Attention)) and m.zero_init_output:
             zero_module(m.output_layer)
-
-

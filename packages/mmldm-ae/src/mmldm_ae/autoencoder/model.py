@@ -72,7 +72,7 @@ class MultiModalAutoencoder(nn.Module):
     """MM-LDM's autoencoder over KL-VAE latents; `num_classes` = 0 for class-free datasets.
 
     The discriminator is a separate module (mmldm_ae.autoencoder.discriminator) with its own optimiser; the
-    generator step passes it to `training_losses`.
+    model's step passes it to `training_losses`.
     """
 
     def __init__(self, cfg: AEConfig, num_classes: int):
@@ -164,7 +164,7 @@ class MultiModalAutoencoder(nn.Module):
             zero_module(self.context_from_video.out)
             zero_module(self.context_from_audio.out)
 
-    def generator_parameters(self) -> list[nn.Parameter]:
+    def trainable_parameters(self) -> list[nn.Parameter]:
         """Everything this module trains (the discriminator is a separate module)."""
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -280,7 +280,7 @@ class MultiModalAutoencoder(nn.Module):
         discriminator: nn.Module | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """The generator step's losses (see `training_losses`); going through forward lets DDP sync it."""
+        """The model's step losses (see `training_losses`); going through forward lets DDP sync it."""
         return self.training_losses(batch, vae, discriminator=discriminator, generator=generator)
 
     def training_losses(
@@ -290,7 +290,7 @@ class MultiModalAutoencoder(nn.Module):
         discriminator: nn.Module | None = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """Losses of one generator step on a batch of VAE latents.
+        """Losses of the model's step (not the discriminator's) on a batch of VAE latents.
 
         batch: key_latents [B, K, C, L, L], target_latents [B, T, C, L, L], target_indices [B, T]
         (i/16), audio_latents [B, C, L, L], class_id [B] (-1: none). `vae` is the frozen KL-VAE
@@ -427,11 +427,13 @@ class MultiModalAutoencoder(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """DDIM reconstruction: z_v, z_a -> frame latents [B, T, C, L, L], audio latent [B, C, L, L].
 
-        All T frames of a clip are decoded in one batch with frame index t/T. Guidance per modality:
-        eps_u + s (eps_c - eps_u), where the unconditional branch uses zero prompts and the latents
-        of an all-zero encoder input through the whole pipeline (features, content, context), as
-        in training's guidance dropout. Both branches use the same class token: class_id, or the
-        classification head's prediction when None. steps / guidance default to the config.
+        All T frames of a clip are decoded in one batch with frame index t/T. Guidance per modality
+        by the paper's Eq. 9, eps_c + s (eps_c - eps_u) with s = guidance_audio / guidance_video
+        (0: none; docs/design.md#guidance), where the unconditional branch uses zero prompts and the
+        latents of an all-zero encoder input through the whole pipeline (features, content,
+        context), as in training's guidance dropout. Both branches use the same class token:
+        class_id, or the classification head's prediction when None. steps / guidance default to
+        the config.
         """
         cfg = self.cfg
         steps = steps or cfg.decode_steps
@@ -448,7 +450,7 @@ class MultiModalAutoencoder(nn.Module):
         self._check_class_ids(class_id)
         keep = torch.ones(B, dtype=torch.bool, device=device)
         cond = self.decoder_conditions(z_v, z_a, s_v, s_a, frame_index, class_id, keep, keep)
-        guided = guidance_audio != 1.0 or guidance_video != 1.0
+        guided = guidance_audio != 0.0 or guidance_video != 0.0
         if guided:
             L = cfg.latent_size
             null_key = torch.zeros(
@@ -476,5 +478,3 @@ class MultiModalAutoencoder(nn.Module):
                 output = guided_eps(output_uncond, output_cond, scale)
             x = scheduler.step(output, t, x, eta=0.0).prev_sample
         return rearrange(x[B:], "(b t) c h w -> b t c h w", b=B), x[:B]
-
-

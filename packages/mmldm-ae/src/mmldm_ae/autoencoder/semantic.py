@@ -1,4 +1,6 @@
-"""Semantic space (paper section 3.1, "semantic latents"): projectors z -> tokens, class and contrastive heads."""
+"""Semantic space (paper section 3.1, "semantic latents"): projectors z -> tokens, class and
+contrastive heads.
+"""
 
 from __future__ import annotations
 
@@ -131,5 +133,3 @@ def contrastive_loss(f_v: Tensor, f_a: Tensor, scale_v2a: Tensor, scale_a2v: Ten
     v2a = F.cross_entropy(scale_v2a * f_v @ all_a.T, targets)
     a2v = F.cross_entropy(scale_a2v * f_a @ all_v.T, targets)
     return 0.5 * (v2a + a2v)
-
-

@@ -21,7 +21,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-
 def rng_state() -> dict[str, torch.Tensor]:
     numpy_state = np.random.get_state()
     state = {
@@ -41,8 +40,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     position = int(state["python_position"])
     random.setstate((3, tuple(int(v) for v in state["python"]), None if position == -1 else position))
     pos, has_gauss = state["numpy_position"].tolist()
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(state["numpy_gauss"])))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            pos,
+            has_gauss,
+            float(state["numpy_gauss"]),
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -59,7 +65,9 @@ def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
     """Load `<checkpoint>/<name>.safetensors` into a module, naming the file when it is missing."""
     path = checkpoint / f"{name}.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint weights {path} do not exist: give the folder of a finished checkpoint")
+        raise FileNotFoundError(
+            f"checkpoint weights {path} do not exist: give the folder of a finished checkpoint"
+        )
     load_model(module, str(path))
 
 
@@ -67,18 +75,24 @@ def resolve_checkpoint(run_or_checkpoint: str | Path, how_to_train: str) -> Path
     """A checkpoint folder: the given one, or the newest finished one of a run_dir."""
     path = Path(run_or_checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: give a run_dir or one of its checkpoints/step_* "
-                                f"folders ({how_to_train})")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist: give a run_dir or one of its checkpoints/step_* "
+            f"folders ({how_to_train})"
+        )
     if (path / "state.json").is_file():
         return path
     finished = checkpoint_dirs(path)
     if not finished:
-        raise FileNotFoundError(f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): {how_to_train}")
+        raise FileNotFoundError(
+            f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): {how_to_train}"
+        )
     return finished[-1]
 
 
 def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:
-    """Copy the EMA weights of a checkpoint (stored in parameter order) into `module`; False when it has none."""
+    """Copy the EMA weights of a checkpoint (stored in parameter order) into `module`; False when
+    it has none.
+    """
     path = checkpoint / "ema.safetensors"
     if not path.is_file():
         return False

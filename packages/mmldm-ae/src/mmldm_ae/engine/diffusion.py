@@ -35,7 +35,9 @@ class NoiseScheduleConfig:
 
     def validate(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"schedule.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
+            raise ConfigError(
+                f"schedule.prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}"
+            )
         if self.num_train_timesteps < 2:
             raise ConfigError(f"schedule.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -112,11 +114,16 @@ def predict_x0(
     return (x_t - (1.0 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
 
 
-def guided_eps(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s may be a per-item tensor. Also for v outputs."""
-    if isinstance(scale, torch.Tensor):
-        scale = scale.to(eps_cond).reshape(-1, *([1] * (eps_cond.ndim - 1)))
-    return eps_uncond + scale * (eps_cond - eps_uncond)
+def guided_eps(eps_u: torch.Tensor, eps_c: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, the paper's Eq. 9 for both stages: eps = eps_c + s (eps_c - eps_u).
+
+    s = 0 is the plain conditional model (no guidance); the other common form
+    eps_u + w (eps_c - eps_u), in which the authors give their values, is w = 1 + s
+    (docs/design.md#guidance). s may be a per-item tensor. Also for v outputs.
+    """
+    if isinstance(s, torch.Tensor):
+        s = s.to(eps_c).reshape(-1, *([1] * (eps_c.ndim - 1)))
+    return eps_c + s * (eps_c - eps_u)
 
 
 def sample_timesteps(

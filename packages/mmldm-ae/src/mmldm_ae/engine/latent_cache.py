@@ -43,7 +43,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -88,7 +88,10 @@ def data_fingerprint(dataset: SoundingVideoDataset) -> str:
 
 def _flip_problem(config: DatasetConfig) -> str | None:
     if config.flip_p > 0:
-        return f"dataset.flip_p={config.flip_p}, but a latent cache holds unflipped clips only; set dataset.flip_p=0"
+        return (
+            f"dataset.flip_p={config.flip_p}, but a latent cache holds unflipped clips only; "
+            "set dataset.flip_p=0"
+        )
     return None
 
 
@@ -112,7 +115,8 @@ def _shard_build_key(path: Path) -> str | None:
     try:
         with safe_open(path, framework="pt") as handle:
             return (handle.metadata() or {}).get("build_key")
-    except (OSError, ValueError, RuntimeError):  # a torn or foreign file: re-encode it
+    # SafetensorError derives from Exception alone: name it, or a torn shard crashes every rebuild.
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # a torn or foreign file: re-encode it
         return None
 
 
@@ -180,7 +184,9 @@ class ShardedCache:
         shards = plan_shards(len(dataset), shard_size)
         pending = [s for s in shards if _shard_build_key(out_dir / s.file) != build_key]
         if len(pending) < len(shards):
-            log.info("latent cache %s: reusing %d of %d shards", out_dir, len(shards) - len(pending), len(shards))
+            log.info(
+                "latent cache %s: reusing %d of %d shards", out_dir, len(shards) - len(pending), len(shards)
+            )
         strays = set(out_dir.glob(SHARD_GLOB)) - {out_dir / s.file for s in shards}
         if pending or strays:
             # The index is written last, so a cache whose build stops halfway is never read as complete.
@@ -188,7 +194,9 @@ class ShardedCache:
         for stray in strays:
             stray.unlink()
         if pending:
-            self._encode_shards(dataset, encode, out_dir, pending, build_key, batch_size, num_workers, dtype, progress)
+            self._encode_shards(
+                dataset, encode, out_dir, pending, build_key, batch_size, num_workers, dtype, progress
+            )
 
         files, classes = dataset.files, dataset.file_classes
         index = header | {
@@ -198,7 +206,9 @@ class ShardedCache:
             "files": [f.path for f in files],
             "windows": [list(w) for w in dataset.windows],
             "class_ids": [classes[f] for f, _ in dataset.windows],
-            "clip_ids": [f"{files[f].path}@{start}" for f, start in dataset.windows],  # as the dataset names them
+            "clip_ids": [
+                f"{files[f].path}@{start}" for f, start in dataset.windows
+            ],  # as the dataset names them
         }
         if summarise is not None:
             index |= summarise(out_dir, shards)
@@ -245,7 +255,9 @@ class ShardedCache:
             bar.update(batch_windows)
             # Batches need not align with shards: write every shard the rows now cover.
             while shard is not None and buffered >= shard.count:
-                tensors = {name: torch.stack(values[: shard.count]).contiguous() for name, values in rows.items()}
+                tensors = {
+                    name: torch.stack(values[: shard.count]).contiguous() for name, values in rows.items()
+                }
                 rows = {name: values[shard.count :] for name, values in rows.items()}
                 buffered -= shard.count
                 temporary = out_dir / f"{shard.file}.tmp"
@@ -259,8 +271,8 @@ class ShardedCache:
         path = Path(out_dir) / INDEX_FILE
         if not path.is_file():
             raise LatentCacheError(
-                f"no finished latent cache in {str(out_dir)!r} ({INDEX_FILE} missing): {self.builder} builds it; "
-                "a rerun finishes an interrupted build"
+                f"no finished latent cache in {str(out_dir)!r} ({INDEX_FILE} missing): "
+                f"{self.builder} builds it; a rerun finishes an interrupted build"
             )
         try:
             index = json.loads(path.read_text())
@@ -271,11 +283,14 @@ class ShardedCache:
         if index.get("version") != CACHE_VERSION or index.get("kind") != self.kind:
             raise LatentCacheError(
                 f"{str(out_dir)!r} is not a {self.kind} cache of format version {CACHE_VERSION} (found "
-                f"{index.get('kind', 'no kind')}, version {index.get('version')}): rebuild it with {self.builder}"
+                f"{index.get('kind', 'no kind')}, version {index.get('version')}): "
+                f"rebuild it with {self.builder}"
             )
         return index
 
-    def mismatch(self, out_dir: str | Path, dataset_config: DatasetConfig, encoder: Fingerprinted) -> str | None:
+    def mismatch(
+        self, out_dir: str | Path, dataset_config: DatasetConfig, encoder: Fingerprinted
+    ) -> str | None:
         """Why the cache in `out_dir` cannot stand for `dataset_config` encoded by `encoder`, or None.
 
         Compares settings and the encoder's weights; files changed on disk under the same settings
@@ -360,19 +375,18 @@ def build_latent_cache(
     dataset: SoundingVideoDataset,
     vae: KLVAE,
     out_dir: str | Path,
-    batch_size: int = 8,
-    progress: bool = True,
     device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    shard_size: int = 512,
     dtype: torch.dtype = torch.float32,
+    **options,
 ) -> Path:
     """Encode every window of `dataset` (built with return_all_frames=True) into `out_dir`.
 
     Shards hold frame_latents [n, T, C, h, w] and audio_latents [n, C, h, w]. Reuses finished
-    shards of an earlier build with the same inputs; moves `vae` to `device`. `batch_size` counts
+    shards of an earlier build with the same inputs; moves `vae` to `device`. `options` go to
+    `ShardedCache.build` (batch_size: 8 and shard_size: 512 unless given); batch_size counts
     windows, i.e. batch_size * (num_frames + 1) images per step.
     """
+    options = {"batch_size": 8, "shard_size": 512, **options}
     config = dataset.config
     if not dataset.return_all_frames:
         raise LatentCacheError(
@@ -383,7 +397,9 @@ def build_latent_cache(
     def encode(batch: dict) -> dict[str, Tensor]:
         frames = batch["frames"].to(device)  # [B, T, 3, R, R]
         return {
-            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2]),  # [B, T, C, h, w]
+            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(
+                0, frames.shape[:2]
+            ),  # [B, T, C, h, w]
             "audio_latents": vae.encode(batch["audio_image"].to(device)),  # [B, C, h, w]
         }
 
@@ -393,14 +409,13 @@ def build_latent_cache(
         "frame_latent_shape": [config.num_frames, *vae.latent_shape(config.resolution)],
         "audio_latent_shape": list(vae.latent_shape(config.mel.image_size)),
     }
-    return VAE_LATENTS.build(
-        dataset, out_dir, encode, vae.fingerprint(), header, batch_size=batch_size, shard_size=shard_size,
-        num_workers=num_workers, dtype=dtype, progress=progress,
-    )
+    return VAE_LATENTS.build(dataset, out_dir, encode, vae.fingerprint(), header, dtype=dtype, **options)
 
 
 def cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, vae: KLVAE) -> str | None:
-    """Why the VAE-latent cache in `out_dir` cannot stand in for `dataset_config` encoded by `vae`, or None."""
+    """Why the VAE-latent cache in `out_dir` cannot stand in for `dataset_config` encoded by `vae`,
+    or None.
+    """
     return VAE_LATENTS.mismatch(out_dir, dataset_config, vae)
 
 

@@ -49,13 +49,20 @@ class EvalPlan:
 
     def validate(self) -> None:
         if self.clips < 0 or self.clips == 1:
-            raise ConfigError(f"evaluate.clips must be 0 (off) or >= 2 (FVD needs two clips), got {self.clips}")
+            raise ConfigError(
+                f"evaluate.clips must be 0 (off) or >= 2 (FVD needs two clips), got {self.clips}"
+            )
         if self.resolution not in RESOLUTIONS:
             raise ConfigError(f"evaluate.resolution must be one of {RESOLUTIONS}, got {self.resolution}")
 
     def protocol(self, fps: float, num_frames: int) -> EvalProtocol:
-        return EvalProtocol(num_frames=num_frames, fps=fps, resolution=self.resolution, num_clips=self.clips,
-                            fad_backends=tuple(self.fad_backends))
+        return EvalProtocol(
+            num_frames=num_frames,
+            fps=fps,
+            resolution=self.resolution,
+            num_clips=self.clips,
+            fad_backends=tuple(self.fad_backends),
+        )
 
 
 def finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -63,14 +70,28 @@ def finite(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def write_results(run_dir: Path, experiment: ExperimentConfig, metrics: dict[str, Any],
-                  wandb: WandbConfig | None = None, run_config: dict | None = None) -> Path:
+def write_results(
+    run_dir: Path,
+    experiment: ExperimentConfig,
+    metrics: dict[str, Any],
+    wandb: WandbConfig | None = None,
+    run_config: dict | None = None,
+) -> Path:
     """<run_dir>/metrics.json, and the same numbers as the W&B run's summary (resumed by its id)."""
     run_dir = Path(run_dir)
     metrics = finite(metrics)
     path = run_dir / RESULTS_FILE
-    path.write_text(json.dumps({"study": experiment.study, "label": experiment.label,
-                                "overrides": hydra_overrides(), "metrics": metrics}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "study": experiment.study,
+                "label": experiment.label,
+                "overrides": hydra_overrides(),
+                "metrics": metrics,
+            },
+            indent=1,
+        )
+    )
     (run_dir / FAILED_FILE).unlink(missing_ok=True)
     if wandb is not None and wandb.mode != "disabled":
         logger = WandbLogger(wandb, run_dir, run_config or {})

@@ -1,7 +1,7 @@
 """The training loop shared by every stage (KL-VAE, autoencoder, DiT), in the fast-DiT / EDM2 style.
 
-A stage supplies a `TrainingTask`: its modules, one loss per optimiser (a GAN has two: the
-generator's, then the discriminator's) and optionally pictures to log. This module owns the rest:
+A stage supplies a `TrainingTask`: its modules, one loss per optimiser (with a discriminator,
+two: the model's, then the discriminator's) and optionally pictures to log. This module owns the rest:
 Accelerate for devices and precision, gradient accumulation, clipping, EMA, a resumable data
 order, non-finite-loss guarding, checkpoints that resume exactly, a status line, W&B.
 
@@ -49,7 +49,6 @@ from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 log = logging.getLogger(__name__)
 
 
-
 class TrainingError(RuntimeError):
     """Training cannot go on (diverged, incompatible checkpoint, bad settings)."""
 
@@ -85,7 +84,9 @@ class TrainConfig:
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("train.batch_size and train.grad_accum must be >= 1")
         if self.lr <= 0 or (self.disc_lr is not None and self.disc_lr <= 0):
-            problems.append(f"train.lr (and train.disc_lr when set) must be > 0, got {self.lr} / {self.disc_lr}")
+            problems.append(
+                f"train.lr (and train.disc_lr when set) must be > 0, got {self.lr} / {self.disc_lr}"
+            )
         if self.precision not in ("no", "bf16", "fp16"):
             problems.append(f"train.precision must be no, bf16 or fp16, got {self.precision!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
@@ -105,7 +106,7 @@ class TrainingTask(Protocol):
         """Trained modules by name; each optimiser's parameters come from one of them."""
 
     def optimizer_modules(self) -> list[str]:
-        """Names of the modules with an optimiser, in step order (generator before discriminator)."""
+        """Names of the modules with an optimiser, in step order: the model first, then any discriminator."""
 
     def loss(
         self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]
@@ -163,8 +164,6 @@ class EpochIndexed(Dataset):
         return self.dataset[index]
 
 
-
-
 def export_submitit_distributed_env() -> None:
     """Inside a multi-task SLURM job started by Hydra's submitit launcher (conf/hydra/launcher/slurm.yaml),
     set RANK / WORLD_SIZE / MASTER_ADDR ... from SLURM's variables so that Accelerate joins the tasks
@@ -207,7 +206,9 @@ class Trainer:
         self.run_config = run_config or {}
         export_submitit_distributed_env()
         self.accelerator = Accelerator(
-            mixed_precision=config.precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False
+            mixed_precision=config.precision,
+            cpu=not torch.cuda.is_available(),
+            step_scheduler_with_optimizer=False,
         )
         torch.manual_seed(config.seed + self.accelerator.process_index)
         if torch.cuda.is_available():
@@ -219,9 +220,11 @@ class Trainer:
         unknown = [name for name in optimized if name not in modules]
         if unknown:
             raise TrainingError(f"optimizer_modules names {unknown}, which are not among {sorted(modules)}")
-        # The first optimiser is the generator's; the others (discriminators) may use disc_lr.
-        self.base_lr = {name: config.lr if i == 0 else config.disc_lr or config.lr for i, name in enumerate(optimized)}
-        self.generator = optimized[0]
+        # The first optimiser is the model's; the others (discriminators) may use disc_lr.
+        self.base_lr = {
+            name: config.lr if i == 0 else config.disc_lr or config.lr for i, name in enumerate(optimized)
+        }
+        self.model_name = optimized[0]  # the trained model (EMA, logged lr); the rest are discriminators
         self.optimizers = {
             name: torch.optim.AdamW(
                 [p for p in modules[name].parameters() if p.requires_grad],
@@ -236,10 +239,12 @@ class Trainer:
         self.optimizers = dict(zip(self.optimizers, prepared[len(modules) :], strict=True))
         self.ema = None
         if config.ema_decay is not None:
-            self.ema = EMAModel(self._raw(self.generator).parameters(), decay=config.ema_decay)
+            self.ema = EMAModel(self._raw(self.model_name).parameters(), decay=config.ema_decay)
         self.state = LoopState()
         self.is_main = self.accelerator.is_main_process
-        self.logger = WandbLogger(wandb or WandbConfig(mode="disabled"), self.run_dir, self.run_config, self.is_main)
+        self.logger = WandbLogger(
+            wandb or WandbConfig(mode="disabled"), self.run_dir, self.run_config, self.is_main
+        )
 
     def _raw(self, name: str) -> nn.Module:
         return self.accelerator.unwrap_model(self.modules[name])
@@ -261,20 +266,32 @@ class Trainer:
                 save_file(ema_weights, partial / "ema.safetensors")
             optimizer_states = {name: opt.state_dict() for name, opt in self.optimizers.items()}
             scaler = self.accelerator.scaler
-            torch.save({"optimizers": optimizer_states, "scaler": scaler.state_dict() if scaler else None,
-                        "ema_step": self.ema.optimization_step if self.ema else 0}, partial / "optimizers.pt")
+            torch.save(
+                {
+                    "optimizers": optimizer_states,
+                    "scaler": scaler.state_dict() if scaler else None,
+                    "ema_step": self.ema.optimization_step if self.ema else 0,
+                },
+                partial / "optimizers.pt",
+            )
         self.accelerator.wait_for_everyone()
         torch.save(rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
         self.accelerator.wait_for_everyone()
         if self.is_main:
-            (partial / "state.json").write_text(json.dumps({
-                "step": self.state.step,
-                "samples_seen": self.state.samples_seen,
-                "skipped_steps": self.state.skipped_steps,
-                "world_size": self.accelerator.num_processes,
-                "architecture": self.task.architecture(),
-                "config": self.run_config,
-            }, indent=1, default=str))
+            (partial / "state.json").write_text(
+                json.dumps(
+                    {
+                        "step": self.state.step,
+                        "samples_seen": self.state.samples_seen,
+                        "skipped_steps": self.state.skipped_steps,
+                        "world_size": self.accelerator.num_processes,
+                        "architecture": self.task.architecture(),
+                        "config": self.run_config,
+                    },
+                    indent=1,
+                    default=str,
+                )
+            )
             shutil.rmtree(folder, ignore_errors=True)
             partial.rename(folder)  # a checkpoint exists only once it is complete
             self._prune_checkpoints()
@@ -296,8 +313,11 @@ class Trainer:
                 + "\nUse another run_dir, or set these back to the checkpoint's values."
             )
         if saved["world_size"] != self.accelerator.num_processes:
-            log.warning("resuming with %d processes instead of %d: the data order changes",
-                        self.accelerator.num_processes, saved["world_size"])
+            log.warning(
+                "resuming with %d processes instead of %d: the data order changes",
+                self.accelerator.num_processes,
+                saved["world_size"],
+            )
         for name in self.modules:
             load_module_weights(self._raw(name), checkpoint, name)
         rest = torch.load(checkpoint / "optimizers.pt", map_location="cpu", weights_only=True)
@@ -313,8 +333,9 @@ class Trainer:
         rng_file = checkpoint / f"rng_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
-        self.state = LoopState(step=saved["step"], samples_seen=saved["samples_seen"],
-                               skipped_steps=saved["skipped_steps"])
+        self.state = LoopState(
+            step=saved["step"], samples_seen=saved["samples_seen"], skipped_steps=saved["skipped_steps"]
+        )
 
     # ---- training ------------------------------------------------------------------------
 
@@ -323,13 +344,23 @@ class Trainer:
         return base * min(1.0, (self.state.step + 1) / warmup) if warmup else base
 
     def _micro_batches(self) -> Iterator[dict]:
-        sampler = ResumableSampler(len(self.dataset), self.config.seed, self.accelerator.process_index,
-                                   self.accelerator.num_processes, start=self.state.samples_seen)
+        sampler = ResumableSampler(
+            len(self.dataset),
+            self.config.seed,
+            self.accelerator.process_index,
+            self.accelerator.num_processes,
+            start=self.state.samples_seen,
+        )
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, which
         # would shift the training noise of a resumed run.
-        loader = DataLoader(EpochIndexed(self.dataset), batch_size=self.config.batch_size, sampler=sampler,
-                            num_workers=self.config.num_workers, persistent_workers=self.config.num_workers > 0,
-                            generator=torch.Generator().manual_seed(self.config.seed))
+        loader = DataLoader(
+            EpochIndexed(self.dataset),
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            num_workers=self.config.num_workers,
+            persistent_workers=self.config.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
         for batch in loader:
             yield {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -347,8 +378,15 @@ class Trainer:
 
         batches = self._micro_batches()
         # A bar on terminals; elsewhere (logs, CI) the status line every log_every steps says the same.
-        progress = tqdm(total=config.max_steps, initial=self.state.step, desc="train", unit="step",
-                        disable=not (self.is_main and sys.stderr.isatty()), dynamic_ncols=True, file=sys.stderr)
+        progress = tqdm(
+            total=config.max_steps,
+            initial=self.state.step,
+            desc="train",
+            unit="step",
+            disable=not (self.is_main and sys.stderr.isatty()),
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         window_start, window_samples, last_logs = time.perf_counter(), 0, {}
         started = time.perf_counter()
         deadline = started + 60 * config.max_minutes if config.max_minutes else math.inf
@@ -356,8 +394,10 @@ class Trainer:
             module.train()
         while self.state.step < config.max_steps:
             if time.perf_counter() > deadline:
-                self._print(f"train.max_minutes={config.max_minutes} reached at step {self.state.step}; "
-                            "a rerun resumes from the checkpoint written now")
+                self._print(
+                    f"train.max_minutes={config.max_minutes} reached at step {self.state.step}; "
+                    "a rerun resumes from the checkpoint written now"
+                )
                 break
             micro = [next(batches) for _ in range(config.grad_accum)]
             logs = self._optimizer_steps(micro)
@@ -372,7 +412,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
                 logs["peak_mem_gb"] = peak_memory_gb()
-                logs["lr"] = self.optimizers[self.generator].param_groups[0]["lr"]
+                logs["lr"] = self.optimizers[self.model_name].param_groups[0]["lr"]
                 self.logger.log(logs, self.state.step)
                 progress.set_postfix_str(self._status(logs), refresh=False)
                 if progress.disable:
@@ -412,12 +452,14 @@ class Trainer:
             if loss is None:
                 continue
             if self.config.grad_clip:
-                norm = self.accelerator.clip_grad_norm_(self.modules[name].parameters(), self.config.grad_clip)
+                norm = self.accelerator.clip_grad_norm_(
+                    self.modules[name].parameters(), self.config.grad_clip
+                )
                 logs[f"grad_norm_{name}"] = float(norm)
                 if not math.isfinite(float(norm)):
                     return self._skip(name, {"grad_norm": float(norm)})
             optimizer.step()
-            if self.ema is not None and name == self.generator:
+            if self.ema is not None and name == self.model_name:
                 self.ema.step(self._raw(name).parameters())
         self.state.nonfinite_in_a_row = 0
         return logs
@@ -428,8 +470,10 @@ class Trainer:
         self.state.nonfinite_in_a_row += 1
         self.state.skipped_steps += 1
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in numbers.items())
-        self._print(f"step {self.state.step}: non-finite {optimizer} loss ({shown}); step skipped "
-                    f"({self.state.nonfinite_in_a_row} in a row)")
+        self._print(
+            f"step {self.state.step}: non-finite {optimizer} loss ({shown}); step skipped "
+            f"({self.state.nonfinite_in_a_row} in a row)"
+        )
         if self.state.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             raise TrainingError(
                 f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: training "
@@ -444,25 +488,33 @@ class Trainer:
         for module in self.modules.values():
             module.eval()
         if self.ema is not None:
-            raw = self._raw(self.generator)
+            raw = self._raw(self.model_name)
             self.ema.store(raw.parameters())
             self.ema.copy_to(raw.parameters())
         try:
             self.task.log_media(self.logger, self.state.step, self.run_dir)
         finally:
             if self.ema is not None:
-                self.ema.restore(self._raw(self.generator).parameters())
+                self.ema.restore(self._raw(self.model_name).parameters())
             for module in self.modules.values():
                 module.train()
 
     def _status(self, logs: dict[str, float]) -> str:
-        losses = " ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("samples_per_s", "peak_mem_gb", "lr")
-                          and not k.startswith("grad_norm"))
+        losses = " ".join(
+            f"{k} {v:.4g}"
+            for k, v in logs.items()
+            if k not in ("samples_per_s", "peak_mem_gb", "lr") and not k.startswith("grad_norm")
+        )
         return f"{losses} | {logs['samples_per_s']:.1f} samples/s | peak {logs['peak_mem_gb']:.2f} GB"
 
     def _summary(self, seconds: float, logs: dict[str, float]) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "step": self.state.step, "skipped_steps": self.state.skipped_steps,
-                "seconds": round(seconds, 1), "last": {k: round(v, 6) for k, v in logs.items()}}
+        return {
+            "run_dir": str(self.run_dir),
+            "step": self.state.step,
+            "skipped_steps": self.state.skipped_steps,
+            "seconds": round(seconds, 1),
+            "last": {k: round(v, 6) for k, v in logs.items()},
+        }
 
     def _print(self, message: str) -> None:
         if self.is_main:

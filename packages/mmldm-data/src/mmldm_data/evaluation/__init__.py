@@ -1,4 +1,5 @@
-"""Generated vs real sounding videos: FVD, KVD, FAD, AV-Align and the synthetic oracles (docs/design.md#evaluation).
+"""Generated vs real sounding videos: FVD, KVD, FAD, AV-Align and the synthetic oracles
+(docs/design.md#evaluation).
 
     protocol.py  EvalProtocol (clip length, rate, resolution, clip count, FAD backends) and EvaluationError
     sources.py   folders -> clip windows, the seeded draw, conditions.json, decoded ClipBatches, EvalSets
@@ -18,5 +19,16 @@ from mmldm_data.evaluation.protocol import RESOLUTIONS, EvalProtocol, Evaluation
 from mmldm_data.evaluation.report import evaluate, markdown_table
 from mmldm_data.evaluation.sources import CONDITIONS_FILE, ClipBatch, EvalSets, Reconstructor
 
-__all__ = ["CONDITIONS_FILE", "RESOLUTIONS", "ClipBatch", "EvalModels", "EvalProtocol", "EvalSets", "EvaluationError",
-           "Reconstructor", "evaluate", "load_models", "markdown_table"]
+__all__ = [
+    "CONDITIONS_FILE",
+    "RESOLUTIONS",
+    "ClipBatch",
+    "EvalModels",
+    "EvalProtocol",
+    "EvalSets",
+    "EvaluationError",
+    "Reconstructor",
+    "evaluate",
+    "load_models",
+    "markdown_table",
+]

@@ -42,12 +42,15 @@ class EvalModels:
         return next(self.i3d.parameters()).device
 
 
-def load_models(protocol: EvalProtocol, device: str | torch.device = "cpu",
-                fad_weights: dict[str, str] | None = None) -> EvalModels:
+def load_models(
+    protocol: EvalProtocol, device: str | torch.device = "cpu", fad_weights: dict[str, str] | None = None
+) -> EvalModels:
     """I3D and every requested FAD backend; FADWeightsError / I3DWeightsError name a missing file."""
     fad_weights = fad_weights or {}
-    return EvalModels(i3d=load_i3d(device=device),
-                      fad={name: load_fad_backend(name, fad_weights.get(name), device) for name in protocol.fad_backends})
+    return EvalModels(
+        i3d=load_i3d(device=device),
+        fad={name: load_fad_backend(name, fad_weights.get(name), device) for name in protocol.fad_backends},
+    )
 
 
 def audio_feature_name(embedder: AudioEmbedder) -> str:
@@ -63,26 +66,43 @@ class SideFeatures:
 
     clip_ids: list[str]
     has_audio: np.ndarray  # bool [N]
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # "i3d" [N, 400], "av_align" [N], audio__* [M, D]
+    arrays: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # "i3d" [N, 400], "av_align" [N], audio__* [M, D]
     oracle: list[OracleReading] | None = None
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         oracle = json.dumps([asdict(r) for r in self.oracle]) if self.oracle is not None else ""
         partial = path.with_name(f"{path.stem}.partial.npz")
-        np.savez(partial, clip_ids=np.array(self.clip_ids), has_audio=self.has_audio, oracle=np.array(oracle),
-                 **self.arrays)
+        np.savez(
+            partial,
+            clip_ids=np.array(self.clip_ids),
+            has_audio=self.has_audio,
+            oracle=np.array(oracle),
+            **self.arrays,
+        )
         partial.replace(path)
 
     @classmethod
     def load(cls, path: Path) -> SideFeatures | None:
         try:
             with np.load(path, allow_pickle=False) as stored:
-                arrays = {key: stored[key] for key in stored.files if key not in ("clip_ids", "has_audio", "oracle")}
+                arrays = {
+                    key: stored[key] for key in stored.files if key not in ("clip_ids", "has_audio", "oracle")
+                }
                 oracle_json = str(stored["oracle"])
-                oracle = [OracleReading(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
-                          for r in json.loads(oracle_json)] if oracle_json else None
-                return cls([str(clip_id) for clip_id in stored["clip_ids"]], stored["has_audio"], arrays, oracle)
+                oracle = (
+                    [
+                        OracleReading(**{k: tuple(v) if isinstance(v, list) else v for k, v in r.items()})
+                        for r in json.loads(oracle_json)
+                    ]
+                    if oracle_json
+                    else None
+                )
+                return cls(
+                    [str(clip_id) for clip_id in stored["clip_ids"]], stored["has_audio"], arrays, oracle
+                )
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
@@ -100,9 +120,16 @@ def wanted_features(models: EvalModels, oracle: bool) -> dict[str, AudioEmbedder
 
 
 @torch.inference_mode()
-def compute_features(refs: Sequence[ClipRef], root: Path, protocol: EvalProtocol, models: EvalModels,
-                     wanted: dict[str, AudioEmbedder | None], reconstructor: Reconstructor | None = None,
-                     batch_size: int = 8, progress: str | None = None) -> tuple[SideFeatures, list[str]]:
+def compute_features(
+    refs: Sequence[ClipRef],
+    root: Path,
+    protocol: EvalProtocol,
+    models: EvalModels,
+    wanted: dict[str, AudioEmbedder | None],
+    reconstructor: Reconstructor | None = None,
+    batch_size: int = 8,
+    progress: str | None = None,
+) -> tuple[SideFeatures, list[str]]:
     """One decoding pass computing the `wanted` features; returns them and the decode failures."""
     failures: list[str] = []
     clip_ids: list[str] = []
@@ -126,30 +153,56 @@ def compute_features(refs: Sequence[ClipRef], root: Path, protocol: EvalProtocol
         if "av_align" in wanted or oracle is not None:
             frames = [to_uint8_frames(clip) for clip in batch.frames]  # [T, R, R, 3] each
             if "av_align" in wanted:
-                collected["av_align"].append(np.array(
-                    [av_align(f, a, protocol.fps, protocol.sample_rate) if ok else math.nan
-                     for f, a, ok in zip(frames, audio, with_audio, strict=True)]))
+                collected["av_align"].append(
+                    np.array(
+                        [
+                            av_align(f, a, protocol.fps, protocol.sample_rate) if ok else math.nan
+                            for f, a, ok in zip(frames, audio, with_audio, strict=True)
+                        ]
+                    )
+                )
             if oracle is not None:
-                oracle += [read_oracles(f, a, protocol.fps, protocol.sample_rate) for f, a in zip(frames, audio, strict=True)]
+                oracle += [
+                    read_oracles(f, a, protocol.fps, protocol.sample_rate)
+                    for f, a in zip(frames, audio, strict=True)
+                ]
         bar.update(consumed)
     bar.close()
     arrays = {name: np.concatenate(parts) for name, parts in collected.items() if parts}
     for name, embedder in wanted.items():  # no clip with sound: an empty set, still a computed result
         if embedder is not None and name not in arrays:
             arrays[name] = np.zeros((0, embedder.spec.embedding_dim), np.float32)
-    features = SideFeatures(clip_ids, np.concatenate(has_audio) if has_audio else np.zeros(0, bool), arrays, oracle)
+    features = SideFeatures(
+        clip_ids, np.concatenate(has_audio) if has_audio else np.zeros(0, bool), arrays, oracle
+    )
     return features, failures
 
 
-def real_cache_path(source: ClipSource, refs: Sequence[ClipRef], protocol: EvalProtocol, cache_dir: Path) -> Path:
-    key = json.dumps({"version": CACHE_VERSION, "root": str(source.root.resolve()), "files": source.fingerprint,
-                      "clips": [ref.clip_id(source.root) for ref in refs], "protocol": protocol.clip_fields()})
+def real_cache_path(
+    source: ClipSource, refs: Sequence[ClipRef], protocol: EvalProtocol, cache_dir: Path
+) -> Path:
+    key = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "root": str(source.root.resolve()),
+            "files": source.fingerprint,
+            "clips": [ref.clip_id(source.root) for ref in refs],
+            "protocol": protocol.clip_fields(),
+        }
+    )
     return cache_dir / f"real-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
 
 
-def cached_real_features(source: ClipSource, refs: Sequence[ClipRef], protocol: EvalProtocol, models: EvalModels,
-                         wanted: dict[str, AudioEmbedder | None], cache_dir: Path, batch_size: int,
-                         progress: str | None) -> tuple[SideFeatures, list[str], bool]:
+def cached_real_features(
+    source: ClipSource,
+    refs: Sequence[ClipRef],
+    protocol: EvalProtocol,
+    models: EvalModels,
+    wanted: dict[str, AudioEmbedder | None],
+    cache_dir: Path,
+    batch_size: int,
+    progress: str | None,
+) -> tuple[SideFeatures, list[str], bool]:
     """Real-set features from the cache when it holds them all, else computed (missing ones only) and stored.
 
     Returns (features, decode failures, whether the cache answered everything).
@@ -158,13 +211,17 @@ def cached_real_features(source: ClipSource, refs: Sequence[ClipRef], protocol: 
     cached = SideFeatures.load(path) if path.is_file() else None
     if cached is not None and cached.has(set(wanted)):
         return cached, [], True
-    missing = {name: embedder for name, embedder in wanted.items() if cached is None or not cached.has({name})}
-    fresh, failures = compute_features(refs, source.root, protocol, models, missing, batch_size=batch_size,
-                                       progress=progress)
+    missing = {
+        name: embedder for name, embedder in wanted.items() if cached is None or not cached.has({name})
+    }
+    fresh, failures = compute_features(
+        refs, source.root, protocol, models, missing, batch_size=batch_size, progress=progress
+    )
     if cached is not None and cached.clip_ids != fresh.clip_ids:
         # A clip that decoded before fails now: the cached features no longer line up, start over.
-        fresh, failures = compute_features(refs, source.root, protocol, models, wanted, batch_size=batch_size,
-                                           progress=progress)
+        fresh, failures = compute_features(
+            refs, source.root, protocol, models, wanted, batch_size=batch_size, progress=progress
+        )
     elif cached is not None:
         fresh.arrays = {**cached.arrays, **fresh.arrays}
         fresh.oracle = fresh.oracle if fresh.oracle is not None else cached.oracle
@@ -173,8 +230,13 @@ def cached_real_features(source: ClipSource, refs: Sequence[ClipRef], protocol: 
     return fresh, failures, False
 
 
-def compare(generated: SideFeatures, real: SideFeatures, models: EvalModels,
-            conditions: Sequence[Condition | None] | None, prefix: str = "") -> tuple[dict, list[str]]:
+def compare(
+    generated: SideFeatures,
+    real: SideFeatures,
+    models: EvalModels,
+    conditions: Sequence[Condition | None] | None,
+    prefix: str = "",
+) -> tuple[dict, list[str]]:
     """Metrics of one (generated, real) pair and notes on what could not be computed."""
     metrics: dict[str, float | int | None] = {}
     notes: list[str] = []
@@ -185,8 +247,10 @@ def compare(generated: SideFeatures, real: SideFeatures, models: EvalModels,
         fake, true = generated.arrays.get(name), real.arrays.get(name)
         if fake is None or true is None or len(fake) < 2 or len(true) < 2:
             metrics[f"{prefix}{spec.metric_name}"] = None
-            notes.append(f"{prefix}{spec.metric_name} skipped: it needs >= 2 clips with audio on each side "
-                         f"(generated {int(generated.has_audio.sum())}, real {int(real.has_audio.sum())})")
+            notes.append(
+                f"{prefix}{spec.metric_name} skipped: it needs >= 2 clips with audio on each side "
+                f"(generated {int(generated.has_audio.sum())}, real {int(real.has_audio.sum())})"
+            )
             continue
         metrics[f"{prefix}{spec.metric_name}"] = fad(fake, true, spec)
     for side, features in (("", generated), ("_real", real)):
@@ -194,11 +258,12 @@ def compare(generated: SideFeatures, real: SideFeatures, models: EvalModels,
         defined = scores[~np.isnan(scores)]
         metrics[f"av_align{side}"] = float(defined.mean()) if len(defined) else None
         if len(defined) < len(scores) and side == "":
-            notes.append(f"av_align: {len(scores) - len(defined)} of {len(scores)} generated clips have no audio, "
-                         "or neither audio onsets nor motion peaks; left out of the mean")
+            notes.append(
+                f"av_align: {len(scores) - len(defined)} of {len(scores)} generated clips have no audio, "
+                "or neither audio onsets nor motion peaks; left out of the mean"
+            )
     if generated.oracle is not None:
         metrics.update(oracle_metrics(generated.oracle, conditions))
     if real.oracle is not None:
         metrics.update({f"{key}_real": value for key, value in oracle_metrics(real.oracle).items()})
     return metrics, notes
-

@@ -44,7 +44,9 @@ class EvalProtocol:
         if self.resolution not in RESOLUTIONS:
             raise EvaluationError(f"resolution must be one of {RESOLUTIONS}, got {self.resolution}")
         if self.num_clips < 2:
-            raise EvaluationError(f"num_clips must be >= 2 (a covariance needs two clips), got {self.num_clips}")
+            raise EvaluationError(
+                f"num_clips must be >= 2 (a covariance needs two clips), got {self.num_clips}"
+            )
         unknown = sorted(set(self.fad_backends) - set(BACKENDS))
         if unknown:
             raise EvaluationError(f"unknown FAD backend(s) {unknown}; choose from {sorted(BACKENDS)}")
@@ -55,12 +57,13 @@ class EvalProtocol:
 
     def clip_fields(self) -> dict:
         """What a clip's features depend on (the cache key's protocol part)."""
-        return {"num_frames": self.num_frames, "fps": self.fps, "resolution": self.resolution,
-                "sample_rate": self.sample_rate}
+        return {name: getattr(self, name) for name in ("num_frames", "fps", "resolution", "sample_rate")}
 
     def describe(self) -> str:
-        return (f"{self.num_frames} frames @ {self.fps:g} fps ({self.num_frames / self.fps:g} s) with "
-                f"{self.sample_rate} Hz mono audio; frames letterboxed to {self.resolution}^2, then I3D input "
-                "short side 224 bilinear + centre crop, [-1, 1]; FVD: Frechet distance (unbiased covariances) "
-                "of 400-d I3D logits; KVD: unbiased MMD^2, k = (x.y/400 + 1)^3, unscaled; up to "
-                f"{self.num_clips} clips per side, seeded")
+        return (
+            f"{self.num_frames} frames @ {self.fps:g} fps ({self.num_frames / self.fps:g} s) with "
+            f"{self.sample_rate} Hz mono audio; frames letterboxed to {self.resolution}^2, then I3D input "
+            "short side 224 bilinear + centre crop, [-1, 1]; FVD: Frechet distance (unbiased covariances) "
+            "of 400-d I3D logits; KVD: unbiased MMD^2, k = (x.y/400 + 1)^3, unscaled; up to "
+            f"{self.num_clips} clips per side, seeded"
+        )

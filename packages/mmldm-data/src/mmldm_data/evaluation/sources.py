@@ -52,9 +52,14 @@ class ClipSource:
         return len({ref.path for ref in self.windows if not ref.has_audio})
 
     def summary(self) -> dict:
-        return {"root": str(self.root), "files": self.files, "usable_files": len({r.path for r in self.windows}),
-                "windows": len(self.windows), "files_without_audio": self.files_without_audio,
-                "skipped": {reason: len(paths) for reason, paths in sorted(self.skipped.items())}}
+        return {
+            "root": str(self.root),
+            "files": self.files,
+            "usable_files": len({r.path for r in self.windows}),
+            "windows": len(self.windows),
+            "files_without_audio": self.files_without_audio,
+            "skipped": {reason: len(paths) for reason, paths in sorted(self.skipped.items())},
+        }
 
 
 def scan_clip_source(root: str | Path, protocol: EvalProtocol, every_window: bool, role: str) -> ClipSource:
@@ -75,7 +80,9 @@ def scan_clip_source(root: str | Path, protocol: EvalProtocol, every_window: boo
         try:
             info = probe_media(path)
         except MediaError as error:
-            skipped.setdefault(f"unreadable ({error})" if len(paths) == 1 else "unreadable", []).append(relative)
+            skipped.setdefault(f"unreadable ({error})" if len(paths) == 1 else "unreadable", []).append(
+                relative
+            )
             continue
         if not info.has_video:
             skipped.setdefault("no video stream", []).append(relative)
@@ -90,17 +97,24 @@ def scan_clip_source(root: str | Path, protocol: EvalProtocol, every_window: boo
         digest.update(f"{relative}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
     if not windows:
         found = f"{len(paths)} video file(s) found" if paths else "no video file found"
-        reasons = "; ".join(f"{len(files)} {reason}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
-                            for reason, files in sorted(skipped.items()))
+        reasons = "; ".join(
+            f"{len(files)} {reason}: {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}"
+            for reason, files in sorted(skipped.items())
+        )
         raise EvaluationError(
-            f"no readable video clip in the {role} folder {str(root)!r} ({found}{'; ' + reasons if reasons else ''}). "
+            f"no readable video clip in the {role} folder {str(root)!r} "
+            f"({found}{'; ' + reasons if reasons else ''}). "
             f"Expected video files ({', '.join(protocol.extensions)}) at any depth, each at least "
-            f"{protocol.num_frames} frames at {protocol.fps:g} fps ({protocol.num_frames / protocol.fps:g} s).")
+            f"{protocol.num_frames} frames at {protocol.fps:g} fps "
+            f"({protocol.num_frames / protocol.fps:g} s)."
+        )
     return ClipSource(root, windows, len(paths), skipped, digest.hexdigest())
 
 
 def select_windows(source: ClipSource, num_clips: int, seed: int) -> list[ClipRef]:
-    """All windows when there are at most `num_clips`, else a seeded draw without replacement (in file order)."""
+    """All windows when there are at most `num_clips`, else a seeded draw without replacement
+    (in file order).
+    """
     if len(source.windows) <= num_clips:
         return list(source.windows)
     chosen = np.random.default_rng(seed).choice(len(source.windows), size=num_clips, replace=False)
@@ -134,7 +148,8 @@ def read_conditions(root: Path) -> dict[str, Condition]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise EvaluationError(
             f"{path}: cannot read it ({type(error).__name__}: {error}); expected "
-            '{"<relative path>": {"task": "a2v" or "v2a", "class": "<class name>" or id}}') from None
+            '{"<relative path>": {"task": "a2v" or "v2a", "class": "<class name>" or id}}'
+        ) from None
 
 
 @dataclass
@@ -156,31 +171,45 @@ class Reconstructor(Protocol):
         ...
 
 
-def iter_batches(refs: Sequence[ClipRef], root: Path, protocol: EvalProtocol, batch_size: int,
-                 failures: list[str]) -> Iterator[tuple[ClipBatch, int]]:
+def iter_batches(
+    refs: Sequence[ClipRef], root: Path, protocol: EvalProtocol, batch_size: int, failures: list[str]
+) -> Iterator[tuple[ClipBatch, int]]:
     """(batch, clips consumed) in order; a clip that fails to decode is left out and noted in `failures`."""
     for first in range(0, len(refs), batch_size):
-        chunk = refs[first:first + batch_size]
+        chunk = refs[first : first + batch_size]
         frames, audio, has_audio, clip_ids = [], [], [], []
         for ref in chunk:
             try:
-                clip = read_video(ref.path, fps=protocol.fps, start=ref.start_frame / protocol.fps,
-                                  num_frames=protocol.num_frames,
-                                  sample_rate=protocol.sample_rate if ref.has_audio else None)
+                clip = read_video(
+                    ref.path,
+                    fps=protocol.fps,
+                    start=ref.start_frame / protocol.fps,
+                    num_frames=protocol.num_frames,
+                    sample_rate=protocol.sample_rate if ref.has_audio else None,
+                )
             except MediaError as error:
                 failures.append(str(error))
                 continue
             frames.append(letterbox(clip.frames, protocol.resolution))  # [T, 3, R, R]
-            audio.append(clip.audio if clip.audio is not None else np.zeros(protocol.clip_samples, np.float32))
+            audio.append(
+                clip.audio if clip.audio is not None else np.zeros(protocol.clip_samples, np.float32)
+            )
             has_audio.append(clip.audio is not None)
             clip_ids.append(ref.clip_id(root))
         if frames:
-            yield ClipBatch(torch.stack(frames), torch.from_numpy(np.stack(audio)), torch.tensor(has_audio), clip_ids), len(chunk)
+            yield (
+                ClipBatch(
+                    torch.stack(frames), torch.from_numpy(np.stack(audio)), torch.tensor(has_audio), clip_ids
+                ),
+                len(chunk),
+            )
 
 
 @dataclass
 class EvalSets:
-    """What to compare: a generated folder, or an autoencoder round trip of the real clips, vs the real set."""
+    """What to compare: a generated folder, or an autoencoder round trip of the real clips, vs the
+    real set.
+    """
 
     real: ClipSource
     generated: ClipSource | None = None
@@ -188,12 +217,23 @@ class EvalSets:
     real_label: str = ""  # e.g. "dataset=landscape"; defaults to the folder
 
     @classmethod
-    def scan(cls, real_root: str | Path, protocol: EvalProtocol, generated_root: str | Path | None = None,
-             reconstructor: Reconstructor | None = None, real_label: str = "") -> EvalSets:
+    def scan(
+        cls,
+        real_root: str | Path,
+        protocol: EvalProtocol,
+        generated_root: str | Path | None = None,
+        reconstructor: Reconstructor | None = None,
+        real_label: str = "",
+    ) -> EvalSets:
         """Index both folders (headers only), so bad input fails before any model loads."""
         if (generated_root is None) == (reconstructor is None):
-            raise EvaluationError("give exactly one of a generated folder or an autoencoder to round-trip (--recon)")
-        generated = (scan_clip_source(generated_root, protocol, every_window=False, role="generated")
-                     if generated_root is not None else None)
+            raise EvaluationError(
+                "give exactly one of a generated folder or an autoencoder to round-trip (--recon)"
+            )
+        generated = (
+            scan_clip_source(generated_root, protocol, every_window=False, role="generated")
+            if generated_root is not None
+            else None
+        )
         real = scan_clip_source(real_root, protocol, every_window=True, role="real")
         return cls(real, generated, reconstructor, real_label)

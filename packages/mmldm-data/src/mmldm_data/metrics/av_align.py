@@ -15,7 +15,15 @@ import librosa
 import numpy as np
 
 ONSET_SAMPLE_RATE = 22050
-FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2, "flags": 0}
+FARNEBACK = {
+    "pyr_scale": 0.5,
+    "levels": 3,
+    "winsize": 15,
+    "iterations": 3,
+    "poly_n": 5,
+    "poly_sigma": 1.2,
+    "flags": 0,
+}
 
 
 def flow_magnitudes(frames: np.ndarray) -> np.ndarray:

@@ -75,24 +75,21 @@ class BackendSpec:
         return f"fad_{self.name}"
 
 
-VGGISH = BackendSpec(
-    name="vggish", sample_rate=16000, embedding_dim=128, scale=1.0, comparable=True,
+# One row per backend: name, sample rate, embedding width, FAD scale, comparable with published values.
+# fmt: off
+VGGISH = BackendSpec("vggish", 16000, 128, 1.0, True,
     label="VGGish 128-d (pre-PCA, no final ReLU), 16 kHz, 0.96 s examples; the common FAD standard",
     weights_file="vggish-10086976.pth",
-    weights_source="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth",
-)
-AUDIOCLIP = BackendSpec(
-    name="audioclip", sample_rate=44100, embedding_dim=1024, scale=1e4, comparable=True,
+    weights_source="https://github.com/harritaylor/torchvggish/releases/download/v0.1/vggish-10086976.pth")
+AUDIOCLIP = BackendSpec("audioclip", 44100, 1024, 1e4, True,
     label="AudioCLIP ESResNeXt-fbsp 1024-d, 44.1 kHz 1.6 s, x1e4, no x32768 gain (MM-Diffusion protocol)",
     weights_file="AudioCLIP-Full-Training.pt",
-    weights_source="https://github.com/AndreyGuzhov/AudioCLIP/releases/download/v0.1/AudioCLIP-Full-Training.pt",
-)
-AISFX = BackendSpec(
-    name="aisfx", sample_rate=44100, embedding_dim=512, scale=1.0, comparable=False,
+    weights_source="https://github.com/AndreyGuzhov/AudioCLIP/releases/download/v0.1/AudioCLIP-Full-Training.pt")
+AISFX = BackendSpec("aisfx", 44100, 512, 1.0, False,
     label="aisfx sound-effects CNN 512-d (offline stand-in, CC-BY-4.0): NOT comparable to published FAD",
     weights_file="aisfx/models/checkpoint.pth",
-    weights_source="PyPI wheel aisfx==0.1.2 (`pip install --no-deps aisfx==0.1.2`)",
-)
+    weights_source="PyPI wheel aisfx==0.1.2 (`pip install --no-deps aisfx==0.1.2`)")
+# fmt: on
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (VGGISH, AUDIOCLIP, AISFX)}
 
 
@@ -106,7 +103,8 @@ def resolve_weights_path(spec: BackendSpec, weights: str | Path | None = None) -
         f"FAD backend {spec.name!r} needs its weights file {spec.weights_file}, not found at {path}. "
         f"Nothing is downloaded at run time: fetch it from {spec.weights_source} on a machine with "
         f"internet, then pass it explicitly (tools/eval_fvd_fad.py --fad-weights {spec.name}=PATH), set "
-        f"{spec.weights_env}=PATH, or copy it to {default}.")
+        f"{spec.weights_env}=PATH, or copy it to {default}."
+    )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +114,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError... on bad files
-        raise FADWeightsError(f"{path}: not a readable PyTorch state dict ({type(error).__name__}: {error})") from None
+        raise FADWeightsError(
+            f"{path}: not a readable PyTorch state dict ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(state, dict):
         raise FADWeightsError(f"{path}: expected a state dict (name -> tensor), found {type(state).__name__}")
     return state
@@ -180,13 +180,16 @@ def vggish_mel_matrix() -> np.ndarray:
     Its triangles are linear in mel (librosa's are linear in Hz), and published VGGish FAD depends
     on this exact front end, hence not librosa's filters.
     """
+
     def hertz_to_mel(hertz: np.ndarray | float) -> np.ndarray:
         return 1127.0 * np.log(1.0 + np.asarray(hertz) / 700.0)
 
     bins_mel = hertz_to_mel(np.linspace(0.0, VGGISH.sample_rate / 2, VGGISH_FFT // 2 + 1))[:, None]
     edges = np.linspace(*hertz_to_mel(VGGISH_MEL_RANGE_HZ), VGGISH_MEL_BANDS + 2)
     lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
-    weights = np.maximum(0.0, np.minimum((bins_mel - lower) / (centre - lower), (upper - bins_mel) / (upper - centre)))
+    weights = np.maximum(
+        0.0, np.minimum((bins_mel - lower) / (centre - lower), (upper - bins_mel) / (upper - centre))
+    )
     weights[0] = 0.0  # the DC bin never contributes
     return weights
 
@@ -198,12 +201,19 @@ def vggish_examples(waveform: np.ndarray) -> np.ndarray:
     """
     min_samples = VGGISH_WINDOW + (VGGISH_EXAMPLE_FRAMES - 1) * VGGISH_HOP
     if len(waveform) < min_samples:
-        raise ValueError(f"VGGish needs at least {min_samples / VGGISH.sample_rate:.3f} s of audio, got {len(waveform)} samples")
+        raise ValueError(
+            f"VGGish needs at least {min_samples / VGGISH.sample_rate:.3f} s of audio, "
+            f"got {len(waveform)} samples"
+        )
     periodic_hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(VGGISH_WINDOW) / VGGISH_WINDOW)
-    frames = np.lib.stride_tricks.sliding_window_view(waveform.astype(np.float64), VGGISH_WINDOW)[::VGGISH_HOP]
+    frames = np.lib.stride_tricks.sliding_window_view(waveform.astype(np.float64), VGGISH_WINDOW)[
+        ::VGGISH_HOP
+    ]
     magnitude = np.abs(np.fft.rfft(frames * periodic_hann, n=VGGISH_FFT))  # [F, 257]
     log_mel = np.log(magnitude @ vggish_mel_matrix() + VGGISH_LOG_OFFSET)  # [F, 64]
-    examples = np.lib.stride_tricks.sliding_window_view(log_mel, VGGISH_EXAMPLE_FRAMES, axis=0)[::VGGISH_EXAMPLE_FRAMES]
+    examples = np.lib.stride_tricks.sliding_window_view(log_mel, VGGISH_EXAMPLE_FRAMES, axis=0)[
+        ::VGGISH_EXAMPLE_FRAMES
+    ]
     return rearrange(examples, "e m t -> e t m").astype(np.float32)
 
 
@@ -224,9 +234,13 @@ class VGGish(AudioEmbedder):
                 channels = width
         self.features = nn.Sequential(*layers)
         self.embeddings = nn.Sequential(
-            nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, 4096), nn.ReLU(inplace=True),
-            nn.Linear(4096, 128), nn.ReLU(inplace=True))
+            nn.Linear(512 * 6 * 4, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 4096),
+            nn.ReLU(inplace=True),
+            nn.Linear(4096, 128),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, log_mel: torch.Tensor) -> torch.Tensor:
         x = self.features(log_mel)  # [B, 512, 6, 4]
@@ -287,7 +301,9 @@ class LinearFBSP(nn.Module):
 class AttentionGate(nn.Module):
     """AudioCLIP's Attention2d: a sigmoid gate computed from a block's input, sized like its output."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int]) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel: tuple[int, int], padding: tuple[int, int]
+    ) -> None:
         super().__init__()
         self.conv_depth = nn.Conv2d(in_channels, in_channels, kernel, padding=padding, groups=in_channels)
         self.conv_point = nn.Conv2d(in_channels, out_channels, kernel_size=1)
@@ -308,7 +324,9 @@ class AudioCLIPAudio(ResNet, AudioEmbedder):
     spec = AUDIOCLIP
 
     def __init__(self) -> None:
-        ResNet.__init__(self, Bottleneck, [3, 4, 6, 3], num_classes=AUDIOCLIP.embedding_dim, groups=32, width_per_group=4)
+        ResNet.__init__(
+            self, Bottleneck, [3, 4, 6, 3], num_classes=AUDIOCLIP.embedding_dim, groups=32, width_per_group=4
+        )
         self.fbsp = LinearFBSP(AUDIOCLIP_FFT // 2 + 1)
         self.att1 = AttentionGate(64, 256, (3, 1), (1, 0))
         self.att2 = AttentionGate(256, 512, (1, 5), (0, 2))
@@ -331,14 +349,21 @@ class AudioCLIPAudio(ResNet, AudioEmbedder):
         frames = F.pad(frames, (centring // 2, centring - centring // 2))  # [B, F, 2048]
         spectrum = rearrange(self.fbsp(frames), "b f k -> b k f")  # [B, 1025, F]
         band_height = spectrum.shape[1] // AUDIOCLIP_BANDS
-        bands = rearrange(spectrum[:, :band_height * AUDIOCLIP_BANDS], "b (c k) f -> b c k f", c=AUDIOCLIP_BANDS)
-        power = bands.real ** 2 + bands.imag ** 2
+        bands = rearrange(
+            spectrum[:, : band_height * AUDIOCLIP_BANDS], "b (c k) f -> b c k f", c=AUDIOCLIP_BANDS
+        )
+        power = bands.real**2 + bands.imag**2
         power = torch.where(power > 0, power, torch.full_like(power, AUDIOCLIP_LOG10_FLOOR))
         return 10.0 * torch.log10(power)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(self.log_power_spectrogram(audio)))))
-        stages = ((self.layer1, self.att1), (self.layer2, self.att2), (self.layer3, self.att3), (self.layer4, self.att4))
+        stages = (
+            (self.layer1, self.att1),
+            (self.layer2, self.att2),
+            (self.layer3, self.att3),
+            (self.layer4, self.att4),
+        )
         for stage, gate in stages:
             stage_input = x
             x = stage(x)
@@ -356,7 +381,9 @@ def load_audioclip(weights: str | Path | None = None, device: str | torch.device
     path = resolve_weights_path(AUDIOCLIP, weights)
     state = read_state_dict(path)
     if any(key.startswith("audio.") for key in state):
-        state = {key.removeprefix("audio."): value for key, value in state.items() if key.startswith("audio.")}
+        state = {
+            key.removeprefix("audio."): value for key, value in state.items() if key.startswith("audio.")
+        }
     state.pop("window", None)
     # AudioCLIP builds LinearFBSP(bias=False) as Parameter(None), an empty tensor that is never used.
     if "fbsp.bias" in state and state["fbsp.bias"].numel() == 0:
@@ -385,8 +412,18 @@ def aisfx_blocks(waveform: np.ndarray) -> np.ndarray:
     peak = np.abs(waveform).max()
     waveform = waveform / peak if peak > 0 else waveform
     mel = librosa.feature.melspectrogram(
-        y=waveform, sr=AISFX.sample_rate, n_fft=AISFX_FFT, hop_length=AISFX_HOP, win_length=AISFX_FFT,
-        n_mels=AISFX_MEL_BANDS, fmin=0.0, fmax=AISFX.sample_rate / 2, htk=True, norm=1.0, power=2.0)
+        y=waveform,
+        sr=AISFX.sample_rate,
+        n_fft=AISFX_FFT,
+        hop_length=AISFX_HOP,
+        win_length=AISFX_FFT,
+        n_mels=AISFX_MEL_BANDS,
+        fmin=0.0,
+        fmax=AISFX.sample_rate / 2,
+        htk=True,
+        norm=1.0,
+        power=2.0,
+    )
     log_mel = (np.log10(mel * 1e4 + 1.0) / AISFX_LOG_MAX).T  # [T, 96]
     log_mel = np.pad(log_mel, ((0, max(0, AISFX_BLOCK_FRAMES - len(log_mel))), (0, 0)))
     blocks = np.lib.stride_tricks.sliding_window_view(log_mel, AISFX_BLOCK_FRAMES, axis=0)[::AISFX_BLOCK_HOP]
@@ -440,8 +477,10 @@ def find_aisfx_checkpoint() -> Path:
             return path
     raise FADWeightsError(
         f"The offline FAD backend 'aisfx' reads {AISFX.weights_file} from the PyPI package aisfx, which "
-        f"is {'installed without it' if locations else 'not installed'}. Fix: `pip install --no-deps aisfx==0.1.2` "
-        "(listed in requirements-nodeps.txt; `make setup` installs it), or choose other --fad-backends.")
+        f"is {'installed without it' if locations else 'not installed'}. "
+        "Fix: `pip install --no-deps aisfx==0.1.2` "
+        "(listed in requirements-nodeps.txt; `make setup` installs it), or choose other --fad-backends."
+    )
 
 
 def load_aisfx(weights: str | Path | None = None, device: str | torch.device = "cpu") -> AiSfx:
@@ -450,28 +489,43 @@ def load_aisfx(weights: str | Path | None = None, device: str | torch.device = "
     if not path.is_file():
         raise FADWeightsError(f"aisfx weights not found: {path}. Fix: `pip install --no-deps aisfx==0.1.2`.")
     if weights is None and hashlib.sha256(path.read_bytes()).hexdigest() != AISFX_CHECKPOINT_SHA256:
-        raise FADWeightsError(f"{path} is not the aisfx 0.1.2 checkpoint (sha256 differs); reinstall aisfx==0.1.2.")
+        raise FADWeightsError(
+            f"{path} is not the aisfx 0.1.2 checkpoint (sha256 differs); reinstall aisfx==0.1.2."
+        )
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:
         # The checkpoint is a pickled (state dict, {dataset: (numpy index, classes)}) pair; numpy
         # scalars are allowed as data, nothing else beyond torch's weights-only set.
-        allowed = [(np._core.multiarray.scalar, "numpy.core.multiarray.scalar"), np.dtype, np.dtypes.Int64DType]
+        allowed = [
+            (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+            np.dtype,
+            np.dtypes.Int64DType,
+        ]
         with torch.serialization.safe_globals(allowed):
             payload = torch.load(path, map_location="cpu", weights_only=True)
         state = payload[0] if isinstance(payload, tuple) else payload
-        state = {key.removeprefix("embedding_net."): value for key, value in state.items()
-                 if not key.startswith("fc.")}  # fc.*: the training classifiers, unused for embeddings
+        state = {
+            key.removeprefix("embedding_net."): value
+            for key, value in state.items()
+            if not key.startswith("fc.")
+        }  # fc.*: the training classifiers, unused for embeddings
     model = AiSfx()
     load_strict(model, state, path, "aisfx")
     model.weights_path = path
     return model.eval().requires_grad_(False).to(device)
 
 
-LOADERS: dict[str, Callable[..., AudioEmbedder]] = {"vggish": load_vggish, "audioclip": load_audioclip, "aisfx": load_aisfx}
+LOADERS: dict[str, Callable[..., AudioEmbedder]] = {
+    "vggish": load_vggish,
+    "audioclip": load_audioclip,
+    "aisfx": load_aisfx,
+}
 
 
-def load_fad_backend(name: str, weights: str | Path | None = None, device: str | torch.device = "cpu") -> AudioEmbedder:
+def load_fad_backend(
+    name: str, weights: str | Path | None = None, device: str | torch.device = "cpu"
+) -> AudioEmbedder:
     """A loaded FAD backend by name (one of BACKENDS)."""
     if name not in LOADERS:
         raise ValueError(f"unknown FAD backend {name!r}; choose from {sorted(LOADERS)}")

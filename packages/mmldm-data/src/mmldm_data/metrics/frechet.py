@@ -71,5 +71,7 @@ def polynomial_mmd(x: ArrayLike, y: ArrayLike, degree: int = 3) -> float:
 
 def fvd_kvd(fake_features: ArrayLike, real_features: ArrayLike) -> dict[str, float]:
     """{"fvd": Frechet distance, "kvd": polynomial MMD^2} of I3D features [N, 400] (fake vs real)."""
-    return {"fvd": frechet_distance(fake_features, real_features),
-            "kvd": polynomial_mmd(fake_features, real_features)}
+    return {
+        "fvd": frechet_distance(fake_features, real_features),
+        "kvd": polynomial_mmd(fake_features, real_features),
+    }

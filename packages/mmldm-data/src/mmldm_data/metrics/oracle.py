@@ -6,9 +6,9 @@ tone, the floor impacts from its motion and the sound onsets from its audio. Fro
   * a2v / v2a accuracy: audio-to-video samples whose video class, video-to-audio samples whose audio
     class, equals the class of the conditioning clip;
   * a2v / v2a given accuracy: samples whose given modality, as decoded from its latent, still reads
-    as the conditioning class (the autoencoder's ceiling on the accuracy: the generator only sees
+    as the conditioning class (the autoencoder's ceiling on the accuracy: the DiT only sees
     that latent); a2v / v2a agreement: samples whose generated modality matches the given one as
-    decoded (what the generator did with the latent it was given);
+    decoded (what the DiT did with the latent it was given);
   * onset error: median over sound onsets of |onset - nearest impact|, in frames.
 An oracle that finds nothing (no coloured object, silence) answers class -1, which never matches.
 """
@@ -26,8 +26,7 @@ from mmldm_data.synthetic import (
     onset_times_oracle,
     video_class_oracle,
 )
-
-TASKS = ("a2v", "v2a")
+from mmldm_data.tasks import CROSS_MODAL_TASKS, Task
 
 
 @dataclass(frozen=True)
@@ -58,17 +57,21 @@ def onset_errors(reading: OracleReading) -> list[float]:
 
 @dataclass(frozen=True)
 class Condition:
-    """How a sample was generated: task a2v (the video is generated) or v2a, and the conditioning class."""
+    """How a sample was generated: a cross-modal task (a2v: the video is generated, or v2a) and the
+    conditioning class. `task` may be given as its name."""
 
-    task: str
+    task: Task
     class_id: int
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task not in CROSS_MODAL_TASKS:
+            raise ValueError(f"task must be one of {', '.join(CROSS_MODAL_TASKS)}, got {self.task!r}")
+        object.__setattr__(self, "task", Task(self.task))
 
 
-def oracle_metrics(readings: Sequence[OracleReading], conditions: Sequence[Condition | None] | None = None) -> dict:
+def oracle_metrics(
+    readings: Sequence[OracleReading], conditions: Sequence[Condition | None] | None = None
+) -> dict:
     """Summary of the readings of a sample set; conditions[i] describes sample i (None: joint)."""
     conditions = list(conditions) if conditions is not None else [None] * len(readings)
     if len(conditions) != len(readings):
@@ -76,15 +79,18 @@ def oracle_metrics(readings: Sequence[OracleReading], conditions: Sequence[Condi
     joint = [r for r, c in zip(readings, conditions, strict=True) if c is None]
     metrics: dict[str, float | int | None] = {}
     if joint:
-        metrics["oracle_class_agreement"] = float(np.mean(
-            [r.video_class == r.audio_class and r.video_class >= 0 for r in joint]))
+        metrics["oracle_class_agreement"] = float(
+            np.mean([r.video_class == r.audio_class and r.video_class >= 0 for r in joint])
+        )
     classes = {"video": lambda r: r.video_class, "audio": lambda r: r.audio_class}
-    for task, generated, given in (("a2v", "video", "audio"), ("v2a", "audio", "video")):
+    for task in CROSS_MODAL_TASKS:
         rows = [(r, c) for r, c in zip(readings, conditions, strict=True) if c is not None and c.task == task]
         if rows:
-            made, known = classes[generated], classes[given]
+            made, known = classes[task.generated_modality], classes[task.given_modality]
             metrics[f"oracle_{task}_accuracy"] = float(np.mean([made(r) == c.class_id for r, c in rows]))
-            metrics[f"oracle_{task}_given_accuracy"] = float(np.mean([known(r) == c.class_id for r, c in rows]))
+            metrics[f"oracle_{task}_given_accuracy"] = float(
+                np.mean([known(r) == c.class_id for r, c in rows])
+            )
             metrics[f"oracle_{task}_agreement"] = float(np.mean([made(r) == known(r) >= 0 for r, _ in rows]))
     errors = [error for reading in readings for error in onset_errors(reading)]
     metrics["oracle_onset_error_frames"] = float(np.median(errors)) if errors else None
