@@ -11,10 +11,11 @@ from conftest import REPO_ROOT, load_tool, run_tool
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig
+from mmldm_ae.autoencoder import AEConfig
+from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides
 from mmldm_ae.vae import VAEConfig
+from mmldm_data.config import ConfigError, dataset_config_from, to_typed
 from mmldm_data.config import compose as compose_checked
-from mmldm_data.config import dataset_config_from, to_typed
 from mmldm_dit.config import SCHEMAS
 from mmldm_dit.train_dit import EvalSampling
 
@@ -73,8 +74,8 @@ def choices() -> list[tuple[str, str, str]]:
 @pytest.mark.parametrize(("config_name", "group", "option"), choices())
 def test_every_group_option_composes_and_validates(config_name, group, option):
     overrides = [f"{group}={option}", *(["run_dir=/tmp/unused"] if config_name.startswith("train") else [])]
-    if group == "ablation":  # the rows read their VAEs from the sweep's ablation_vae
-        overrides.append("+ablation_vae={original: a, finetuned: b}")
+    if group == "ablation":  # the rows read their UNet and VAEs from the sweep's ablation_unet / ablation_vae
+        overrides += ["+ablation_unet={sd: u}", "+ablation_vae={original: a, finetuned: b}"]
     cfg = compose_checked(CONF, config_name, overrides)
     typed_sections(cfg)
 
@@ -168,6 +169,60 @@ def test_ablation_rows_are_cumulative():
         assert all(current[t] for t in toggles if previous[t]), row  # nothing switched on is switched off
         previous = current
     assert all(previous.values())
+
+
+# Paper Table 5, cumulative: what each row changes (decoder from SD's UNet, learnable prompt, latent
+# pooling = content embedding, class token + loss, semantic context + contrastive loss, fine-tuned VAE,
+# adversarial loss).
+TABLE_5 = {
+    "0_base": (False, False, False, False, False, False, False),
+    "1_init": (True, False, False, False, False, False, False),
+    "2_prompt": (True, True, False, False, False, False, False),
+    "3_pooling": (True, True, True, False, False, False, False),
+    "4_class": (True, True, True, True, False, False, False),
+    "5_semantic": (True, True, True, True, True, False, False),
+    "6_vae_decoder": (True, True, True, True, True, True, False),
+    "7_adversarial": (True, True, True, True, True, True, True),
+}
+README_ABLATION = [  # the README's Table 5 command, less data_root
+    "+sweep=ablation",
+    "dataset=aist",
+    "ae=paper",
+    "vae=sd",
+    "train=ae_paper",
+    "ablation_unet.sd=/models/sd-v1-4/unet",
+    "ablation_vae.original=/models/sd-v1-4/vae",
+    "ablation_vae.finetuned=outputs/runs/vae-aist-sd/vae",
+    "run_dir=/tmp/unused",
+]
+
+
+def test_table_5_rows_are_what_the_paper_says_with_the_readme_command():
+    assert options("ablation") == sorted(TABLE_5)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert all(override in readme for override in README_ABLATION[5:8])
+    for row, expected in TABLE_5.items():
+        cfg = compose_checked(CONF, "train_ae", [*README_ABLATION, f"ablation={row}"])
+        ae = to_typed(AEConfig, OmegaConf.to_container(cfg.ae, resolve=True))
+        effective = (
+            ae.unet_init == "/models/sd-v1-4/unet",
+            ae.learnable_prompt,
+            ae.content_embedding,
+            ae.class_embedding and ae.w_cls > 0,
+            ae.semantic_context and ae.w_con > 0,
+            cfg.vae.weights == "outputs/runs/vae-aist-sd/vae",
+            ae.adversarial and ae.w_adv > 0,
+        )
+        assert effective == expected, row
+        assert cfg.experiment.label == row
+
+
+def test_a_key_every_ablation_row_decides_is_refused_on_the_command_line():
+    study = ExperimentConfig(study="ablation")
+    with pytest.raises(ConfigError, match="ae.unet_init is decided by each row.*ablation_unet.sd=PATH"):
+        check_sweep_overrides(study, ["ablation=0_base", "ae.unet_init=/models/sd-v1-4/unet"])
+    check_sweep_overrides(study, README_ABLATION)
+    check_sweep_overrides(ExperimentConfig(), ["ae.unet_init=/models/sd-v1-4/unet"])  # outside the study
 
 
 def test_demo_configs_compose():

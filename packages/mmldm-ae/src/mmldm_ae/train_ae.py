@@ -21,7 +21,7 @@ from torch import nn
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator, discriminator_losses
 from mmldm_ae.engine.latent_cache import LatentCacheDataset, build_latent_cache
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
-from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, write_results
+from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides, write_results
 from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
 from mmldm_ae.pipeline import (
     AutoencoderPipeline,
@@ -31,7 +31,7 @@ from mmldm_ae.pipeline import (
     write_reconstructions,
 )
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
-from mmldm_data.cli import collate
+from mmldm_data.cli import collate, hydra_overrides
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvalSets, evaluate, load_models
@@ -210,6 +210,7 @@ def train_ae_from_config(cfg: DictConfig) -> dict[str, Any]:
     With evaluate.clips > 0 the run is then evaluated and <run_dir>/metrics.json written (sweeps).
     """
     experiment, plan = to_typed(ExperimentConfig, cfg.experiment), to_typed(EvalPlan, cfg.evaluate)
+    check_sweep_overrides(experiment, hydra_overrides())
     training = build_ae_training(cfg)
     summary = training.trainer.train()
     summary |= {"samples": str(training.run_dir / "samples"), "is_main": training.trainer.is_main}

@@ -37,6 +37,25 @@ class ExperimentConfig:
             raise ConfigError(f"experiment.study must be one of {STUDIES} or null, got {self.study!r}")
 
 
+# Keys that every row of a study sets itself, with what to pass instead: Hydra applies command-line
+# values after the rows, so one of these on the command line would silently make all rows alike.
+ROW_KEYS = {
+    "ablation": {"ae.unet_init": "ablation_unet.sd=PATH (rows from 1_init start from it, 0_base never)"}
+}
+
+
+def check_sweep_overrides(experiment: ExperimentConfig, overrides: list[str]) -> None:
+    """Refuse command-line values for keys that the rows of `experiment.study` decide."""
+    row_keys = ROW_KEYS.get(experiment.study or "", {})
+    for override in overrides:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in row_keys:
+            raise ConfigError(
+                f"{key} is decided by each row of the {experiment.study} study and would override all "
+                f"of them; pass {row_keys[key]} instead"
+            )
+
+
 @dataclass
 class EvalPlan:
     """The evaluation a training tool runs after training (0 clips: none)."""
