@@ -39,6 +39,12 @@ DIT ?= tiny
 else
 DIT ?= S
 endif
+# The authors trained the generator on AudioSet at a higher rate than on Landscape / AIST++.
+ifeq ($(DATASET),audioset)
+DIT_TRAIN ?= dit_paper_audioset
+else
+DIT_TRAIN ?= dit_$(PRESET)
+endif
 DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 
 .PHONY: setup test test-fast format lint demo synth-bench gpu-check sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
@@ -96,10 +102,10 @@ train-ae: setup $(DATA_READY) $(AE_NEEDS)
 	$(PY) tools/train_ae.py dataset=$(DATASET) vae=$(VAE_PRESET) ae=$(PRESET) train=ae_$(PRESET) $(AE_VAE) $(ARGS)
 
 train-dit: setup $(DATA_READY)
-	$(PY) tools/train_dit.py dataset=$(DATASET) dit=$(DIT) train=dit_$(PRESET) ae_run=$(AE_RUN) $(ARGS)
+	$(PY) tools/train_dit.py dataset=$(DATASET) dit=$(DIT) train=$(DIT_TRAIN) ae_run=$(AE_RUN) $(ARGS)
 
 train-dit-long: setup $(DATA_READY)
-	$(PY) tools/train_dit.py --config-name train_dit_long dataset=$(DATASET) dit=$(DIT) train=dit_$(PRESET) ae_run=$(AE_RUN) $(ARGS)
+	$(PY) tools/train_dit.py --config-name train_dit_long dataset=$(DATASET) dit=$(DIT) train=$(DIT_TRAIN) ae_run=$(AE_RUN) $(ARGS)
 
 # make sample ARGS="task=a2v"; long and continuations: make sample DIT_RUN=<a train-dit-long run> ARGS="task=long"
 sample: setup
