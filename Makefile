@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
+# Where torch and torchvision come from: empty for PyPI's default build (CUDA on Linux), or one of
+# PyTorch's indexes, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cpu (CPU only, far smaller)
+# or .../whl/cu126 for a cluster whose driver predates the default build's CUDA.
+TORCH_INDEX ?=
+TORCH_PINS := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
 PACKAGES := packages/mmldm-data packages/mmldm-ae packages/mmldm-dit
 
 # Runs are offline by default: nothing downloads weights at run time.
@@ -54,10 +59,15 @@ setup: $(STAMP)
 # Re-installs only when a requirements file or a package definition changes, so a second
 # `make setup` takes a moment.
 $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$(PACKAGES))
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "make setup: needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found")." \
+	       "Install one and run: make setup PYTHON=python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(if $(TORCH_INDEX),$(PY) -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) $(TORCH_PINS))
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
+	$(PY) tools/check_env.py
 	touch $@
 
 # Everything (CI's command); prints the 15 slowest tests.

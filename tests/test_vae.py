@@ -222,3 +222,15 @@ def test_config_files_load():
     assert preset("vae", "tiny").stage0.train_encoder
     with pytest.raises(ConfigError, match="vae.preset"):
         to_typed(VAEConfig, {"preset": "huge"})
+
+
+def test_fine_tuning_a_decoder_needs_pretrained_weights(tmp_path):
+    from conftest import REPO_ROOT
+
+    from mmldm_ae.train_vae import train_vae_from_config
+    from mmldm_data.config import compose
+
+    cfg = compose(REPO_ROOT / "conf", "train_vae", ["vae=sd", "train=vae_sd", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="vae.weights is not set: pass vae.weights="):
+        train_vae_from_config(cfg)
+    assert not any(tmp_path.iterdir())  # refused before any run file is written

@@ -28,7 +28,7 @@ from mmldm_ae.vae import (
     vae_losses,
 )
 from mmldm_data.cli import collate
-from mmldm_data.config import dataset_config_from, to_plain_dict, to_typed
+from mmldm_data.config import ConfigError, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.preview import contact_sheet, save_png
 from mmldm_data.video import to_uint8_frames
@@ -103,6 +103,13 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     """
     vae_config = to_typed(VAEConfig, cfg.vae)
     train_config = to_typed(TrainConfig, cfg.train)
+    if not vae_config.stage0.train_encoder and not vae_config.weights:
+        # A frozen encoder must be a trained one: fine-tuning a decoder against random latents learns nothing.
+        raise ConfigError(
+            f"vae.preset={vae_config.preset} fine-tunes the decoder of a pretrained VAE (vae.stage0.train_encoder"
+            "=false) but vae.weights is not set: pass vae.weights=<SD's vae/ folder or .ckpt> (README, "
+            '"Pretrained weights"), or train from scratch with vae.stage0.train_encoder=true'
+        )
     wandb_config = to_typed(WandbConfig, cfg.wandb)
     dataset_config = dataset_config_from(cfg)  # last: it looks at the data folder
     run_dir = Path(cfg.run_dir)
