@@ -164,7 +164,8 @@ def main() -> int:
         "chance": 1 / len(cache.class_names),
     }
     print(
-        f"\n{'metric':<22} {'value':>7}   (K = {len(cache.class_names)} classes, {len(chosen)} clips per task)",
+        f"\n{'metric':<22} {'value':>7}   (K = {len(cache.class_names)} classes, "
+        f"{len(chosen)} clips per task)",
         file=sys.stderr,
     )
     for name, value in results.items():

@@ -2,7 +2,8 @@
 """`make demo` and `make synth-bench`: the whole method on CPU, from synthetic data to evaluated samples.
 
     python tools/demo.py                              # conf/demo.yaml: about 15 minutes, outputs/demo/
-    python tools/demo.py --config-name synth_bench    # conf/synth_bench.yaml: longer training, the quality table
+    python tools/demo.py --config-name synth_bench    # conf/synth_bench.yaml: longer training,
+                                                      # the quality table
     python tools/demo.py "train_ae=[train.max_steps=50]"    # any key of the config can be overridden
 
 Stages, each in its own folder under `out`:
@@ -130,8 +131,7 @@ class EndToEndConfig:
             problems.append(
                 "evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)"
             )
-        if problems:
-            raise ConfigError("invalid end-to-end config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid end-to-end config")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +229,8 @@ def heldout_windows(dataset: SoundingVideoDataset, per_class: int) -> list[int]:
 def write_samples(
     folder: Path, dit_run: Path, long_run: Path, heldout: SoundingVideoDataset, plan: SamplingPlan, seed: int
 ) -> dict:
-    """Every task's samples under folder/<task>/, a contact sheet (first sample of each task) and spectrograms."""
+    """Every task's samples under folder/<task>/, a contact sheet (first sample of each task) and
+    spectrograms."""
     common = dict(
         steps=plan.steps,
         ae_steps=plan.ae_steps,
@@ -402,7 +403,8 @@ def quality_table(reports: dict[str, dict]) -> tuple[list[dict], str]:
     for row in rows:
         met = {True: "yes", False: "**no**", None: ""}[row["passed"]]
         lines.append(
-            f"| {row['label']} | {shown(row['value'])} | {shown(row['real_floor'])} | {row['bar'] or ''} | {met} |"
+            f"| {row['label']} | {shown(row['value'])} | {shown(row['real_floor'])} "
+            f"| {row['bar'] or ''} | {met} |"
         )
     return rows, "\n".join(lines) + "\n"
 
@@ -540,7 +542,8 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
     lines = [
         f"# MM-LDM {title} on the synthetic dataset",
         "",
-        f"{config['num_clips']} training clips and {config['heldout_clips']} held-out clips of {len(CLASS_NAMES)} "
+        f"{config['num_clips']} training clips and {config['heldout_clips']} held-out clips "
+        f"of {len(CLASS_NAMES)} "
         f"classes (coloured shapes, each with its own sound; bounces make the sound onsets).",
         f"This run took {metrics['minutes']} min (stages reused from an earlier run count as 0).",
         "",

@@ -43,7 +43,8 @@ class StageResult:
 
 
 def run_stage(name: str, command: list[str], log_dir: Path) -> tuple[StageResult, dict | None]:
-    """Run one tool; the tools end with a JSON summary line. Their other output goes to <log_dir>/<name>.log."""
+    """Run one tool; the tools end with a JSON summary line. Their other output goes to
+    <log_dir>/<name>.log."""
     print(f"== {name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     with (log_dir / f"{name}.log").open("w") as log:
@@ -252,7 +253,8 @@ def main() -> int:
             f"{r.peak_mem_gb:.2f}" if r.peak_mem_gb is not None else "-",
         ]
         print(
-            f"{r.stage:<12} {'yes' if r.ok else 'NO':<3} {r.wall_s:>8.1f} {cells[0]:>9} {cells[1]:>10} {cells[2]:>8}  "
+            f"{r.stage:<12} {'yes' if r.ok else 'NO':<3} {r.wall_s:>8.1f} "
+            f"{cells[0]:>9} {cells[1]:>10} {cells[2]:>8}  "
             f"{r.note}"
         )
     failed = [r.stage for r in results if not r.ok]

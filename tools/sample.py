@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Sounding videos from a trained DiT: svg, a2v, v2a, audio / video continuation, long.
+r"""Sounding videos from a trained DiT: svg, a2v, v2a, audio / video continuation, long.
 
     make sample                                                   # svg from outputs/runs/dit-synthetic-tiny
     python tools/sample.py run=outputs/runs/dit-synthetic-tiny task=a2v input=song.wav
     python tools/sample.py run=outputs/runs/dit-synthetic-tiny task=v2a num_samples=12   # dataset clips
-    python tools/sample.py run=outputs/runs/dit-long-synthetic-tiny task=long num_clips=10 sampler=dpmsolver++ steps=20
+    python tools/sample.py run=outputs/runs/dit-long-synthetic-tiny task=long num_clips=10 \
+        sampler=dpmsolver++ steps=20
 
 Each sample is decoded through the autoencoder, the KL-VAE and the vocoder and written to out_dir
 as <task>_<index>.mp4 (with sound), .wav and .png (frames and spectrogram); a2v / v2a from

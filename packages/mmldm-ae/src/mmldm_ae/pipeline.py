@@ -114,7 +114,8 @@ class AutoencoderPipeline:
         )
 
     def fingerprint(self) -> str:
-        """A hash of the autoencoder's and the VAE's weights: identifies what encoded a cache of perceptual latents."""
+        """A hash of the autoencoder's and the VAE's weights: identifies what encoded a cache of
+        perceptual latents."""
         digest = hashlib.sha1(self.vae.fingerprint().encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
@@ -242,12 +243,10 @@ def reconstruction_metrics(
 
 
 def load_autoencoder(
-    run_or_checkpoint: str | Path,
-    device: str | torch.device = "cpu",
-    use_ema: bool = True,
-    vae_weights: str | None = None,
+    run_or_checkpoint: str | Path, device: str | torch.device = "cpu", vae_weights: str | None = None
 ) -> AutoencoderPipeline:
-    """Rebuild the autoencoder of a `tools/train_ae.py` run from its newest (or a given) checkpoint.
+    """Rebuild the autoencoder of a `tools/train_ae.py` run from its newest (or a given) checkpoint,
+    with its EMA weights when it has them.
 
     The checkpoint's state.json holds the composed config of the run, so nothing else is needed;
     `vae_weights` points elsewhere when the run's VAE folder moved.
@@ -263,8 +262,7 @@ def load_autoencoder(
         to_typed(AEConfig, config["ae"]), num_classes=state["architecture"]["num_classes"]
     )
     load_module_weights(model, path, "autoencoder")
-    if use_ema:
-        load_ema_weights(model, path)
+    load_ema_weights(model, path)
     dataset = to_typed(DatasetConfig, config["dataset"])
     return AutoencoderPipeline(
         model.to(device), vae.to(device), dataset, state["architecture"]["class_names"]

@@ -106,8 +106,9 @@ def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig
     if vae_config.weights is None:
         problems.append(
             "vae.weights is not set: the autoencoder needs a trained KL-VAE. For the tiny presets run "
-            "`make train-vae DATASET=synthetic` (it writes outputs/runs/vae-synthetic-tiny/vae); for the paper "
-            "preset give SD's KL-f8 VAE folder (the vae/ folder of a Stable Diffusion v1.x diffusers repository)"
+            "`make train-vae DATASET=synthetic` (it writes outputs/runs/vae-synthetic-tiny/vae); "
+            "for the paper preset give SD's KL-f8 VAE folder (the vae/ folder of a Stable Diffusion v1.x "
+            "diffusers repository)"
         )
     if ae.resolution != dataset.resolution:
         problems.append(
@@ -123,8 +124,7 @@ def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig
             f"ae.num_target_frames ({ae.num_target_frames}) must equal dataset.num_target_frames "
             f"({dataset.num_target_frames})"
         )
-    if problems:
-        raise ConfigError("incompatible settings:\n  " + "\n  ".join(problems))
+    ConfigError.raise_if_any(problems, "incompatible settings")
 
 
 @dataclass
@@ -136,7 +136,8 @@ class AETraining:
 
 
 def build_ae_training(cfg: DictConfig) -> AETraining:
-    """Everything a stage-1 run needs, from a composed `conf/train_ae.yaml` (tools/train_ae.py, benchmarks)."""
+    """Everything a stage-1 run needs, from a composed `conf/train_ae.yaml` (tools/train_ae.py,
+    benchmarks)."""
     dataset_config = dataset_config_from(cfg)
     vae_config = to_typed(VAEConfig, cfg.vae)
     ae_config = to_typed(AEConfig, cfg.ae)
@@ -205,7 +206,8 @@ def evaluate_autoencoder(run_dir: Path, plan: EvalPlan, dataset: DatasetConfig) 
 
 
 def train_ae_from_config(cfg: DictConfig) -> dict[str, Any]:
-    """Stage 1 from a composed `conf/train_ae.yaml` (tools/train_ae.py, the demo, sweeps); returns the summary.
+    """Stage 1 from a composed `conf/train_ae.yaml` (tools/train_ae.py, the demo, sweeps); returns the
+    summary.
 
     With evaluate.clips > 0 the run is then evaluated and <run_dir>/metrics.json written (sweeps).
     """

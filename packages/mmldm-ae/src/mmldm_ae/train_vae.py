@@ -106,8 +106,9 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     if not vae_config.stage0.train_encoder and not vae_config.weights:
         # A frozen encoder must be a trained one: fine-tuning a decoder against random latents learns nothing.
         raise ConfigError(
-            f"vae.preset={vae_config.preset} fine-tunes the decoder of a pretrained VAE (vae.stage0.train_encoder"
-            "=false) but vae.weights is not set: pass vae.weights=<SD's vae/ folder or .ckpt> (README, "
+            f"vae.preset={vae_config.preset} fine-tunes the decoder of a pretrained VAE "
+            "(vae.stage0.train_encoder=false) but vae.weights is not set: "
+            "pass vae.weights=<SD's vae/ folder or .ckpt> (README, "
             '"Pretrained weights"), or train from scratch with vae.stage0.train_encoder=true'
         )
     wandb_config = to_typed(WandbConfig, cfg.wandb)

@@ -123,8 +123,7 @@ class VAEConfig:
             problems.append(f"vae.chunk_size must be >= 1, got {self.chunk_size}")
         if self.block_out_channels is not None and not self.block_out_channels:
             problems.append("vae.block_out_channels must be null or a non-empty list")
-        if problems:
-            raise ConfigError("invalid vae config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid vae config")
 
 
 def autoencoder_config(preset: str, block_out_channels: list[int] | None = None) -> dict:

@@ -44,7 +44,7 @@ class MelConfig:
     win_length: int = 1024
     n_mels: int = 80
     fmin: float = 0.0
-    fmax: float = 8000.0
+    fmax: float = 8000.0  # Hz at filterbank_rate: about 16 kHz of the 44.1 kHz waveform (paper preset)
     image_size: int = 256  # audio image side R
 
     @property

@@ -33,6 +33,12 @@ SPLITS = ("all", "train", "val")
 class ConfigError(ValueError):
     """A configuration value is missing, misspelt or out of range."""
 
+    @classmethod
+    def raise_if_any(cls, problems: list[str], title: str) -> None:
+        """One error listing every problem found, so that a user fixes them all in one go."""
+        if problems:
+            raise cls(f"{title}:\n  " + "\n  ".join(problems))
+
 
 @dataclass
 class DatasetConfig:
@@ -111,8 +117,7 @@ class DatasetConfig:
             problems.append(f"dataset.split={self.split} needs dataset.val_fraction > 0")
         if not 0.0 <= self.flip_p <= 1.0:
             problems.append(f"dataset.flip_p must be in [0, 1], got {self.flip_p}")
-        if problems:
-            raise ConfigError("invalid dataset config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid dataset config")
 
 
 # Config group -> its dataclass, for the groups of this package (the packages above add theirs).

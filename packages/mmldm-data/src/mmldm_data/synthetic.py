@@ -79,11 +79,13 @@ class SyntheticConfig:
             problems.append(f"fps and sample_rate must be positive, got {self.fps} and {self.sample_rate}")
         if self.num_frames < 2 * _EDGE_CLEARANCE_FRAMES + 2:
             problems.append(
-                f"duration {self.duration} s gives {self.num_frames} frames at {self.fps} fps; need at least 5"
+                f"duration {self.duration} s gives {self.num_frames} frames at {self.fps} fps; "
+                "need at least 5"
             )
         if not 0 < self.min_bounce_period <= self.max_bounce_period:
             problems.append(
-                f"need 0 < min_bounce_period <= max_bounce_period, got {self.min_bounce_period}, {self.max_bounce_period}"
+                "need 0 < min_bounce_period <= max_bounce_period, "
+                f"got {self.min_bounce_period}, {self.max_bounce_period}"
             )
         if not 0.02 <= self.object_radius <= 0.2:
             problems.append(f"object_radius must be in [0.02, 0.2], got {self.object_radius}")
@@ -189,7 +191,8 @@ def _draw_motion(rng: np.random.Generator, cfg: SyntheticConfig) -> _Motion:
         if not any(len(_impact_times(motion, lo, hi)) for lo, hi in forbidden):
             return motion
     raise ValueError(
-        f"cannot place impacts away from the clip ends with {cfg}; use a longer duration or other bounce periods"
+        f"cannot place impacts away from the clip ends with {cfg}; "
+        "use a longer duration or other bounce periods"
     )
 
 

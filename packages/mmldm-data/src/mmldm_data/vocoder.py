@@ -135,21 +135,16 @@ class HiFiGAN(nn.Module):
 #                              HiFi-GAN Configs                                 #
 #################################################################################
 
+# jik876's config_v1.json and config_v2.json: one layout, V2 at a quarter of V1's width.
 HIFIGAN_CONFIGS: dict[str, HiFiGANConfig] = {
-    "V1": HiFiGANConfig(
+    name: HiFiGANConfig(
         upsample_rates=(8, 8, 2, 2),
         upsample_kernel_sizes=(16, 16, 4, 4),
-        upsample_initial_channel=512,
+        upsample_initial_channel=channels,
         resblock_kernel_sizes=(3, 7, 11),
         resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)),
-    ),
-    "V2": HiFiGANConfig(
-        upsample_rates=(8, 8, 2, 2),
-        upsample_kernel_sizes=(16, 16, 4, 4),
-        upsample_initial_channel=128,
-        resblock_kernel_sizes=(3, 7, 11),
-        resblock_dilation_sizes=((1, 3, 5), (1, 3, 5), (1, 3, 5)),
-    ),
+    )
+    for name, channels in (("V1", 512), ("V2", 128))
 }
 
 

@@ -64,14 +64,14 @@ class DiTConfig:
     audio_latent_size: int = 8
     video_latent_channels: int = 16
     video_latent_size: int = 16
-    patch_size: int = 1
+    patch_size: int = 1  # p: each token is a p x p patch of a latent grid (paper: 1)
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
     # Learnable prompt tokens placed before the modalities (the authors' 77 x 768 context_emb).
     context_tokens: int = 77
-    context_dim: int = 768
+    context_dim: int = 768  # width of the prompt tokens, mapped to hidden_size by a Linear
     # Blocks of the long-generation conditioning DiT (authors: 14 at XL); 0 builds the plain model.
     previous_clip_depth: int = 0
 
@@ -102,7 +102,8 @@ class DiTConfig:
         unknown = [m for m in self.modalities if m not in MODALITIES]
         if unknown or not self.modalities or len(set(self.modalities)) != len(self.modalities):
             problems.append(
-                f"dit.modalities={self.modalities} must list audio and/or video once each, e.g. [audio, video]"
+                f"dit.modalities={self.modalities} must list audio and/or video once each, "
+                "e.g. [audio, video]"
             )
         for name in (
             "audio_latent_channels",
@@ -120,7 +121,8 @@ class DiTConfig:
                 if side % self.patch_size:
                     problems.append(
                         f"dit.patch_size={self.patch_size} does not divide the {modality} latent grid "
-                        f"{side}x{side} (dit.{modality}_latent_size); pick a patch size that divides every grid"
+                        f"{side}x{side} (dit.{modality}_latent_size); "
+                        "pick a patch size that divides every grid"
                     )
         if self.num_heads < 1 or self.hidden_size % self.num_heads:
             problems.append(f"dit.num_heads={self.num_heads} must divide dit.hidden_size={self.hidden_size}")
@@ -134,15 +136,15 @@ class DiTConfig:
         if self.context_tokens < 1 or self.context_dim < 1:
             # Guidance contrasts the prompt with its absence, so there must be a prompt to drop.
             problems.append(
-                f"dit.context_tokens and dit.context_dim must be >= 1, got {self.context_tokens}, {self.context_dim}"
+                "dit.context_tokens and dit.context_dim must be >= 1, "
+                f"got {self.context_tokens}, {self.context_dim}"
             )
         if not 0 <= self.previous_clip_depth <= self.depth:
             problems.append(
                 f"dit.previous_clip_depth={self.previous_clip_depth} must lie in 0..dit.depth={self.depth} "
                 "(its outputs are added after the main DiT's first blocks)"
             )
-        if problems:
-            raise ConfigError("invalid dit config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid dit config")
 
 
 #################################################################################
@@ -306,7 +308,8 @@ class FinalLayer(nn.Module):
 
 
 class MMDiT(nn.Module):
-    """Joint (or single-modal) epsilon model over perceptual latents, with cross-modal and previous-clip conditions."""
+    """Joint (or single-modal) epsilon model over perceptual latents, with cross-modal and previous-clip
+    conditions."""
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -389,14 +392,16 @@ class MMDiT(nn.Module):
     def _latents(
         self, what: str, audio: Tensor | None, video: Tensor | None, like: Tensor | None
     ) -> dict[str, Tensor]:
-        """Check one pair of inputs against the config. With `like`, a missing input is the zero (null) latent."""
+        """Check one pair of inputs against the config. With `like`, a missing input is the zero (null)
+        latent."""
         given = {"audio": audio, "video": video}
         latents = {}
         for modality, value in given.items():
             if modality not in self.cfg.modalities:
                 if value is not None:
                     raise ValueError(
-                        f"{what}_{modality[0]} was given, but this model has dit.modalities={self.cfg.modalities}"
+                        f"{what}_{modality[0]} was given, "
+                        f"but this model has dit.modalities={self.cfg.modalities}"
                     )
                 continue
             if value is None:
@@ -406,7 +411,8 @@ class MMDiT(nn.Module):
             expected = self.cfg.latent_shape(modality)
             if tuple(value.shape[1:]) != expected:
                 raise ValueError(
-                    f"{what}_{modality[0]} has shape {list(value.shape)}; expected [B, {', '.join(map(str, expected))}] "
+                    f"{what}_{modality[0]} has shape {list(value.shape)}; "
+                    f"expected [B, {', '.join(map(str, expected))}] "
                     f"(dit.{modality}_latent_channels / dit.{modality}_latent_size)"
                 )
             latents[modality] = value

@@ -104,8 +104,7 @@ class SampleConfig:
             problems.append(
                 f"clips lists {len(self.clips)} dataset windows for num_samples={self.num_samples}"
             )
-        if problems:
-            raise ConfigError("invalid sample config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid sample config")
 
 
 @dataclass
@@ -150,7 +149,8 @@ def load_trained_dit(
     pipeline = load_autoencoder(ae_run or config["ae_run"], device=device)
     if pipeline.fingerprint() != architecture["autoencoder_fingerprint"]:
         raise ConfigError(
-            f"the autoencoder in {ae_run or config['ae_run']} is not the one the DiT in {checkpoint} was trained on "
+            f"the autoencoder in {ae_run or config['ae_run']} is not the one "
+            f"the DiT in {checkpoint} was trained on "
             "(other weights): pass ae_run=<the autoencoder run it was trained with>"
         )
     cache = Path(config["latent_cache"]) if config.get("latent_cache") else None
@@ -189,7 +189,8 @@ def load_conditioning(dit: TrainedDiT, config: SampleConfig) -> Conditioning:
     if dit.latent_cache is None or not dit.latent_cache.is_dir():
         raise FileNotFoundError(
             f"task {config.task} without input= reads dataset clips from the run's latent cache "
-            f"({dit.latent_cache}), which is missing: give input=<file> or rebuild the cache with tools/train_dit.py"
+            f"({dit.latent_cache}), which is missing: give input=<file> "
+            "or rebuild the cache with tools/train_dit.py"
         )
     cache = DiTLatentDataset(dit.latent_cache)
     windows = cache.index["count"]
@@ -229,7 +230,8 @@ def conditioning_from_items(
 
 @torch.no_grad()
 def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Tensor:
-    """One clip of a media file -> its raw perceptual latent [1, C, S, S], with a warning for what was adapted."""
+    """One clip of a media file -> its raw perceptual latent [1, C, S, S], with a warning for what was
+    adapted."""
     config = pipeline.dataset
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
@@ -248,9 +250,9 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
                 f"{config.mel.sample_rate} Hz"
             )
         if len(wave) != config.clip_samples:
+            fitted = "cut" if len(wave) > config.clip_samples else "zero-padded"
             adapted.append(
-                f"{len(wave) / config.mel.sample_rate:.3g} s {'cut' if len(wave) > config.clip_samples else 'zero-padded'} "
-                f"to {config.clip_seconds:g} s"
+                f"{len(wave) / config.mel.sample_rate:.3g} s {fitted} to {config.clip_seconds:g} s"
             )
         if adapted:
             log.warning("%s: %s", path, "; ".join(adapted))

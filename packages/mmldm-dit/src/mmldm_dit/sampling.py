@@ -71,7 +71,8 @@ DEFAULT_GUIDANCE = 8.0
 
 @dataclass
 class DiTLossConfig:
-    """Multi-task training of the DiT (paper Eq. 9, docs/design.md#dit-training); rates are fractions of the rows."""
+    """Multi-task training of the DiT (paper Eq. 9, docs/design.md#dit-training); rates are fractions of
+    the rows."""
 
     context_drop: float = 0.1  # trained unconditionally: the null branch of guidance
     a2v: float = 0.05  # rows that get the clean audio latent as a condition (exclusive with v2a)
@@ -99,8 +100,7 @@ class DiTLossConfig:
         ]
         if self.previous_video_drop + self.previous_audio_drop + self.previous_all_drop > 1.0:
             problems.append("dit_loss.previous_{video,audio,all}_drop are exclusive and must sum to <= 1")
-        if problems:
-            raise ConfigError("invalid dit_loss config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid dit_loss config")
 
 
 @dataclass
@@ -373,7 +373,8 @@ def _batch_size(batch_size: int | None, *given: Tensor | None) -> int:
         sizes.add(batch_size)
     if len(sizes) != 1:
         raise ValueError(
-            f"batch sizes disagree or are missing: {sorted(sizes)}; pass batch_size or condition tensors of one size"
+            f"batch sizes disagree or are missing: {sorted(sizes)}; "
+            "pass batch_size or condition tensors of one size"
         )
     (size,) = sizes
     if size < 1:

@@ -65,6 +65,24 @@ class PreviewConfig:
     vocoder: str = "hifigan-universal"
 
 
+def generate_with(
+    settings: PreviewConfig | EvalSampling, dit: TrainedDiT, task: Task, folder: Path, **options: Any
+) -> None:
+    """Samples of a `task` into `folder` with the step counts and vocoder of a preview or an evaluation."""
+    generate(
+        dit,
+        SampleConfig(
+            run=str(dit.checkpoint),
+            task=task,
+            out_dir=str(folder),
+            steps=settings.steps,
+            ae_steps=settings.ae_steps,
+            vocoder=settings.vocoder,
+            **options,
+        ),
+    )
+
+
 class DiTTrainingTask(TrainingTask):
     def __init__(
         self,
@@ -111,19 +129,14 @@ class DiTTrainingTask(TrainingTask):
         long = self.model.previous_encoder is not None
         folder = run_dir / "samples" / f"step_{step:07d}"
         preview = self.preview
-        generate(
+        generate_with(
+            preview,
             TrainedDiT(self.model, self.stats, self.pipeline, None, run_dir),
-            SampleConfig(
-                run=str(run_dir),
-                task=Task.long if long else Task.svg,
-                out_dir=str(folder),
-                num_samples=preview.samples,
-                batch_size=preview.samples,
-                steps=preview.steps,
-                num_clips=preview.clips,
-                ae_steps=preview.ae_steps,
-                vocoder=preview.vocoder,
-            ),
+            Task.long if long else Task.svg,
+            folder,
+            num_samples=preview.samples,
+            batch_size=preview.samples,
+            num_clips=preview.clips,
         )
         for video in sorted(folder.glob("*.mp4")):
             logger.log_video(
@@ -159,12 +172,12 @@ def check_compatible(
         channels, side, _ = dit.latent_shape(modality)
         if (channels, side) != made[modality]:
             problems.append(
-                f"dit.{modality}_latent_channels/size={channels}/{side} but the autoencoder makes {modality} latents "
-                f"{made[modality][0]}x{made[modality][1]}x{made[modality][1]}: set dit.{modality}_latent_channels="
-                f"{made[modality][0]} dit.{modality}_latent_size={made[modality][1]}"
+                f"dit.{modality}_latent_channels/size={channels}/{side} but the autoencoder makes "
+                f"{modality} latents {made[modality][0]}x{made[modality][1]}x{made[modality][1]}: "
+                f"set dit.{modality}_latent_channels={made[modality][0]} "
+                f"dit.{modality}_latent_size={made[modality][1]}"
             )
-    if problems:
-        raise ConfigError("the DiT does not fit its autoencoder:\n  " + "\n  ".join(problems))
+    ConfigError.raise_if_any(problems, "the DiT does not fit its autoencoder")
 
 
 def to_plain(value: Any) -> Any:
@@ -184,21 +197,16 @@ def evaluate_dit(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dit = load_trained_dit(run_dir, device=device)
     samples = Path(run_dir) / "evaluation" / Task.svg
-    generate(
+    generate_with(
+        sampling,
         dit,
-        SampleConfig(
-            run=str(run_dir),
-            task=Task.svg,
-            out_dir=str(samples),
-            num_samples=plan.clips,
-            batch_size=sampling.batch_size,
-            seed=plan.seed,
-            steps=sampling.steps,
-            ae_steps=sampling.ae_steps,
-            guidance_audio=sampling.guidance,
-            guidance_video=sampling.guidance,
-            vocoder=sampling.vocoder,
-        ),
+        Task.svg,
+        samples,
+        num_samples=plan.clips,
+        batch_size=sampling.batch_size,
+        seed=plan.seed,
+        guidance_audio=sampling.guidance,
+        guidance_video=sampling.guidance,
     )
     protocol = plan.protocol(dataset.fps, dataset.num_frames)
     report = evaluate(

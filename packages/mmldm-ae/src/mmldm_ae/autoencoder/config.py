@@ -139,7 +139,8 @@ class AEConfig:
         problems = []
         if self.resolution % self.vae_downsample:
             problems.append(
-                f"ae.resolution={self.resolution} is not a multiple of ae.vae_downsample={self.vae_downsample}"
+                f"ae.resolution={self.resolution} is not a multiple of "
+                f"ae.vae_downsample={self.vae_downsample}"
             )
         unet_factor = 2 ** (len(self.unet_channels) - 1)
         if self.latent_size % unet_factor:
@@ -160,7 +161,8 @@ class AEConfig:
         audio_semantic = self.audio_latent_size // 2 ** (len(self.audio_projector_mult) - 1)
         if self.semantic_size < 1 or audio_semantic != self.semantic_size:
             problems.append(
-                f"the projectors must end at the same size: video {self.semantic_size}, audio {audio_semantic} "
+                f"the projectors must end at the same size: video {self.semantic_size}, "
+                f"audio {audio_semantic} "
                 "(adjust ae.video_projector_mult / ae.audio_projector_mult)"
             )
         if len(self.unet_cross_attention) != len(self.unet_channels):
@@ -193,6 +195,5 @@ class AEConfig:
             )
         if self.decode_steps < 1:
             problems.append("ae.decode_steps must be >= 1")
-        if problems:
-            raise ConfigError("invalid autoencoder config:\n  " + "\n  ".join(problems))
+        ConfigError.raise_if_any(problems, "invalid autoencoder config")
         self.schedule.validate()

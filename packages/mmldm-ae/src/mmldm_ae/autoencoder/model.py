@@ -182,7 +182,8 @@ class MultiModalAutoencoder(nn.Module):
         sample: bool = False,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """[B, K, C, L, L], [B, C, L, L] -> z_v [B, C', L/2, L/2], z_a [B, C', L/4, L/4] (posterior modes unless sample)."""
+        """[B, K, C, L, L], [B, C, L, L] -> z_v [B, C', L/2, L/2], z_a [B, C', L/4, L/4] (posterior
+        modes unless sample)."""
         self._check_shape(
             "key_latents",
             key_latents,
@@ -213,7 +214,8 @@ class MultiModalAutoencoder(nn.Module):
     def _check_class_ids(self, class_id: Tensor) -> None:
         if class_id.numel() and (class_id.max() >= self.num_classes or class_id.min() < -1):
             raise ValueError(
-                f"class ids must be in [-1, {self.num_classes - 1}] (-1: none) for num_classes={self.num_classes}, "
+                f"class ids must be in [-1, {self.num_classes - 1}] (-1: none) "
+                f"for num_classes={self.num_classes}, "
                 f"got {class_id.tolist()}"
             )
 
@@ -224,7 +226,8 @@ class MultiModalAutoencoder(nn.Module):
     def _context(
         self, modality: int, keep_prompt: Tensor, class_tokens: Tensor | None, other_semantic: Tensor
     ) -> Tensor:
-        """[prompt (zeroed where dropped); class token; the other modality's semantic tokens] -> [B, tokens, D]."""
+        """[prompt (zeroed where dropped); class token; the other modality's semantic tokens]
+        -> [B, tokens, D]."""
         prompt = self.prompts[modality] * keep_prompt[:, None, None].to(self.prompts.dtype)
         parts = [prompt]
         if class_tokens is not None:
@@ -245,7 +248,8 @@ class MultiModalAutoencoder(nn.Module):
         keep_audio_prompt: Tensor,
         keep_video_prompt: Tensor,
     ) -> DecoderConditions:
-        """Conditions of the items [B audio images; B*T frames] of B clips with frame indices [B, T] in [0, 1)."""
+        """Conditions of the items [B audio images; B*T frames] of B clips with frame indices [B, T]
+        in [0, 1)."""
         frames = frame_index.shape[1]
         per_frame = partial(repeat, pattern="b ... -> (b t) ...", t=frames)
         video_features = self.video_features(
@@ -269,19 +273,10 @@ class MultiModalAutoencoder(nn.Module):
         if tuple(tensor.shape[1:]) != expected_tail:
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)}, expected [B, {', '.join(map(str, expected_tail))}] "
-                f"for this AEConfig (resolution {self.cfg.resolution}, vae_downsample {self.cfg.vae_downsample}, "
+                f"for this AEConfig (resolution {self.cfg.resolution}, "
+                f"vae_downsample {self.cfg.vae_downsample}, "
                 f"{self.cfg.vae_channels} VAE channels)"
             )
-
-    def forward(
-        self,
-        batch: dict[str, Tensor],
-        vae: nn.Module,
-        discriminator: nn.Module | None = None,
-        generator: torch.Generator | None = None,
-    ) -> dict[str, Tensor]:
-        """The model's step losses (see `training_losses`); going through forward lets DDP sync it."""
-        return self.training_losses(batch, vae, discriminator=discriminator, generator=generator)
 
     def training_losses(
         self,
@@ -317,7 +312,8 @@ class MultiModalAutoencoder(nn.Module):
         if cfg.adversarial and discriminator is None:
             raise ValueError(
                 "ae.adversarial is on but training_losses got no discriminator: pass "
-                "discriminator=build_discriminator(cfg) (mmldm_ae.autoencoder.discriminator) or set ae.adversarial=false"
+                "discriminator=build_discriminator(cfg) (mmldm_ae.autoencoder.discriminator) "
+                "or set ae.adversarial=false"
             )
         self._check_class_ids(class_id)
         device = key.device
@@ -384,6 +380,9 @@ class MultiModalAutoencoder(nn.Module):
             + cfg.w_adv * losses["adv_g"]
         )
         return losses
+
+    # Calling the module runs the step losses: going through forward lets DDP sync the gradients.
+    forward = training_losses
 
     def guidance_keep_masks(
         self, batch_size: int, device: torch.device, generator: torch.Generator | None = None

@@ -42,7 +42,8 @@ class NoiseScheduleConfig:
             raise ConfigError(f"schedule.num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             raise ConfigError(
-                f"schedule betas must satisfy 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}"
+                "schedule betas must satisfy 0 < beta_start < beta_end < 1, "
+                f"got {self.beta_start}, {self.beta_end}"
             )
 
 

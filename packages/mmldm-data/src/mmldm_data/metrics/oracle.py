@@ -1,4 +1,5 @@
-"""Oracle metrics for the synthetic dataset: what a generated sample got right, read from its pixels and samples.
+"""Oracle metrics for the synthetic dataset: what a generated sample got right, read from its pixels
+and samples.
 
 The synthetic oracles (mmldm_data.synthetic) recover a clip's class from its colour and from its
 tone, the floor impacts from its motion and the sound onsets from its audio. From them:
