@@ -220,3 +220,18 @@ def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(
     report = json.loads(out.read_text())
     assert report["rfvd"] > 1 and isinstance(report["rfad_aisfx"], float)  # an untrained autoencoder
     assert report["inputs"]["generated"] == "autoencoder round trip of the real clips"
+
+
+def test_conditions_that_do_not_match_the_folder_are_reported(tmp_path):
+    from mmldm_data.evaluation.report import condition_notes
+    from mmldm_data.evaluation.sources import ClipRef, ClipSource
+    from mmldm_data.metrics.oracle import Condition
+
+    windows = [ClipRef(tmp_path / name, 0, True) for name in ("a2v_0000.mp4", "a2v_0001.mp4")]
+    source = ClipSource(tmp_path, windows, files=2, skipped={}, fingerprint="")
+    labelled = {"a2v_0000.mp4": Condition("a2v", 0), "a2v_0001.mp4": Condition("a2v", 1)}
+    assert condition_notes(labelled, source) == []
+    stale = {"a2v_0000.mp4": Condition("a2v", 0), "a2v_0002.mp4": Condition("a2v", 2)}
+    notes = condition_notes(stale, source)
+    assert "names 1 file(s) that are not in the folder (a2v_0002.mp4)" in notes[0]
+    assert "1 file(s) have no entry in conditions.json (a2v_0001.mp4)" in notes[1]

@@ -142,5 +142,34 @@ def test_unreadable_or_missing_input_files_are_clear_errors(dits, tmp_path):
             dits["joint"],
             SampleConfig(run="x", task="a2v", input=str(tmp_path / "missing.wav"), **QUICK),
         )
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros(0), 16000)
+    with pytest.raises(MediaError, match="silent.wav: the audio stream is empty"):
+        generate(dits["joint"], SampleConfig(run="x", task="a2v", input=str(silent), **QUICK))
     with pytest.raises(ConfigError, match="needs the long-generation model"):
         generate(dits["joint"], SampleConfig(run="x", task="long", out_dir=str(tmp_path), **QUICK))
+
+
+@pytest.mark.slow
+def test_sampling_twice_into_one_folder_keeps_only_the_second_run(dits, tmp_path):
+    song = tmp_path / "song.wav"
+    soundfile.write(song, 0.3 * np.sin(np.linspace(0, 2000, 70560)), 44100)
+    out = tmp_path / "out"
+    settings = QUICK | {"out_dir": str(out)}
+    generate(
+        dits["joint"], SampleConfig(run="x", task="a2v", **settings | {"num_samples": 3, "batch_size": 3})
+    )
+    assert len(json.loads((out / "conditions.json").read_text())) == 3  # dataset windows have classes
+    generate(dits["joint"], SampleConfig(run="x", task="a2v", input=str(song), **settings))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "a2v_0000.mp4",
+        "a2v_0000.png",
+        "a2v_0000.wav",
+        "samples.json",
+    ]  # the file has no class: no conditions.json, and none of the first run's is left to label it
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "conditions.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds a conditions.json this tool did not list"):
+        generate(dits["joint"], SampleConfig(run="x", task="svg", **QUICK | {"out_dir": str(foreign)}))

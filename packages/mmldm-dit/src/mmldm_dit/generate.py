@@ -48,6 +48,8 @@ from mmldm_dit.latents import DiTLatentDataset, LatentStats
 from mmldm_dit.sampling import DEFAULT_GUIDANCE, SAMPLERS, sample, sample_long
 
 log = logging.getLogger(__name__)
+# What one `generate` call wrote into its out_dir, so that the next call into the same folder replaces it.
+SAMPLES_FILE = "samples.json"
 
 SHEET_FRAMES = 8  # frames per contact-sheet row, evenly spread over the sample
 
@@ -242,18 +244,19 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
     if modality == "audio":
         if not info.has_audio:
             raise MediaError(f"{path}: no audio stream; a2v and audio_continuation need a file with sound")
-        wave = read_audio(path, config.mel.sample_rate)
+        if not info.duration > 0:
+            raise MediaError(f"{path}: the audio stream is empty; a2v needs at least a moment of sound")
+        # Only the clip is read (the rest of a long file would be decoded for nothing).
+        wave = read_audio(path, config.mel.sample_rate, duration=min(info.duration, config.clip_seconds))
         adapted = []
         if info.audio_rate != config.mel.sample_rate or info.audio_channels != 1:
             adapted.append(
                 f"{info.audio_channels}-channel {info.audio_rate} Hz resampled to mono "
                 f"{config.mel.sample_rate} Hz"
             )
-        if len(wave) != config.clip_samples:
-            fitted = "cut" if len(wave) > config.clip_samples else "zero-padded"
-            adapted.append(
-                f"{len(wave) / config.mel.sample_rate:.3g} s {fitted} to {config.clip_seconds:g} s"
-            )
+        if abs(info.duration - config.clip_seconds) * config.mel.sample_rate >= 1:
+            fitted = "cut" if info.duration > config.clip_seconds else "zero-padded"
+            adapted.append(f"{info.duration:.3g} s {fitted} to {config.clip_seconds:g} s")
         if adapted:
             log.warning("%s: %s", path, "; ".join(adapted))
         wave = pad_or_trim(torch.from_numpy(wave)[None], config.clip_samples)
@@ -433,17 +436,38 @@ def iterate_samples(
         print(f"{config.task}: {rows.stop}/{config.num_samples} samples", file=sys.stderr, flush=True)
 
 
+def clear_previous_samples(out_dir: Path) -> None:
+    """Remove what an earlier `generate` wrote into `out_dir` (listed in its samples.json), so that
+    old samples and an old conditions.json never mix with new ones; other files are left alone."""
+    manifest = out_dir / SAMPLES_FILE
+    if manifest.is_file():
+        previous = json.loads(manifest.read_text())["files"]
+        for name in previous:
+            (out_dir / name).unlink(missing_ok=True)
+        manifest.unlink()
+        log.info("%s: removed the %d files of the previous sampling", out_dir, len(previous))
+    elif (out_dir / CONDITIONS_FILE).is_file():
+        raise ConfigError(
+            f"{out_dir} holds a {CONDITIONS_FILE} this tool did not list as its own: new samples would be "
+            "labelled by it; pass another out_dir= (or remove that folder)"
+        )
+
+
 def generate(dit: TrainedDiT, config: SampleConfig, conditioning: Conditioning | None = None) -> dict:
     """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`)."""
     out_dir = Path(config.out_dir)
     started, files, conditions, sources = time.perf_counter(), 0, {}, set()
     config.validate()
     task = Task(config.task)
+    clear_previous_samples(out_dir)
+    written: list[str] = []
     for row, media, class_id, source in iterate_samples(dit, config, conditioning):
         sources.add(source)
         name = f"{config.task}_{row:04d}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        files += len(write_sample(dit.pipeline, media, out_dir, name))
+        paths = write_sample(dit.pipeline, media, out_dir, name)
+        files += len(paths)
+        written += [Path(path).name for path in paths]
         if task.cross_modal and class_id >= 0:
             conditions[f"{name}.mp4"] = {
                 "task": config.task,
@@ -451,6 +475,8 @@ def generate(dit: TrainedDiT, config: SampleConfig, conditioning: Conditioning |
             }
     if conditions:
         (out_dir / CONDITIONS_FILE).write_text(json.dumps(conditions, indent=1))
+        written.append(CONDITIONS_FILE)
+    (out_dir / SAMPLES_FILE).write_text(json.dumps({"task": config.task, "files": written}, indent=1))
     seconds = time.perf_counter() - started
     clips = config.num_clips if task.needs_long_model else 1
     return {

@@ -21,6 +21,7 @@ from mmldm_data.evaluation.features import (
 )
 from mmldm_data.evaluation.protocol import PAPER_CLIPS, EvalProtocol, EvaluationError
 from mmldm_data.evaluation.sources import (
+    CONDITIONS_FILE,
     ClipSource,
     EvalSets,
     is_synthetic_dataset,
@@ -46,10 +47,10 @@ def evaluate(
     oracle = is_synthetic_dataset(real.root)
     wanted = wanted_features(models, oracle)
     conditions = read_conditions(generated.root) if generated is not None else {}
+    notes: list[str] = condition_notes(conditions, generated) if generated is not None else []
     prefix = "r" if sets.reconstructor is not None else ""
 
     per_seed: list[dict] = []
-    notes: list[str] = []
     generated_memo: dict[tuple[str, ...], tuple[SideFeatures, list[str]]] = {}
     real_from_cache = []
     counts = {}
@@ -157,6 +158,25 @@ def summarize(per_seed: list[dict]) -> dict:
         report["std"] = spread
     report["per_seed"] = per_seed
     return report
+
+
+def condition_notes(conditions: dict, generated: ClipSource) -> list[str]:
+    """What makes a2v / v2a accuracy doubtful: conditions.json naming absent files, or clips it misses."""
+    if not conditions:
+        return []
+    files = {ref.clip_id(generated.root).rsplit("@", 1)[0] for ref in generated.windows}
+    notes = []
+    if absent := sorted(set(conditions) - files):
+        notes.append(
+            f"generated: {CONDITIONS_FILE} names {len(absent)} file(s) that are not in the folder "
+            f"({', '.join(absent[:3])}): it may belong to another sampling run"
+        )
+    if unlabelled := sorted(files - set(conditions)):
+        notes.append(
+            f"generated: {len(unlabelled)} file(s) have no entry in {CONDITIONS_FILE} "
+            f"({', '.join(unlabelled[:3])}); a2v / v2a accuracy counts only the labelled ones"
+        )
+    return notes
 
 
 def input_notes(
