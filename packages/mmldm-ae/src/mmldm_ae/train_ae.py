@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -147,7 +148,10 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     vae_config.weights = str(Path(vae_config.weights).resolve())
     run_dir = Path(cfg.run_dir)
 
-    pixels = SoundingVideoDataset(dataset_config, return_all_frames=True, progress=True)
+    # Ranks share the index and cache folders: the main process builds them, the others then reuse them.
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    with processes.main_process_first():
+        pixels = SoundingVideoDataset(dataset_config, return_all_frames=True, progress=True)
     vae = build_vae(vae_config)
     if vae.downsample != ae_config.vae_downsample or vae.latent_channels != ae_config.vae_channels:
         raise ConfigError(
@@ -156,7 +160,7 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
             f"ae.vae_downsample={ae_config.vae_downsample}"
         )
     model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = processes.device  # this rank's GPU (cuda:<local rank>), not always the first one
     pipeline = AutoencoderPipeline(model, vae.to(device), dataset_config, pixels.class_names)
     model.train()
     spread = torch.linspace(0, len(pixels) - 1, cfg.preview_clips).long().tolist()
@@ -164,7 +168,8 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
 
     training_data = pixels
     if cfg.latent_cache:
-        cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
+        with processes.main_process_first():
+            cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
         training_data = LatentCacheDataset(
             cache,
             num_target_frames=dataset_config.num_target_frames,

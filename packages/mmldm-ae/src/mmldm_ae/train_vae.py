@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -115,7 +116,9 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     dataset_config = dataset_config_from(cfg)  # last: it looks at the data folder
     run_dir = Path(cfg.run_dir)
 
-    dataset = SoundingVideoDataset(dataset_config, progress=True)
+    # Ranks share the index cache: the main process builds it, the others then reuse it.
+    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+        dataset = SoundingVideoDataset(dataset_config, progress=True)
     vae = build_vae(vae_config)
     preview = collate([dataset[i * len(dataset) // 4] for i in range(4)])
     architecture = {

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
@@ -241,16 +242,18 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
             "ae-synthetic-tiny after `make train-ae DATASET=synthetic`)"
         )
     ae_run = Path(cfg.ae_run).resolve()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = load_autoencoder(ae_run, device=device)
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    pipeline = load_autoencoder(ae_run, device=processes.device)
     check_compatible(dataset_config, dit_config, pipeline, str(ae_run))
 
     cache_dir = (
         Path(cfg.latent_cache).resolve() if cfg.latent_cache else default_cache_dir(ae_run, dataset_config)
     )
     print(f"latent cache: {cache_dir}", file=sys.stderr, flush=True)
-    pixels = SoundingVideoDataset(dataset_config, progress=True)
-    build_dit_latent_cache(pixels, pipeline, cache_dir, batch_size=cfg.encode_batch_size, progress=True)
+    # Ranks share the index and cache folders: the main process builds them, the others then reuse them.
+    with processes.main_process_first():
+        pixels = SoundingVideoDataset(dataset_config, progress=True)
+        build_dit_latent_cache(pixels, pipeline, cache_dir, batch_size=cfg.encode_batch_size, progress=True)
     long = dit_config.previous_clip_depth > 0
     data = DiTLatentDataset(cache_dir, previous_clips=long, dataset_config=dataset_config, pipeline=pipeline)
 
