@@ -1,8 +1,13 @@
-"""The shared training loop: exact resume, non-finite guarding, config checks, EMA, W&B offline."""
+"""The shared training loop: exact resume, checkpoints that survive interruption, non-finite
+guarding, fp16 loss scaling, signals, config checks, EMA, W&B offline."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from mmldm_ae.engine.checkpoint import checkpoint_dirs
+from mmldm_ae.engine.checkpoint import checkpoint_dirs, newest_valid_checkpoint, resolve_checkpoint
 from mmldm_ae.engine.logger import WandbConfig
 from mmldm_ae.engine.trainer import ResumableSampler, TrainConfig, Trainer, TrainingError
 
@@ -33,16 +38,31 @@ class NoisyPairs(Dataset):
         return {"x": x, "y": 3 * x + 1 + 0.1 * torch.randn(4, generator=generator), "clip_id": f"item{index}"}
 
 
+class NanGradient(torch.autograd.Function):
+    """Identity whose gradient is NaN: a finite loss with a non-finite gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
 class ToyGanTask:
     """A regressor and a 'discriminator' with their own optimisers; the loss also draws from the
-    global torch RNG (as diffusion noise does), so resuming must restore RNG states too."""
+    global torch RNG (as diffusion noise does), so resuming must restore RNG states too.
+    From `nan_from_step` on, `nan_in` ("model", "critic" or "gradient": the model's gradient under
+    a finite loss) is not finite."""
 
-    def __init__(self, width: int = 8, nan_from_step: int | None = None):
+    def __init__(self, width: int = 8, nan_from_step: int | None = None, nan_in: str = "model"):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, width), nn.SiLU(), nn.Linear(width, 4))
         self.critic = nn.Linear(4, 1)
-        self.width, self.nan_from_step = width, nan_from_step
+        self.width, self.nan_from_step, self.nan_in = width, nan_from_step, nan_in
         self.losses: list[float] = []
+        self.media_steps: list[tuple[int, bool]] = []  # (step, its checkpoint existed)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "critic": self.critic}
@@ -53,14 +73,19 @@ class ToyGanTask:
     def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
         noise = 0.01 * torch.randn_like(batch["x"])
         prediction = modules["model"](batch["x"] + noise)
+        broken = self.nan_from_step is not None and step >= self.nan_from_step
         if optimizer == "critic":
             critic = modules["critic"]
             loss = (
                 torch.relu(1 - critic(batch["y"])).mean() + torch.relu(1 + critic(prediction.detach())).mean()
             )
+            if broken and self.nan_in == "critic":
+                loss = loss * float("nan")
             return loss, {"critic": loss.item()}
+        if broken and self.nan_in == "gradient":
+            prediction = NanGradient.apply(prediction)
         loss = (prediction - batch["y"]).square().mean()
-        if self.nan_from_step is not None and step >= self.nan_from_step:
+        if broken and self.nan_in == "model":
             loss = loss * float("nan")
         self.losses.append(loss.item())
         return loss, {"mse": loss.item()}
@@ -69,6 +94,7 @@ class ToyGanTask:
         return {"width": self.width}
 
     def log_media(self, logger, step: int, run_dir: Path) -> None:
+        self.media_steps.append((step, (run_dir / "checkpoints" / f"step_{step:07d}").is_dir()))
         (run_dir / "media").mkdir(exist_ok=True)
         (run_dir / "media" / f"step_{step}.txt").write_text("ok")
 
@@ -142,9 +168,23 @@ def test_ema_is_checkpointed_and_used_for_media(tmp_path):
         torch.testing.assert_close(saved, loaded)
 
 
-def test_bad_train_settings_are_named():
-    with pytest.raises(TrainingError, match="train.precision"):
-        TrainConfig(precision="fp8").validate()
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "precision=fp8",
+        "grad_clip=-1",
+        "warmup_steps=-3",
+        "weight_decay=-0.1",
+        "keep_checkpoints=0",
+        "max_nonfinite_steps=0",
+        "num_workers=-1",
+    ],
+)
+def test_bad_train_settings_are_named(setting):
+    key, value = setting.split("=")
+    value = value if key == "precision" else float(value) if "." in value else int(value)
+    with pytest.raises(TrainingError, match=f"train.{key} must"):
+        TrainConfig(**{key: value}).validate()
 
 
 def test_wandb_offline_run_is_written_under_the_run_folder(tmp_path):
@@ -157,3 +197,192 @@ def test_wandb_offline_run_is_written_under_the_run_folder(tmp_path):
         wandb=WandbConfig(mode="offline", project="mmldm-test"),
     ).train()
     assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    final = checkpoint_dirs(run_dir)[-1]
+    return {f"{p.stem}.{k}": v for p in sorted(final.glob("*.safetensors")) for k, v in load_file(p).items()}
+
+
+def step_names(run_dir: Path) -> list[str]:
+    return [p.name for p in checkpoint_dirs(run_dir)]
+
+
+def test_an_unfinished_save_is_never_taken_for_a_checkpoint(tmp_path, caplog):
+    run = tmp_path / "run"
+    Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=3), run).train()
+    # A save killed after state.json but before its rename.
+    torn = run / "checkpoints" / "step_0000006.partial"
+    shutil.copytree(run / "checkpoints" / "step_0000003", torn)
+    (torn / "manifest.json").unlink(missing_ok=True)
+    assert step_names(run) == ["step_0000003"]
+    with caplog.at_level(logging.WARNING):
+        assert resolve_checkpoint(run, "train one") == run / "checkpoints" / "step_0000003"
+    assert "step_0000006.partial: a checkpoint save that did not finish" in caplog.text
+    summary = Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=6), run).train()
+    assert summary["step"] == 6 and not torn.exists()  # cleaned up once a save succeeds
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate model.safetensors", "model.safetensors has .* bytes instead of .* \\(truncated\\)"),
+        ("truncate optimizers.pt", "optimizers.pt has .* \\(truncated\\)"),
+        ("flip state.json", "state.json does not match its checksum"),
+        ("delete rng_0.pt", "rng_0.pt is missing"),
+    ],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, caplog, damage, reason):
+    Trainer(ToyGanTask(), NoisyPairs(), config(), tmp_path / "straight").train()
+    run = tmp_path / "run"
+    Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=5, checkpoint_every=2), run).train()
+    assert step_names(run) == ["step_0000004", "step_0000005"]
+    action, name = damage.split()
+    path = run / "checkpoints" / "step_0000005" / name
+    if action == "truncate":
+        path.write_bytes(path.read_bytes()[:-7])
+    elif action == "flip":
+        text = path.read_text()
+        path.write_text(text.replace('"step": 5', '"step": 6'))
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING):
+        assert newest_valid_checkpoint(run).name == "step_0000004"
+    assert caplog.records and caplog.records[-1].levelno == logging.WARNING
+    assert "skipping checkpoint" in caplog.text
+    assert __import__("re").search(reason, caplog.text)
+    with pytest.raises(FileNotFoundError, match="cannot be used: " + reason.split(" ")[0]):
+        resolve_checkpoint(run / "checkpoints" / "step_0000005", "train one")
+    # The run goes on from step 4 and ends as if nothing had happened.
+    Trainer(ToyGanTask(), NoisyPairs(), config(), run).train()
+    for key, value in weights(tmp_path / "straight").items():
+        torch.testing.assert_close(weights(run)[key], value, rtol=0, atol=0)
+
+
+def test_a_missing_rng_state_is_an_error(tmp_path):
+    run = tmp_path / "run"
+    Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=3), run).train()
+    final = checkpoint_dirs(run)[-1]
+    (final / "rng_0.pt").unlink()
+    with pytest.raises(TrainingError, match="rng_0.pt is missing: the checkpoint is incomplete"):
+        Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=6), run).resume(final)
+
+
+def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped_without_clipping(tmp_path, capsys):
+    run = tmp_path / "run"
+    task = ToyGanTask(nan_from_step=2, nan_in="gradient")
+    with pytest.raises(TrainingError, match="2 non-finite losses in a row at step 2"):
+        Trainer(
+            task, NoisyPairs(), config(grad_clip=None, max_nonfinite_steps=2, checkpoint_every=1), run
+        ).train()
+    assert capsys.readouterr().err.count("non-finite model gradient") == 2
+    assert step_names(run)[-1] == "step_0000002"
+    assert all(value.isfinite().all() for value in weights(run).values())
+
+
+def test_a_checkpoint_with_nonfinite_weights_is_refused(tmp_path):
+    trainer = Trainer(ToyGanTask(), NoisyPairs(), config(), tmp_path / "run")
+    with torch.no_grad():
+        trainer._raw("critic").weight[0, 0] = float("inf")
+    with pytest.raises(TrainingError, match="the weights of critic are not finite; no checkpoint written"):
+        trainer.save_checkpoint()
+    assert step_names(tmp_path / "run") == []
+
+
+def test_a_skip_in_the_second_optimiser_undoes_the_whole_step(tmp_path):
+    settings = dict(max_steps=2, ema_decay=0.9, checkpoint_every=100)
+    before = Trainer(ToyGanTask(), NoisyPairs(), config(**settings), tmp_path / "two")
+    before.train()
+    skipped = Trainer(
+        ToyGanTask(nan_from_step=2, nan_in="critic"),
+        NoisyPairs(),
+        config(**{**settings, "max_steps": 4, "max_nonfinite_steps": 1}),
+        tmp_path / "skipped",
+    )
+    with pytest.raises(TrainingError, match="1 non-finite losses in a row at step 2"):
+        skipped.train()
+    for name in ("model", "critic"):
+        for a, b in zip(before._raw(name).parameters(), skipped._raw(name).parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(before.ema.shadow_params, skipped.ema.shadow_params, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pruning_keeps_final_checkpoints_and_other_runs(tmp_path):
+    run = tmp_path / "run"
+    summary = Trainer(ToyGanTask(), NoisyPairs(), config(keep_checkpoints=1), run).train()
+    assert step_names(run) == ["step_0000006"] and Path(summary["checkpoint"]).is_dir()
+    Trainer(ToyGanTask(), NoisyPairs(), config(keep_checkpoints=1, max_steps=12), run).train()
+    assert step_names(run) == ["step_0000006", "step_0000012"]  # step 9 pruned, both finals kept
+
+    # Another run's (damaged, so not resumed) checkpoint in the folder is neither taken nor pruned.
+    other = tmp_path / "other"
+    shutil.copytree(run / "checkpoints" / "step_0000012", other / "checkpoints" / "step_0000020")
+    (other / "checkpoints" / "step_0000020" / "model.safetensors").write_bytes(b"torn")
+    summary = Trainer(ToyGanTask(), NoisyPairs(), config(keep_checkpoints=1), other).train()
+    assert summary["step"] == 6
+    assert step_names(other) == ["step_0000006", "step_0000020"]
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path):
+    Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=3), tmp_path / "run").train()
+    with pytest.raises(TrainingError, match="train.resume=false would mix the two runs.*train.resume=true"):
+        Trainer(ToyGanTask(), NoisyPairs(), config(resume=False), tmp_path / "run").train()
+    assert step_names(tmp_path / "run") == ["step_0000003"]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one precision per process: let a test pick another, then set it back."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, capsys, fresh_accelerator_state):
+    trainer = Trainer(ToyGanTask(), NoisyPairs(), config(precision="fp16", max_steps=4), tmp_path / "run")
+    # Accelerate gives CPUs no grad scaler; torch's, at its default scale, overflows in fp16 at first.
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.native_amp = True
+    summary = trainer.train()
+    assert summary["step"] == 4 and summary["skipped_steps"] >= 1
+    assert trainer.accelerator.scaler.get_scale() < 2.0**16
+    assert "gradient on at least one process" in capsys.readouterr().err
+
+
+class SignalledTask(ToyGanTask):
+    def __init__(self, signal_number: int, at_step: int):
+        super().__init__()
+        self.signal_number, self.at_step = signal_number, at_step
+
+    def loss(self, optimizer, batch, step, modules):
+        if step == self.at_step and optimizer == "model" and not self.media_steps:
+            self.media_steps.append((-1, False))  # once
+            os.kill(os.getpid(), self.signal_number)
+        return super().loss(optimizer, batch, step, modules)
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_writes_a_checkpoint_and_stops_cleanly(tmp_path, signal_number):
+    straight = ToyGanTask()
+    Trainer(straight, NoisyPairs(), config(), tmp_path / "straight").train()
+    run = tmp_path / "run"
+    first = SignalledTask(signal_number, at_step=1)
+    summary = Trainer(first, NoisyPairs(), config(checkpoint_every=100), run).train()
+    assert summary["step"] == 2 and summary["stopped_by"] == f"signal {signal.Signals(signal_number).name}"
+    assert summary["checkpoint"].endswith("step_0000002") and step_names(run) == ["step_0000002"]
+    assert signal.getsignal(signal_number) is signal.SIG_DFL  # handlers restored
+    assert not (run / "media").exists()  # no previews on the way out
+    second = ToyGanTask()
+    Trainer(second, NoisyPairs(), config(), run).train()
+    assert first.losses + second.losses == pytest.approx(straight.losses, rel=0, abs=0)
+
+
+def test_previews_come_after_the_checkpoint_of_their_step(tmp_path):
+    task = ToyGanTask()
+    Trainer(task, NoisyPairs(), config(sample_every=3), tmp_path / "run").train()
+    assert task.media_steps == [(3, True), (6, True)]

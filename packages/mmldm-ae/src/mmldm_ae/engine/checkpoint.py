@@ -1,16 +1,27 @@
-"""Checkpoint folders of a run: finding them, RNG state, loading weights and EMA weights.
+"""Checkpoint folders of a run: writing them atomically, finding the newest valid one, RNG state,
+loading weights and EMA weights.
 
 Layout of `<run_dir>/checkpoints/step_XXXXXXX/` (written by `mmldm_ae.engine.trainer.Trainer`):
     <module>.safetensors   weights of each trained module (and `ema.safetensors`)
     optimizers.pt          optimiser and grad-scaler states (tensors only: loads with weights_only=True)
     rng_<rank>.pt          python / numpy / torch / cuda RNG states of each process
-    state.json             step, data position, counters, and the config the run was started with
+    state.json             step, data position, counters, run id, whether it is the run's final
+                           checkpoint, and the config the run was started with
+    manifest.json          size and SHA-256 of every other file, written last
+A checkpoint is written as `step_XXXXXXX.partial/`, every file fsynced, then renamed: a folder
+with the final name is complete, and its manifest tells whether a file was truncated or altered
+since. Readers verify it and fall back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +65,89 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+MANIFEST = "manifest.json"
+_STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first."""
-    folder = run_dir / "checkpoints"
-    found = [p for p in folder.glob("step_*") if (p / "state.json").is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+    """Checkpoint folders of a run (named step_<digits>; `.partial` ones never), oldest first.
+    They are not verified: `newest_valid_checkpoint` does that."""
+    folder = Path(run_dir) / "checkpoints"
+    found = (
+        [p for p in folder.iterdir() if p.is_dir() and _STEP_FOLDER.fullmatch(p.name)]
+        if folder.is_dir()
+        else []
+    )
+    return sorted(found, key=lambda p: int(_STEP_FOLDER.fullmatch(p.name).group(1)))
+
+
+def _sync_and_digest(path: Path) -> dict[str, int | str]:
+    """fsync a written file and return its size and SHA-256 (one read)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 24), b""):
+            digest.update(chunk)
+        os.fsync(file.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish_checkpoint(partial: Path, folder: Path) -> None:
+    """Turn a fully written `partial` folder into the checkpoint `folder`: every file fsynced and
+    listed in manifest.json (written and fsynced last), then one rename, itself made durable."""
+    files = {p.name: _sync_and_digest(p) for p in sorted(partial.iterdir()) if p.name != MANIFEST}
+    (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    _sync_and_digest(partial / MANIFEST)
+    _fsync_dir(partial)
+    # Only an invalid folder of the same step can be here (a valid one is never saved twice).
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+    _fsync_dir(folder.parent)
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a usable checkpoint (a file missing, truncated or not matching its
+    checksum), or None when it is."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        if (folder / "state.json").is_file():
+            log.warning("%s was written before checkpoints had checksums: it is loaded unverified", folder)
+            return None
+        return f"it has no {MANIFEST} (its save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as error:
+        return f"its {MANIFEST} cannot be read ({error})"
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes instead of {expected['bytes']} (truncated)"
+    for name, expected in files.items():
+        if _sync_and_digest(folder / name)["sha256"] != expected["sha256"]:
+            return f"{name} does not match its checksum (corrupted)"
+    return None
+
+
+def newest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run that passes `checkpoint_problem`, with a warning for each newer
+    one skipped and for each unfinished save; None when there is none."""
+    for partial in sorted((Path(run_dir) / "checkpoints").glob("step_*.partial")):
+        log.warning("ignoring %s: a checkpoint save that did not finish", partial)
+    for folder in reversed(checkpoint_dirs(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s; trying the one before it", folder, problem)
+    return None
 
 
 def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
@@ -72,21 +161,25 @@ def load_module_weights(module: nn.Module, checkpoint: Path, name: str) -> None:
 
 
 def resolve_checkpoint(run_or_checkpoint: str | Path, how_to_train: str) -> Path:
-    """A checkpoint folder: the given one, or the newest finished one of a run_dir."""
+    """A verified checkpoint folder: the given one, or the newest valid one of a run_dir."""
     path = Path(run_or_checkpoint)
     if not path.exists():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist: give a run_dir or one of its checkpoints/step_* "
             f"folders ({how_to_train})"
         )
-    if (path / "state.json").is_file():
+    if (path / MANIFEST).is_file() or (path / "state.json").is_file() or _STEP_FOLDER.fullmatch(path.name):
+        problem = checkpoint_problem(path)
+        if problem:
+            raise FileNotFoundError(
+                f"checkpoint {path} cannot be used: {problem}. Give its run_dir to take the newest "
+                "valid checkpoint, or another checkpoints/step_* folder"
+            )
         return path
-    finished = checkpoint_dirs(path)
-    if not finished:
-        raise FileNotFoundError(
-            f"{path} holds no finished checkpoint (checkpoints/step_*/state.json): {how_to_train}"
-        )
-    return finished[-1]
+    newest = newest_valid_checkpoint(path)
+    if newest is None:
+        raise FileNotFoundError(f"{path} holds no valid checkpoint (checkpoints/step_*): {how_to_train}")
+    return newest
 
 
 def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:

@@ -5,12 +5,11 @@ two: the model's, then the discriminator's) and optionally pictures to log. This
 Accelerate for devices and precision, gradient accumulation, clipping, EMA, a resumable data
 order, non-finite-loss guarding, checkpoints that resume exactly, a status line, W&B.
 
-Checkpoints are folders `<run_dir>/checkpoints/step_XXXXXXX/` holding
-    <module>.safetensors   weights of each trained module (and `ema.safetensors`)
-    optimizers.pt          optimiser and grad-scaler states (tensors only: loads with weights_only=True)
-    rng_<rank>.pt          python / numpy / torch / cuda RNG states of each process
-    state.json             step, data position, counters, and the config the run was started with
+Checkpoints are folders `<run_dir>/checkpoints/step_XXXXXXX/` (layout and verification:
+mmldm_ae.engine.checkpoint) holding weights, optimiser, EMA and RNG states, and the loop's position.
 Resuming restores all of it, so a resumed run continues with the same losses as an uninterrupted one.
+Every decision that changes the step (skip a non-finite step, abort, stop for train.max_minutes or
+SIGTERM / SIGUSR1) is taken by all processes together, from one all-reduce per step.
 """
 
 from __future__ import annotations
@@ -21,10 +20,13 @@ import math
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
@@ -41,6 +44,8 @@ from mmldm_ae.engine.checkpoint import (
     checkpoint_dirs,
     describe_mismatch,
     load_module_weights,
+    newest_valid_checkpoint,
+    publish_checkpoint,
     rng_state,
     set_rng_state,
 )
@@ -69,7 +74,8 @@ class TrainConfig:
     precision: str = "no"  # "no" | "bf16" | "fp16" (Accelerate mixed precision)
     ema_decay: float | None = None  # None: no EMA (the authors use none)
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2  # most recent step checkpoints kept; the final one is always kept
+    # Checkpoints of this run kept (the newest ones); a run's final checkpoint is never deleted.
+    keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     num_workers: int = 0
@@ -95,6 +101,22 @@ class TrainConfig:
             problems.append(f"train.max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.checkpoint_every < 1 or self.log_every < 1:
             problems.append("train.checkpoint_every and train.log_every must be >= 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            problems.append(f"train.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            problems.append(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            problems.append(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.keep_checkpoints < 1:
+            problems.append(
+                "train.keep_checkpoints must be >= 1 (the newest is needed to resume), "
+                f"got {self.keep_checkpoints}"
+            )
+        if self.max_nonfinite_steps < 1:
+            problems.append(f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        for key in ("num_workers", "sample_every"):
+            if getattr(self, key) < 0:
+                problems.append(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if problems:
             raise TrainingError("invalid train config:\n  " + "\n  ".join(problems))
 
@@ -114,7 +136,9 @@ class TrainingTask(Protocol):
         """The loss for one optimiser on one micro-batch, and numbers to log; None skips that
         optimiser at this step (a discriminator before its start step). `modules` are the
         prepared (device-placed, DDP-wrapped) modules: call them, not the raw ones, so that
-        gradients are synchronised across processes."""
+        gradients are synchronised across processes. Every loss of a step is computed before any
+        optimiser steps, so a later optimiser's loss must not back-propagate into an earlier
+        optimiser's module (detach the fakes a discriminator sees)."""
 
     def architecture(self) -> dict[str, Any]:
         """Settings a checkpoint must share with the run that resumes it."""
@@ -241,6 +265,10 @@ class Trainer:
         if config.ema_decay is not None:
             self.ema = EMAModel(self._raw(self.model_name).parameters(), decay=config.ema_decay)
         self.state = LoopState()
+        # Which run wrote a checkpoint: pruning deletes only this run's (a resume takes the checkpoint's id).
+        self.run_id = uuid.uuid4().hex
+        self.saved: Path | None = None  # the newest checkpoint written or resumed by this trainer
+        self.stop_signal: str | None = None  # set by SIGTERM / SIGUSR1 during train()
         self.is_main = self.accelerator.is_main_process
         self.logger = WandbLogger(
             wandb or WandbConfig(mode="disabled"), self.run_dir, self.run_config, self.is_main
@@ -252,12 +280,27 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        folder = self.run_dir / "checkpoints" / f"step_{self.state.step:07d}"
+        """Write a checkpoint of the current step (see mmldm_ae.engine.checkpoint for the layout)."""
+        step = self.state.step
+        # Every process holds the same weights, so every process reaches the same verdict.
+        nonfinite = [
+            name
+            for name, module in self.modules.items()
+            if not torch.stack([p.isfinite().all() for p in module.parameters()]).all()
+        ]
+        if nonfinite:
+            raise TrainingError(
+                f"step {step}: the weights of {', '.join(nonfinite)} are not finite; no checkpoint written. "
+                f"Lower train.lr or set train.grad_clip; the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}"
+            )
+        folder = self._checkpoint_folder(step)
         partial = folder.with_name(folder.name + ".partial")
         if self.is_main:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
+        torch.save(rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
         if self.is_main:
             for name in self.modules:
                 save_model(self._raw(name), str(partial / f"{name}.safetensors"))
@@ -274,34 +317,44 @@ class Trainer:
                 },
                 partial / "optimizers.pt",
             )
-        self.accelerator.wait_for_everyone()
-        torch.save(rng_state(), partial / f"rng_{self.accelerator.process_index}.pt")
-        self.accelerator.wait_for_everyone()
+            state = {
+                "step": step,
+                "samples_seen": self.state.samples_seen,
+                "skipped_steps": self.state.skipped_steps,
+                "world_size": self.accelerator.num_processes,
+                "run_id": self.run_id,
+                "final": step >= self.config.max_steps,
+                "architecture": self.task.architecture(),
+                "config": self.run_config,
+            }
+            (partial / "state.json").write_text(json.dumps(state, indent=1, default=str))
+        self.accelerator.wait_for_everyone()  # every rng_<rank>.pt is written
         if self.is_main:
-            (partial / "state.json").write_text(
-                json.dumps(
-                    {
-                        "step": self.state.step,
-                        "samples_seen": self.state.samples_seen,
-                        "skipped_steps": self.state.skipped_steps,
-                        "world_size": self.accelerator.num_processes,
-                        "architecture": self.task.architecture(),
-                        "config": self.run_config,
-                    },
-                    indent=1,
-                    default=str,
-                )
-            )
-            shutil.rmtree(folder, ignore_errors=True)
-            partial.rename(folder)  # a checkpoint exists only once it is complete
+            publish_checkpoint(partial, folder)
             self._prune_checkpoints()
         self.accelerator.wait_for_everyone()
+        self.saved = folder
         return folder
 
+    def _checkpoint_folder(self, step: int) -> Path:
+        return self.run_dir / "checkpoints" / f"step_{step:07d}"
+
     def _prune_checkpoints(self) -> None:
-        finished = checkpoint_dirs(self.run_dir)
-        for old in finished[: max(0, len(finished) - self.config.keep_checkpoints)]:
-            shutil.rmtree(old)
+        """Delete this run's oldest checkpoints beyond train.keep_checkpoints, never a final one, and
+        the folders of saves that did not finish; other runs' checkpoints are left alone."""
+        ours = []
+        for folder in checkpoint_dirs(self.run_dir):
+            try:
+                state = json.loads((folder / "state.json").read_text())
+            except (OSError, ValueError):
+                continue  # not a readable checkpoint of this run
+            if state.get("run_id") == self.run_id:
+                ours.append((folder, state.get("final", False)))
+        for folder, final in ours[: max(0, len(ours) - self.config.keep_checkpoints)]:
+            if not final:
+                shutil.rmtree(folder)
+        for partial in (self.run_dir / "checkpoints").glob("step_*.partial"):
+            shutil.rmtree(partial)
 
     def resume(self, checkpoint: Path) -> None:
         saved = json.loads((checkpoint / "state.json").read_text())
@@ -312,11 +365,24 @@ class Trainer:
                 + "\n  ".join(mismatched)
                 + "\nUse another run_dir, or set these back to the checkpoint's values."
             )
+        rank = self.accelerator.process_index
         if saved["world_size"] != self.accelerator.num_processes:
             log.warning(
                 "resuming with %d processes instead of %d: the data order changes",
                 self.accelerator.num_processes,
                 saved["world_size"],
+            )
+        rng_file = checkpoint / f"rng_{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        elif rank < saved["world_size"]:
+            raise TrainingError(
+                f"{rng_file} is missing: the checkpoint is incomplete. Delete {checkpoint} to resume from "
+                "the checkpoint before it"
+            )
+        else:
+            log.warning(
+                "process %d has no RNG state in %s: its random draws start from the seed", rank, checkpoint
             )
         for name in self.modules:
             load_module_weights(self._raw(name), checkpoint, name)
@@ -330,12 +396,32 @@ class Trainer:
             for i, shadow in enumerate(self.ema.shadow_params):
                 shadow.data.copy_(ema_weights[f"{i}"])
             self.ema.optimization_step = rest["ema_step"]
-        rng_file = checkpoint / f"rng_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
         self.state = LoopState(
             step=saved["step"], samples_seen=saved["samples_seen"], skipped_steps=saved["skipped_steps"]
         )
+        # Checkpoints written before run ids existed belong to no run: they are never pruned.
+        self.run_id = saved.get("run_id", self.run_id)
+        self.saved = checkpoint
+
+    def _start_or_resume(self) -> None:
+        """Resume from the newest valid checkpoint (train.resume), refusing to mix runs otherwise."""
+        existing = checkpoint_dirs(self.run_dir)
+        if not self.config.resume:
+            if existing:
+                raise TrainingError(
+                    f"{self.run_dir} already holds checkpoints of another run (newest: "
+                    f"{existing[-1].name}) and train.resume=false would mix the two runs. Continue that "
+                    "run with train.resume=true, give a new run_dir, or delete "
+                    f"{self.run_dir / 'checkpoints'}"
+                )
+            return
+        # One process verifies the checksums; all load what it chose.
+        chosen = broadcast_object_list([newest_valid_checkpoint(self.run_dir) if self.is_main else None])[0]
+        if chosen is not None:
+            self.resume(chosen)
+            self._print(f"resumed from {chosen} at step {self.state.step}")
+        elif existing:
+            self._print(f"no valid checkpoint in {self.run_dir / 'checkpoints'}: training starts at step 0")
 
     # ---- training ------------------------------------------------------------------------
 
@@ -364,12 +450,27 @@ class Trainer:
         for batch in loader:
             yield {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGTERM (SLURM preemption, `kill`) and SIGUSR1 (SLURM's --signal warning) end the run
+        after the current step, with a checkpoint; the previous handlers come back afterwards."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
     def train(self) -> dict[str, Any]:
         config = self.config
-        existing = checkpoint_dirs(self.run_dir)
-        if existing and config.resume:
-            self.resume(existing[-1])
-            self._print(f"resumed from {existing[-1]} at step {self.state.step}")
+        self._start_or_resume()
         if self.state.step >= config.max_steps:
             self._print(f"nothing to do: step {self.state.step} >= train.max_steps={config.max_steps}")
             return self._summary(0.0, {})
@@ -392,51 +493,66 @@ class Trainer:
         deadline = started + 60 * config.max_minutes if config.max_minutes else math.inf
         for module in self.modules.values():
             module.train()
-        while self.state.step < config.max_steps:
-            if time.perf_counter() > deadline:
+        stop = False
+        with self._stop_on_signals():
+            while self.state.step < config.max_steps and not stop:
+                micro = [next(batches) for _ in range(config.grad_accum)]
+                logs, stop = self._optimizer_steps(micro, deadline)
+                self.state.samples_seen += config.batch_size * config.grad_accum
+                window_samples += config.batch_size * config.grad_accum * self.accelerator.num_processes
+                if logs is None:
+                    continue
+                self.state.step += 1
+                progress.update()
+                last_logs = logs
+                if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
+                    logs = {k: float(v) for k, v in logs.items()}
+                    elapsed = time.perf_counter() - window_start
+                    logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
+                    logs["peak_mem_gb"] = peak_memory_gb()
+                    logs["lr"] = self.optimizers[self.model_name].param_groups[0]["lr"]
+                    self.logger.log(logs, self.state.step)
+                    progress.set_postfix_str(self._status(logs), refresh=False)
+                    if progress.disable:
+                        self._print(f"step {self.state.step}/{config.max_steps} | {self._status(logs)}")
+                    window_start, window_samples = time.perf_counter(), 0
+                if self.state.step % config.checkpoint_every == 0 and self.state.step < config.max_steps:
+                    self.save_checkpoint()
+                # After the checkpoint of the same step, so that a failing preview loses no training;
+                # the last step's come after the final checkpoint.
+                if config.sample_every and self.state.step % config.sample_every == 0 and not stop:
+                    if self.state.step < config.max_steps:
+                        self._log_media()
+            progress.close()
+            stopped_by = None
+            if stop:
+                stopped_by = f"signal {self.stop_signal}" if self.stop_signal else "train.max_minutes"
                 self._print(
-                    f"train.max_minutes={config.max_minutes} reached at step {self.state.step}; "
+                    f"{stopped_by} (on at least one process): stopping at step {self.state.step}; "
                     "a rerun resumes from the checkpoint written now"
                 )
-                break
-            micro = [next(batches) for _ in range(config.grad_accum)]
-            logs = self._optimizer_steps(micro)
-            self.state.samples_seen += config.batch_size * config.grad_accum
-            window_samples += config.batch_size * config.grad_accum * self.accelerator.num_processes
-            if logs is None:
-                continue
-            self.state.step += 1
-            progress.update()
-            last_logs = logs
-            if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
-                elapsed = time.perf_counter() - window_start
-                logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
-                logs["peak_mem_gb"] = peak_memory_gb()
-                logs["lr"] = self.optimizers[self.model_name].param_groups[0]["lr"]
-                self.logger.log(logs, self.state.step)
-                progress.set_postfix_str(self._status(logs), refresh=False)
-                if progress.disable:
-                    self._print(f"step {self.state.step}/{config.max_steps} | {self._status(logs)}")
-                window_start, window_samples = time.perf_counter(), 0
-            if config.sample_every and self.state.step % config.sample_every == 0:
-                self._log_media()
-            if self.state.step % config.checkpoint_every == 0 and self.state.step < config.max_steps:
-                self.save_checkpoint()
-        progress.close()
-        final = self.save_checkpoint()
-        self._log_media()
+            # A stop right after a periodic checkpoint does not write the same step twice.
+            done = self._checkpoint_folder(self.state.step)
+            final = self.saved if self.saved == done else self.save_checkpoint()
+        if self.stop_signal is None:
+            self._log_media()
         summary = self._summary(time.perf_counter() - started, last_logs)
         summary["checkpoint"] = str(final)
+        summary["stopped_by"] = stopped_by
         self.logger.finish()
         return summary
 
-    def _optimizer_steps(self, micro: list[dict]) -> dict[str, float] | None:
-        """One step of every optimiser over the micro-batches; None when a loss was not finite."""
-        logs: dict[str, float] = {}
+    def _optimizer_steps(self, micro: list[dict], deadline: float) -> tuple[dict[str, Any] | None, bool]:
+        """One step of every optimiser over the micro-batches, or of none when any loss or gradient
+        is not finite on any process; and whether any process asks to stop after this step (a
+        signal, or past the deadline). Both come from one all-reduce: all processes agree."""
+        logs: dict[str, Any] = {}
+        stepping, loss_finite = [], []
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = self._learning_rate(self.base_lr[name])
             optimizer.zero_grad(set_to_none=True)
+            finite = []
             for index, batch in enumerate(micro):
                 sync = index == len(micro) - 1
                 context = nullcontext() if sync else self.accelerator.no_sync(self.modules[name])
@@ -444,43 +560,79 @@ class Trainer:
                     loss, numbers = self.task.loss(name, batch, self.state.step, self.modules)
                 if loss is None:
                     break
-                if not torch.isfinite(loss).all():
-                    return self._skip(name, numbers)
+                finite.append(torch.isfinite(loss.detach()).all())
+                # Non-finite losses are back-propagated as well: DDP's gradient all-reduce needs every
+                # process; the step is dropped below.
                 self.accelerator.backward(loss / len(micro))
                 for key, value in numbers.items():
                     logs[key] = logs.get(key, 0.0) + float(value) / len(micro)
-            if loss is None:
-                continue
+            if loss is not None:
+                stepping.append(name)
+                loss_finite.append(torch.stack(finite).all())
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            # fp16: unscale every optimiser's gradients once; the scaler records overflows for update().
+            self.accelerator.unscale_gradients()
+        norms = []
+        for name in stepping:
+            parameters = [p for p in self.modules[name].parameters() if p.grad is not None]
             if self.config.grad_clip:
-                norm = self.accelerator.clip_grad_norm_(
-                    self.modules[name].parameters(), self.config.grad_clip
-                )
-                logs[f"grad_norm_{name}"] = float(norm)
-                if not math.isfinite(float(norm)):
-                    return self._skip(name, {"grad_norm": float(norm)})
-            optimizer.step()
-            if self.ema is not None and name == self.model_name:
-                self.ema.step(self._raw(name).parameters())
+                norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+            else:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+            norms.append(norm)
+            logs[f"grad_norm_{name}"] = norm  # a tensor: read only when logged
+        device = self.accelerator.device
+        flags = torch.stack(
+            [
+                torch.tensor(self.stop_signal is not None or time.perf_counter() > deadline, device=device),
+                *[~finite.to(device) for finite in loss_finite],
+                *[~torch.isfinite(norm).to(device) for norm in norms],
+            ]
+        ).float()
+        flags = self.accelerator.reduce(flags, reduction="sum").tolist()  # the step's one host sync
+        stop, bad_loss, bad_grad = flags[0] > 0, flags[1 : 1 + len(stepping)], flags[1 + len(stepping) :]
+        bad_losses = [name for name, bad in zip(stepping, bad_loss, strict=True) if bad]
+        bad_grads = [
+            name for name, bad in zip(stepping, bad_grad, strict=True) if bad and name not in bad_losses
+        ]
+        if bad_losses or bad_grads:
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # an fp16 overflow lowers the loss scale
+            self._skip(bad_losses, bad_grads, logs)
+            return None, stop
+        for name in stepping:
+            if scaler is None:
+                self.optimizers[name].step()
+            else:
+                # One update() for all optimisers (torch's recipe); Accelerate's step would update after each.
+                scaler.step(self.optimizers[name].optimizer)
+        if scaler is not None:
+            scaler.update()
+        if self.ema is not None:
+            self.ema.step(self._raw(self.model_name).parameters())
         self.state.nonfinite_in_a_row = 0
-        return logs
+        return logs, stop
 
-    def _skip(self, optimizer: str, numbers: dict[str, float]) -> None:
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+    def _skip(self, bad_losses: list[str], bad_grads: list[str], numbers: dict[str, Any]) -> None:
         self.state.nonfinite_in_a_row += 1
         self.state.skipped_steps += 1
+        what = [f"non-finite {name} loss" for name in bad_losses]
+        what += [f"non-finite {name} gradient" for name in bad_grads]
         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in numbers.items())
         self._print(
-            f"step {self.state.step}: non-finite {optimizer} loss ({shown}); step skipped "
-            f"({self.state.nonfinite_in_a_row} in a row)"
+            f"step {self.state.step}: {' and '.join(what)} on at least one process ({shown}); the step is "
+            f"skipped for every optimiser ({self.state.nonfinite_in_a_row} in a row)"
         )
         if self.state.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
             raise TrainingError(
-                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: training "
-                "diverged. Lower train.lr, raise train.warmup_steps, or use train.precision=no/bf16 instead of fp16; "
-                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}"
+                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: "
+                "training diverged. Lower train.lr, raise train.warmup_steps, or use "
+                "train.precision=no/bf16 instead of fp16; the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}"
             )
-        return None
 
     def _log_media(self) -> None:
         if not self.is_main:
@@ -513,7 +665,7 @@ class Trainer:
             "step": self.state.step,
             "skipped_steps": self.state.skipped_steps,
             "seconds": round(seconds, 1),
-            "last": {k: round(v, 6) for k, v in logs.items()},
+            "last": {k: round(float(v), 6) for k, v in logs.items()},
         }
 
     def _print(self, message: str) -> None:
