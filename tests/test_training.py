@@ -386,3 +386,13 @@ def test_previews_come_after_the_checkpoint_of_their_step(tmp_path):
     task = ToyGanTask()
     Trainer(task, NoisyPairs(), config(sample_every=3), tmp_path / "run").train()
     assert task.media_steps == [(3, True), (6, True)]
+
+
+def test_fsdp_is_refused_with_the_launch_config_to_use():
+    from accelerate import DistributedType
+
+    from mmldm_ae.engine.trainer import check_distributed_type
+
+    with pytest.raises(TrainingError, match="FSDP is not supported yet.*multi_gpu.yaml"):
+        check_distributed_type(DistributedType.FSDP)
+    check_distributed_type(DistributedType.MULTI_GPU)
