@@ -1,50 +1,156 @@
-"""One process of a torchrun (gloo) run of the shared Trainer on the toy task of test_training.py.
+"""One process of a torchrun (gloo, CPU) run of the shared Trainer, for tests/test_distributed.py.
 
-    torchrun --nproc_per_node 2 tests/distributed_worker.py RUN_DIR MAX_STEPS [NAN_RANK NAN_STEP]
+    torchrun --nproc_per_node 2 tests/distributed_worker.py SPEC_JSON
 
-Writes <RUN_DIR>/rank<r>.json: the summary and this rank's final weights (as lists).
-With NAN_RANK / NAN_STEP, that rank's model loss is NaN once, at that step.
+SPEC_JSON: {"kind": "toy" | "dit" | "ae", "run_dir": ..., "max_steps": N,
+            "nans": [[rank, optimizer, step], ...], "overrides": [hydra overrides (dit / ae)]}
+
+- toy: the Trainer on the toy task of test_training.py.
+- dit / ae: the whole stage as its tool runs it, `train_dit_from_config` / `train_ae_from_config` on
+  conf/train_dit.yaml / conf/train_ae.yaml composed with the overrides (previews are left out).
+
+Each [rank, optimizer, step] of "nans" makes that optimiser's loss NaN once on that rank, at that
+step (the Trainer's step counter, which a skipped step does not advance). The task's loss is wrapped
+here; the package code is untouched.
+
+Writes <run_dir>/rank<r>.json: the summary, a SHA-1 per tensor of this rank's final weights (every
+trained module and the EMA), every loss this rank computed ([optimizer, step, value] before any NaN),
+the NaNs injected, and what this rank built of the shared caches: windows it encoded into latent
+caches and media files it verified for the dataset index.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from test_training import NoisyPairs, ToyGanTask, config
 
+from mmldm_ae.engine import latent_cache
 from mmldm_ae.engine.trainer import Trainer
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
-class OneNan(ToyGanTask):
-    def __init__(self, at_step: int | None):
-        super().__init__()
-        self.at_step = at_step
+TRAINERS: list[Trainer] = []  # the Trainer of this process, once it has trained
+INJECTED: list[list] = []  # [optimizer, step] of each NaN put into this rank's losses
+ENCODED: list[int] = []  # windows this rank encoded into a latent cache, per build
+INDEXED: list[int] = []
+LOSSES: list[list] = []  # media files this rank verified for the dataset index, per index build
 
-    def loss(self, optimizer, batch, step, modules):
-        loss, numbers = super().loss(optimizer, batch, step, modules)
-        if optimizer == "model" and step == self.at_step:
-            self.at_step = None
-            loss = loss * float("nan")
-        return loss, numbers
+
+def record_builds() -> None:
+    """Count the windows encoded (every latent cache encodes through ShardedCache._encode_shards) and
+    the files verified for the dataset index by this process."""
+    from mmldm_data import dataset
+
+    encode_shards = latent_cache.ShardedCache._encode_shards
+
+    def counted_encode(self, data, encode, out_dir, pending, *args, **kwargs):
+        ENCODED.append(sum(shard.count for shard in pending))
+        return encode_shards(self, data, encode, out_dir, pending, *args, **kwargs)
+
+    latent_cache.ShardedCache._encode_shards = counted_encode
+
+    build_file_index = dataset.build_file_index
+
+    def counted_index(*args, **kwargs):
+        records, verified = build_file_index(*args, **kwargs)
+        INDEXED.append(verified)
+        return records, verified
+
+    dataset.build_file_index = counted_index
+
+
+def instrument_trainer(nans: list[tuple[str, int]], previews: bool) -> None:
+    """Wrap the task of every Trainer built from now on: NaN losses at `nans` ([optimizer, step]),
+    no previews unless `previews`; and keep the Trainer once it has trained."""
+    init, train = Trainer.__init__, Trainer.train
+
+    def instrumented_init(self, task, *args, **kwargs):
+        pending = {tuple(nan) for nan in nans}
+        loss = task.loss
+
+        def one_nan(optimizer, batch, step, modules):
+            value, numbers = loss(optimizer, batch, step, modules)
+            if value is not None:
+                LOSSES.append([optimizer, step, value.item()])
+            if value is not None and (optimizer, step) in pending:
+                pending.discard((optimizer, step))
+                INJECTED.append([optimizer, step])
+                value = value * float("nan")
+            return value, numbers
+
+        task.loss = one_nan
+        if not previews:
+            task.log_media = lambda logger, step, run_dir: None
+        init(self, task, *args, **kwargs)
+
+    def kept_train(self):
+        summary = train(self)
+        TRAINERS.append(self)
+        return summary
+
+    Trainer.__init__, Trainer.train = instrumented_init, kept_train
+
+
+def weight_digests(trainer: Trainer) -> dict[str, str]:
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha1(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    digests = {
+        f"{name}.{key}": digest(value)
+        for name in trainer.modules
+        for key, value in trainer._raw(name).state_dict().items()
+    }
+    if trainer.ema is not None:
+        digests |= {f"ema.{i}": digest(p) for i, p in enumerate(trainer.ema.shadow_params)}
+    return digests
+
+
+def run(kind: str, run_dir: Path, max_steps: int, overrides: list[str]) -> dict:
+    if kind == "toy":
+        from test_training import NoisyPairs, ToyGanTask, config
+
+        return Trainer(ToyGanTask(), NoisyPairs(), config(max_steps=max_steps), run_dir).train()
+    from mmldm_ae.train_ae import train_ae_from_config
+    from mmldm_data.config import compose
+    from mmldm_dit.config import register_schemas
+    from mmldm_dit.train_dit import train_dit_from_config
+
+    register_schemas()
+    name, train_stage = {
+        "dit": ("train_dit", train_dit_from_config),
+        "ae": ("train_ae", train_ae_from_config),
+    }[kind]
+    settings = [*overrides, f"run_dir={run_dir}", f"train.max_steps={max_steps}"]
+    return train_stage(compose(REPO_ROOT / "conf", name, settings))
 
 
 def main() -> None:
-    run_dir, max_steps = Path(sys.argv[1]), int(sys.argv[2])
+    spec = json.loads(sys.argv[1])
+    run_dir = Path(spec["run_dir"])
     rank = int(os.environ["RANK"])
-    nan_step = int(sys.argv[4]) if len(sys.argv) > 4 and int(sys.argv[3]) == rank else None
     torch.set_num_threads(1)
-    trainer = Trainer(OneNan(nan_step), NoisyPairs(), config(max_steps=max_steps), run_dir)
-    summary = trainer.train()
-    weights = {
-        f"{name}.{key}": value.tolist()
-        for name in ("model", "critic")
-        for key, value in trainer._raw(name).state_dict().items()
+    # oneDNN builds a kernel per new convolution shape (seconds on a CPU): the plain kernels are faster here.
+    torch.backends.mkldnn.enabled = False
+    record_builds()
+    nans = [(optimizer, step) for nan_rank, optimizer, step in spec.get("nans", []) if nan_rank == rank]
+    instrument_trainer(nans, previews=spec["kind"] == "toy")
+    summary = run(spec["kind"], run_dir, spec["max_steps"], spec.get("overrides", []))
+    (trainer,) = TRAINERS
+    report = {
+        "summary": summary,
+        "weights": weight_digests(trainer),
+        "injected": INJECTED,
+        "encoded": ENCODED,
+        "indexed": INDEXED,
+        "losses": LOSSES,
     }
-    (run_dir / f"rank{rank}.json").write_text(json.dumps({"summary": summary, "weights": weights}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

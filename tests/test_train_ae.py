@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import preset, run_tool
+from conftest import REPO_ROOT, preset, run_tool
 
 from mmldm_ae.autoencoder import MultiModalAutoencoder, build_discriminator
 from mmldm_ae.engine.trainer import TrainConfig, Trainer
@@ -157,3 +157,25 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert metrics["clips"] == 2 and metrics["psnr"] > 0 and metrics["logmel_l1"] >= 0
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
     assert len(list((tmp_path / "recon").glob("clip*.mp4"))) == 2
+
+
+def test_initial_weights_depend_on_train_seed_alone(synthetic_root, vae_folder, tmp_path):
+    from mmldm_ae.train_ae import build_ae_training
+    from mmldm_data.config import compose
+
+    def initial(run: str, seed: int, cache: str) -> dict[str, torch.Tensor]:
+        overrides = [f"data_root={synthetic_root}", f"vae.weights={vae_folder}", f"run_dir={tmp_path / run}"]
+        overrides += [*TINY_OVERRIDES, f"train.seed={seed}", f"latent_cache={tmp_path / cache}"]
+        overrides += ["ae.adversarial=true"]  # the discriminator's weights too
+        training = build_ae_training(compose(REPO_ROOT / "conf", "train_ae", overrides))
+        modules = training.trainer.modules.items()
+        return {
+            f"{name}.{key}": value for name, module in modules for key, value in module.state_dict().items()
+        }
+
+    torch.manual_seed(123)  # whatever the process drew before, and whether the cache is built or reused
+    first = initial("a", 0, "cache")
+    second = initial("b", 0, "cache")
+    other = initial("c", 1, "cache")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)

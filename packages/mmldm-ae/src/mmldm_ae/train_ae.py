@@ -159,13 +159,8 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
             f"{vae.downsample} size, but ae.vae_channels={ae_config.vae_channels} and "
             f"ae.vae_downsample={ae_config.vae_downsample}"
         )
-    model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
     device = processes.device  # this rank's GPU (cuda:<local rank>), not always the first one
-    pipeline = AutoencoderPipeline(model, vae.to(device), dataset_config, pixels.class_names)
-    model.train()
-    spread = torch.linspace(0, len(pixels) - 1, cfg.preview_clips).long().tolist()
-    preview = collate([pixels[i] for i in spread])
-
+    vae = vae.to(device)
     training_data = pixels
     if cfg.latent_cache:
         with processes.main_process_first():
@@ -177,6 +172,15 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
             dataset_config=dataset_config,
             vae=vae,
         )
+
+    # Initial weights from train.seed alone, whether or not this process encoded the cache above.
+    torch.manual_seed(train_config.seed)
+    model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
+    discriminator = build_discriminator(ae_config)
+    pipeline = AutoencoderPipeline(model, vae, dataset_config, pixels.class_names)
+    model.train()
+    spread = torch.linspace(0, len(pixels) - 1, cfg.preview_clips).long().tolist()
+    preview = collate([pixels[i] for i in spread])
     architecture = {
         "ae": to_plain_dict(ae_config),
         "vae": {"downsample": vae.downsample, "channels": vae.latent_channels, "scale": vae.scale},
@@ -185,7 +189,7 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     }
     task = AETrainingTask(
         pipeline,
-        build_discriminator(ae_config),
+        discriminator,
         preview,
         architecture,
         preview_steps=cfg.preview_steps,

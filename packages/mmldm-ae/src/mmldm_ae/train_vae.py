@@ -119,6 +119,7 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     # Ranks share the index cache: the main process builds it, the others then reuse it.
     with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
         dataset = SoundingVideoDataset(dataset_config, progress=True)
+    torch.manual_seed(train_config.seed)  # a VAE trained from scratch starts from train.seed alone
     vae = build_vae(vae_config)
     preview = collate([dataset[i * len(dataset) // 4] for i in range(4)])
     architecture = {

@@ -36,6 +36,7 @@ import bisect
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,9 +213,12 @@ class ShardedCache:
         }
         if summarise is not None:
             index |= summarise(out_dir, shards)
-        temporary = out_dir / f"{INDEX_FILE}.tmp"
-        temporary.write_text(json.dumps(index))
-        temporary.replace(out_dir / INDEX_FILE)
+        current = out_dir / INDEX_FILE
+        if not current.is_file() or json.loads(current.read_text()) != json.loads(json.dumps(index)):
+            # Per-process name: ranks that reuse a finished cache must not move each other's file.
+            temporary = out_dir / f"{INDEX_FILE}.{os.getpid()}.tmp"
+            temporary.write_text(json.dumps(index))
+            temporary.replace(current)
         return out_dir
 
     def _warn_if_stale(self, out_dir: Path, config: DatasetConfig, fingerprint: str) -> None:
