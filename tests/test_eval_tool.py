@@ -102,16 +102,7 @@ def test_tool_compares_two_synthetic_folders_offline(synthetic_root: Path, tmp_p
     write_synthetic_dataset(generated, num_clips=2, seed=1, cfg=SyntheticConfig(duration=1.6), progress=False)
     out = tmp_path / "eval" / "report.json"
     args = (
-        "--generated",
-        str(generated),
-        "--real",
-        str(synthetic_root),
-        "--num-clips",
-        "2",
-        "--resolution",
-        "64",
-        "--out",
-        str(out),
+        f"--generated {generated} --real {synthetic_root} --num-clips 2 --resolution 64 --out {out}".split()
     )
     first = run_tool("eval_fvd_fad.py", *args)
     report = json.loads(out.read_text())
@@ -200,20 +191,8 @@ def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(
     out = tmp_path / "recon.json"
     assert (
         tool.main(
-            [
-                "--recon",
-                str(tiny_ae_run),
-                "--real",
-                str(synthetic_root),
-                "--num-clips",
-                "2",
-                "--resolution",
-                "64",
-                "--device",
-                "cpu",
-                "--out",
-                str(out),
-            ]
+            f"--recon {tiny_ae_run} --real {synthetic_root} --num-clips 2 --resolution 64 --device cpu "
+            f"--out {out}".split()
         )
         == 0
     )

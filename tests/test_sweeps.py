@@ -291,21 +291,18 @@ def collect(sweep_dir: Path) -> str:
     return result.stdout
 
 
+def sensitivity_sweep_args(sweep: Path, data: Path, vae: Path, cache: Path) -> list[str]:
+    """tools/train_ae.py's tiny Table 6 sweep into `sweep`, at test speed."""
+    return [
+        *("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}", f"data_root={data}"),
+        *(f"vae.weights={vae}", f"latent_cache={cache}", "ae.decode_steps=2", "preview_steps=2", *FAST),
+    ]
+
+
 @pytest.fixture(scope="module")
 def sensitivity_sweep(tmp_path_factory, synthetic_root, tiny_vae) -> Path:
     sweep = tmp_path_factory.mktemp("sweeps") / "sensitivity"
-    run_tool(
-        "train_ae.py",
-        "-m",
-        "+sweep=sensitivity_tiny",
-        f"hydra.sweep.dir={sweep}",
-        f"data_root={synthetic_root}",
-        f"vae.weights={tiny_vae}",
-        f"latent_cache={sweep.parent / 'vae_latents'}",
-        "ae.decode_steps=2",
-        "preview_steps=2",
-        *FAST,
-    )
+    run_tool(*sensitivity_sweep_args(sweep, synthetic_root, tiny_vae, sweep.parent / "vae_latents"))
     return sweep
 
 
@@ -398,21 +395,8 @@ def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sw
 @pytest.mark.slow
 def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
     sweep = tmp_path / "sensitivity"
-    result = run_tool(
-        "train_ae.py",
-        "-m",
-        "+sweep=sensitivity_tiny",
-        f"hydra.sweep.dir={sweep}",
-        f"data_root={synthetic_root}",
-        f"vae.weights={tiny_vae}",
-        f"latent_cache={tmp_path / 'latents'}",
-        "ae.w_kl=1e-8,-1",
-        "ae.w_cls=0.1",
-        "ae.decode_steps=2",
-        "preview_steps=2",
-        *FAST,
-        check=False,
-    )
+    args = sensitivity_sweep_args(sweep, synthetic_root, tiny_vae, tmp_path / "latents")
+    result = run_tool(*args, "ae.w_kl=1e-8,-1", "ae.w_cls=0.1", check=False)
     assert result.returncode != 0  # Hydra reports the failed job after running the others
     failed = next(sweep.glob("*ae.w_kl=-1*"))
     assert "w_kl" in (failed / "failed.txt").read_text()
