@@ -9,13 +9,12 @@ real-feature cache (the one the tool subprocesses use), so the real clips are de
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, run_tool
+from conftest import load_tool, run_tool
 from media_factory import tone, write_test_video
 
 from mmldm_ae.pipeline import load_reconstructor
@@ -127,10 +126,7 @@ def test_tool_compares_two_synthetic_folders_offline(synthetic_root: Path, tmp_p
 
 @pytest.fixture(scope="module")
 def tool():
-    spec = importlib.util.spec_from_file_location("eval_fvd_fad", REPO_ROOT / "tools" / "eval_fvd_fad.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("eval_fvd_fad.py")
 
 
 def run_main(tool, capsys, *argv: str) -> str:

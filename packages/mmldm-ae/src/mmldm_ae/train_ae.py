@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -23,7 +22,7 @@ from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discrimi
 from mmldm_ae.engine.latent_cache import LatentCacheDataset, build_latent_cache
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides, write_results
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, processes
 from mmldm_ae.pipeline import (
     AutoencoderPipeline,
     AutoencoderReconstructor,
@@ -149,8 +148,8 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     run_dir = Path(cfg.run_dir)
 
     # Ranks share the index and cache folders: the main process builds them, the others then reuse them.
-    processes = PartialState(cpu=not torch.cuda.is_available())
-    with processes.main_process_first():
+    state = processes()
+    with state.main_process_first():
         pixels = SoundingVideoDataset(dataset_config, return_all_frames=True, progress=True)
     vae = build_vae(vae_config)
     if vae.downsample != ae_config.vae_downsample or vae.latent_channels != ae_config.vae_channels:
@@ -159,11 +158,11 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
             f"{vae.downsample} size, but ae.vae_channels={ae_config.vae_channels} and "
             f"ae.vae_downsample={ae_config.vae_downsample}"
         )
-    device = processes.device  # this rank's GPU (cuda:<local rank>), not always the first one
+    device = state.device  # this rank's GPU (cuda:<local rank>), not always the first one
     vae = vae.to(device)
     training_data = pixels
     if cfg.latent_cache:
-        with processes.main_process_first():
+        with state.main_process_first():
             cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
         training_data = LatentCacheDataset(
             cache,

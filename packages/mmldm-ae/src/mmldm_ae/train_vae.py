@@ -13,12 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, processes
 from mmldm_ae.vae import (
     KLVAE,
     PatchDiscriminator,
@@ -117,7 +116,7 @@ def train_vae_from_config(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
 
     # Ranks share the index cache: the main process builds it, the others then reuse it.
-    with PartialState(cpu=not torch.cuda.is_available()).main_process_first():
+    with processes().main_process_first():
         dataset = SoundingVideoDataset(dataset_config, progress=True)
     torch.manual_seed(train_config.seed)  # a VAE trained from scratch starts from train.seed alone
     vae = build_vae(vae_config)

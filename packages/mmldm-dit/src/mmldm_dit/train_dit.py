@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
@@ -26,7 +25,7 @@ from mmldm_ae.engine.diffusion import build_train_scheduler
 from mmldm_ae.engine.latent_cache import encoded_dataset_config, settings_hash
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, write_results
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, processes
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
@@ -242,8 +241,8 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
             "ae-synthetic-tiny after `make train-ae DATASET=synthetic`)"
         )
     ae_run = Path(cfg.ae_run).resolve()
-    processes = PartialState(cpu=not torch.cuda.is_available())
-    pipeline = load_autoencoder(ae_run, device=processes.device)
+    state = processes()
+    pipeline = load_autoencoder(ae_run, device=state.device)
     check_compatible(dataset_config, dit_config, pipeline, str(ae_run))
 
     cache_dir = (
@@ -251,7 +250,7 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
     )
     print(f"latent cache: {cache_dir}", file=sys.stderr, flush=True)
     # Ranks share the index and cache folders: the main process builds them, the others then reuse them.
-    with processes.main_process_first():
+    with state.main_process_first():
         pixels = SoundingVideoDataset(dataset_config, progress=True)
         build_dit_latent_cache(pixels, pipeline, cache_dir, batch_size=cfg.encode_batch_size, progress=True)
     long = dit_config.previous_clip_depth > 0

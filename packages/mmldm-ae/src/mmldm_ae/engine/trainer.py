@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import broadcast_object_list
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file, save_model
@@ -119,6 +119,12 @@ class TrainConfig:
                 problems.append(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if problems:
             raise TrainingError("invalid train config:\n  " + "\n  ".join(problems))
+
+
+def processes() -> PartialState:
+    """This process's place among the launched ones (rank, device), shared with the Accelerator that a
+    Trainer builds later: stages use it earlier, to build indexes and caches on the main process first."""
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def check_distributed_type(kind: DistributedType) -> None:
@@ -241,7 +247,7 @@ class Trainer:
         export_submitit_distributed_env()
         self.accelerator = Accelerator(
             mixed_precision=config.precision,
-            cpu=not torch.cuda.is_available(),
+            cpu=not torch.cuda.is_available(),  # as processes()
             step_scheduler_with_optimizer=False,
         )
         check_distributed_type(self.accelerator.distributed_type)
