@@ -109,16 +109,25 @@ def test_a2v_from_an_audio_file_of_another_rate_and_length(runs, tmp_path):
     result = run_tool(
         "sample.py",
         f"run={runs['joint']}",
+        f"long_run={runs['long']}",  # chains the song's two windows
         "task=a2v",
         f"input={song}",
         f"out_dir={out}",
         *(f"{k}={v}" for k, v in QUICK.items()),
     )
     log = result.stdout + result.stderr  # Hydra sends log records to stdout
-    assert "2-channel 16000 Hz resampled to mono 44100 Hz" in log and "2.5 s cut to 1.6 s" in log
+    assert "2-channel 16000 Hz resampled to mono 44100 Hz" in log
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["task"] == "a2v" and summary["sources"] == [str(song)]
-    assert (out / "a2v_0000.mp4").is_file() and not (out / "conditions.json").exists()  # a file has no class
+    assert summary["frames_per_sample"] == 25  # the song's 2.5 s, not one clip
+    video_seconds, audio_seconds, frames = stream_seconds(out / "a2v_0000.mp4")
+    assert frames == 25 and audio_seconds == pytest.approx(2.5, abs=0.05)
+    kept, rate = soundfile.read(out / "a2v_0000.wav", dtype="float32")
+    assert (
+        rate == 44100
+        and np.corrcoef(kept[:1000], np.sin(2 * np.pi * 440 * np.arange(1000) / rate))[0, 1] > 0.99
+    )
+    assert not (out / "conditions.json").exists()  # a file has no class
 
 
 @pytest.mark.slow

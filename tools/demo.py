@@ -17,11 +17,13 @@ Stages, each in its own folder under `out`:
     evaluation  svg / a2v / v2a samples and three references against the training clips: held-out
                 real clips (the floor), the same with their frames shuffled in time (an FVD
                 baseline) and with the sound of another clip (an AV-Align baseline)
+    model       both DiTs, the autoencoder and the VAE exported as one model folder
+                (tools/export_model.py; `MMLDMPipeline.from_pretrained(<out>/model)`)
 A stage whose settings (its config and everything upstream) are unchanged is reused; an
 interrupted training stage with unchanged settings resumes from its last checkpoint.
 
-Writes <out>/report.md, <out>/metrics.json, <out>/samples/contact_sheet.png and the mp4s, and
-ends with the quality table and, last, one JSON line.
+Writes <out>/report.md, <out>/metrics.json, <out>/samples/contact_sheet.png and the mp4s, exports
+the model to <out>/model/, and ends with the quality table and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from mmldm_data.tasks import Task
 from mmldm_data.video import to_uint8_frames
 from mmldm_dit.config import register_schemas
 from mmldm_dit.generate import SampleConfig, conditioning_from_items, generate, load_trained_dit
+from mmldm_dit.pipeline import export_model
 from mmldm_dit.train_dit import train_dit_from_config
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -499,6 +502,11 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
         out / "evaluation", {"samples": samples["key"], "plan": asdict(cfg.evaluation)}, evaluation
     )
     rows, table = quality_table(evaluated["reports"])
+    model = run_stage(
+        out / "model",
+        {"dits": [d["key"] for d in dits.values()], "evaluation": evaluated["key"], "title": cfg.title},
+        lambda folder: export_demo_model(folder, runs, cfg.title, rows),
+    )
     minutes = (time.perf_counter() - started) / 60
 
     metrics = {
@@ -514,6 +522,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             )
         },
         "sampling": samples["tasks"],
+        "model": model["folder"],
         "config": {
             "num_clips": cfg.num_clips,
             "heldout_clips": cfg.heldout_clips,
@@ -531,6 +540,15 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
     report = report_markdown(cfg.title, out, metrics, table, previews, samples)
     (out / "report.md").write_text(report)
     return metrics | {"table": table}
+
+
+def export_demo_model(folder: Path, runs: Path, title: str, quality: list[dict]) -> dict:
+    """Both DiTs with their autoencoder and VAE as one model folder, the quality table in its card."""
+    metrics = {f"{title} quality table": {row["label"]: row["value"] for row in quality}}
+    pipe = export_model(
+        runs / "dit", folder, long_run=runs / "dit_long", title=f"MM-LDM {title} (synthetic)", metrics=metrics
+    )
+    return {"folder": str(folder), "tasks": list(pipe.tasks)}
 
 
 def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: dict, samples: dict) -> str:
@@ -602,13 +620,15 @@ def main() -> int:
         f"  report        : {out / 'report.md'}\n"
         f"  contact sheet : {out / 'samples' / 'contact_sheet.png'}\n"
         f"  samples       : {out / 'samples'}/{{svg,a2v,v2a,long}}/*.mp4 (with sound)\n"
-        f"  metrics       : {out / 'metrics.json'}",
+        f"  metrics       : {out / 'metrics.json'}\n"
+        f"  model         : {metrics['model']} (MMLDMPipeline.from_pretrained; model card README.md)",
         file=sys.stderr,
     )
     print(
         json.dumps(
             {
                 "out": str(out),
+                "model": metrics["model"],
                 "minutes": metrics["minutes"],
                 "quality": {row["label"]: row["value"] for row in metrics["quality"]},
             }

@@ -1,19 +1,28 @@
-"""Sounding videos from a trained DiT: the library behind `tools/sample.py` (and the DiT's previews).
+"""Sounding videos from a trained DiT: the library behind `tools/sample.py`, `MMLDMPipeline` and the
+DiT's previews.
 
 A trained DiT run knows everything it needs: its checkpoint holds the DiT config, the latent
 statistics it was trained with and the fingerprint of its autoencoder; its config names the
 autoencoder run and the latent cache. `load_trained_dit` rebuilds all of it, `generate` runs a task
 (`mmldm_data.tasks.Task`):
 
-    svg                 audio and video from noise
-    a2v / v2a           video for a given sound / sound for a given video: an input file, or clips
-                        of the dataset (read from the latent cache)
+    svg                 audio and video from noise (one clip)
+    a2v / v2a           video for a given sound / sound for a given video: a file or an array of
+                        any length (cut into clip windows, docs/design.md#long), or clips of the
+                        dataset (read from the latent cache)
     audio_continuation  the long model continues a real clip's audio (prev_a) for num_clips clips
     video_continuation  the same from a real clip's video (prev_v)
     long                the long model from nothing, num_clips clips (10 x 16 frames = 160 frames)
 
+A given sound or video longer than one clip is cut into windows; with a long-generation model
+(`chain`) window k is generated as a continuation of window k-1 (`sampling.sample_long`), without
+one each window is generated alone. a2v keeps the given sound and v2a the given frames unless
+`resynthesize` asks for the autoencoder's reconstruction of them.
+
 Latents are unstandardised, decoded by the autoencoder (signal decoder + KL-VAE) and the vocoder,
-and each sample is written as <task>_<index>.mp4 (H.264 + AAC), .wav and .png (frames and the
+and clips are joined without seams (`decode_media`): frames dissolve over JOIN_FRAMES on each side
+of a join, the log-mels likewise over JOIN_MEL_FRAMES, and the sound of all clips is vocoded at
+once. Each sample is written as <task>_<index>.mp4 (H.264 + AAC), .wav and .png (frames and the
 spectrogram of the sound). For a2v / v2a from labelled dataset clips, conditions.json records each
 sample's task and conditioning class in the format of `mmldm_data.evaluation`, so that
 `tools/eval_fvd_fad.py` reports a2v / v2a oracle accuracy on the synthetic set.
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -30,19 +40,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 from torch import Tensor
 
 from mmldm_ae.engine.checkpoint import load_ema_weights, load_module_weights, resolve_checkpoint
+from mmldm_ae.engine.logger import WandbConfig
 from mmldm_ae.engine.trainer import peak_memory_gb
-from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
-from mmldm_data.audio import mel_spectrogram, pad_or_trim, waveform_to_audio_image
-from mmldm_data.config import ConfigError, to_typed
+from mmldm_ae.pipeline import PRECISIONS, AutoencoderPipeline, load_autoencoder, set_inference_precision
+from mmldm_data.audio import audio_image_to_logmel, mel_spectrogram, pad_or_trim, waveform_to_audio_image
+from mmldm_data.config import ConfigError, DatasetConfig, to_typed
 from mmldm_data.evaluation import CONDITIONS_FILE
 from mmldm_data.media import MediaError, probe_media, read_audio, read_video, write_audio, write_video
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.tasks import Task
-from mmldm_data.video import to_model_frames
+from mmldm_data.video import to_model_frames, to_uint8_frames
 from mmldm_dit.dit import MODALITIES, DiTConfig, MMDiT
 from mmldm_dit.latents import DiTLatentDataset, LatentStats
 from mmldm_dit.sampling import DEFAULT_GUIDANCE, SAMPLERS, sample, sample_long
@@ -52,11 +64,19 @@ log = logging.getLogger(__name__)
 SAMPLES_FILE = "samples.json"
 
 SHEET_FRAMES = 8  # frames per contact-sheet row, evenly spread over the sample
+# Items on each side of a clip join that dissolve into the other clip (docs/design.md#long): the jump
+# between two independently decoded clips spreads over 2 * JOIN + 1 steps. 2 of 16 frames (0.2 s
+# at 10 fps); 8 log-mel frames (46 ms at hop 256 / 44.1 kHz), a usual audio cross-fade length.
+JOIN_FRAMES = 2
+JOIN_MEL_FRAMES = 8
+ENCODE_BATCH = 8  # windows of a given clip encoded at once
 
 
 @dataclass
 class SampleConfig:
-    run: str | None = None  # run_dir of tools/train_dit.py, or one of its checkpoints/step_* folders
+    # run_dir of tools/train_dit.py, one of its checkpoints/step_* folders, or a model folder of
+    # tools/export_model.py
+    run: str | None = None
     task: str = "svg"  # a name of mmldm_data.tasks.Task
     out_dir: str = "outputs/samples"
     num_samples: int = 4
@@ -67,20 +87,30 @@ class SampleConfig:
     guidance_audio: float = DEFAULT_GUIDANCE  # paper Eq. 9 s; 0: no guidance
     guidance_video: float = DEFAULT_GUIDANCE
     num_clips: int = 10  # long / continuations: clips generated (16 frames each: 10 -> 160 frames)
+    # Length of each sample: a2v / v2a from input (null: the input's length; windows of one clip are
+    # chained), long / continuations (null: num_clips clips). svg makes one clip.
+    seconds: float | None = None
     # a2v / audio_continuation: a file with sound (any rate and length); v2a / video_continuation: a
     # video file. null: dataset clips from the run's latent cache (`clips`, or evenly spread).
     input: str | None = None
     clips: list[int] | None = None
+    # a2v / v2a from input: the given modality as the autoencoder reconstructs it, not the input itself
+    resynthesize: bool = False
+    long_run: str | None = None  # a2v / v2a: the long-generation run that chains windows (run= a run_dir)
     ae_run: str | None = None  # the autoencoder, when it moved since the DiT was trained
     ae_steps: int | None = None  # DDIM steps of the autoencoder's decoder (null: its ae.decode_steps)
     vocoder: str = "hifigan-universal"
     use_ema: bool = True
+    # bf16 | fp32 weights of the DiT, the autoencoder and the VAE; null: bf16 on CUDA, fp32 elsewhere
+    precision: str | None = None
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # tools/sample.py: the samples as a W&B table
 
     def validate(self) -> None:
         problems = []
         if self.run is None:
             problems.append(
-                "run is not set: give the run_dir of a tools/train_dit.py run (run=outputs/runs/...)"
+                "run is not set: give the run_dir of a tools/train_dit.py run (run=outputs/runs/...) "
+                "or a model folder of tools/export_model.py"
             )
         try:
             task = Task.parse(self.task)
@@ -97,11 +127,19 @@ class SampleConfig:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.ae_steps is not None and self.ae_steps < 1:
             problems.append(f"ae_steps must be >= 1 or null, got {self.ae_steps}")
+        if self.precision not in (None, *PRECISIONS):
+            problems.append(f"precision must be one of {PRECISIONS} or null, got {self.precision!r}")
+        if self.seconds is not None and not self.seconds > 0:
+            problems.append(f"seconds must be > 0 or null, got {self.seconds}")
         if self.input is not None and task is not None and task.given_modality is None:
             problems.append(
                 f"input is only read by tasks that are given a clip "
                 f"({', '.join(t for t in Task if t.given_modality)}), not {self.task}"
             )
+        if self.seconds is not None and task == Task.svg:
+            problems.append("seconds: svg makes one clip; for a longer sample use task=long")
+        if self.seconds is not None and task is not None and task.cross_modal and self.input is None:
+            problems.append("seconds: a2v / v2a on dataset clips make one clip each; give input=<file>")
         if self.clips is not None and len(self.clips) != self.num_samples:
             problems.append(
                 f"clips lists {len(self.clips)} dataset windows for num_samples={self.num_samples}"
@@ -135,8 +173,14 @@ def load_trained_dit(
     device: str | torch.device = "cpu",
     use_ema: bool = True,
     ae_run: str | None = None,
+    precision: str | None = "fp32",
+    pipeline: AutoencoderPipeline | None = None,
 ) -> TrainedDiT:
-    """Rebuild a tools/train_dit.py run: the DiT (EMA weights when it has them) and its autoencoder."""
+    """Rebuild a tools/train_dit.py run: the DiT (EMA weights when it has them) and its autoencoder.
+
+    `pipeline`: an autoencoder already loaded (a base and a long DiT share one); it must be the one
+    the DiT was trained on. `precision` as in `mmldm_ae.pipeline.set_inference_precision`.
+    """
     checkpoint = resolve_checkpoint(run_or_checkpoint, "train one with `make train-dit`")
     state = json.loads((checkpoint / "state.json").read_text())
     config, architecture = state["config"], state["architecture"]
@@ -148,17 +192,20 @@ def load_trained_dit(
     load_module_weights(model, checkpoint, "dit")
     if use_ema:
         load_ema_weights(model, checkpoint)
-    pipeline = load_autoencoder(ae_run or config["ae_run"], device=device)
+    source = (
+        "the autoencoder given"
+        if pipeline is not None
+        else f"the autoencoder in {ae_run or config['ae_run']}"
+    )
+    pipeline = pipeline or load_autoencoder(ae_run or config["ae_run"], device=device, precision=precision)
     if pipeline.fingerprint() != architecture["autoencoder_fingerprint"]:
         raise ConfigError(
-            f"the autoencoder in {ae_run or config['ae_run']} is not the one "
-            f"the DiT in {checkpoint} was trained on "
+            f"{source} is not the one the DiT in {checkpoint} was trained on "
             "(other weights): pass ae_run=<the autoencoder run it was trained with>"
         )
     cache = Path(config["latent_cache"]) if config.get("latent_cache") else None
-    return TrainedDiT(
-        model.to(device).eval(), LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint
-    )
+    model = model.to(device, set_inference_precision(precision, device)).eval()
+    return TrainedDiT(model, LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,25 +215,37 @@ def load_trained_dit(
 
 @dataclass
 class Conditioning:
-    """The given modality's raw latents [n, C, S, S] (None for svg / long) and where each came from."""
+    """The given modality's raw latents [n, windows, C, S, S] (None for svg / long), where each sample's
+    came from, and, for a file or an array, the given media itself (`GivenMedia.data`)."""
 
     modality: str | None
     latents: Tensor | None = None
     class_ids: list[int] = field(default_factory=list)  # -1: unknown
     sources: list[str] = field(default_factory=list)
+    given: GivenMedia | None = None  # the same for every sample
+
+
+@dataclass
+class GivenMedia:
+    """A given sound (float32 [N] at the model's rate) or video (uint8 [F, R, R, 3] at the model's fps
+    and resolution), `seconds` long, and its model frames / waveform padded to whole windows."""
+
+    modality: str
+    data: np.ndarray
+    seconds: float
+    windows: Tensor  # audio: waveforms [W, clip_samples]; video: frames [W, T, 3, R, R] in [-1, 1]
 
 
 def load_conditioning(dit: TrainedDiT, config: SampleConfig) -> Conditioning:
-    modality = Task(config.task).given_modality
+    task = Task(config.task)
+    modality = task.given_modality
     if modality is None:
         return Conditioning(None, class_ids=[-1] * config.num_samples, sources=[""] * config.num_samples)
     if config.input is not None:
-        latent = encode_file(dit.pipeline, Path(config.input), modality)
-        return Conditioning(
-            modality,
-            latent.expand(config.num_samples, -1, -1, -1),
-            [-1] * config.num_samples,
-            [config.input] * config.num_samples,
+        # A continuation continues the given file's first clip.
+        seconds = dit.pipeline.dataset.clip_seconds if task.needs_long_model else config.seconds
+        return conditioning_from_media(
+            dit.pipeline, config.input, modality, config.num_samples, seconds, config.input
         )
     if dit.latent_cache is None or not dit.latent_cache.is_dir():
         raise FileNotFoundError(
@@ -203,7 +262,7 @@ def load_conditioning(dit: TrainedDiT, config: SampleConfig) -> Conditioning:
     latents = torch.stack([cache.latents(c)[MODALITIES.index(modality)] for c in chosen])
     return Conditioning(
         modality,
-        latents,
+        latents[:, None],
         [cache.index["class_ids"][c] for c in chosen],
         [cache.index["clip_ids"][c] for c in chosen],
     )
@@ -216,8 +275,8 @@ def conditioning_from_items(
     """Conditioning on clips outside the latent cache (e.g. held-out windows of a dataset): items of
     `SoundingVideoDataset`, encoded by the DiT's autoencoder."""
     latents = []
-    for start in range(0, len(items), 8):
-        batch = items[start : start + 8]
+    for start in range(0, len(items), ENCODE_BATCH):
+        batch = items[start : start + ENCODE_BATCH]
         z_v, z_a = dit.pipeline.encode_clips(
             {
                 "key_frames": torch.stack([item["key_frames"] for item in batch]),
@@ -226,59 +285,132 @@ def conditioning_from_items(
         )
         latents.append((z_a if modality == "audio" else z_v).cpu())
     return Conditioning(
-        modality, torch.cat(latents), [int(item["class_id"]) for item in items], list(sources)
+        modality, torch.cat(latents)[:, None], [int(item["class_id"]) for item in items], list(sources)
     )
 
 
-@torch.no_grad()
-def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Tensor:
-    """One clip of a media file -> its raw perceptual latent [1, C, S, S], with a warning for what was
-    adapted."""
-    config = pipeline.dataset
+def conditioning_from_media(
+    pipeline: AutoencoderPipeline,
+    source: str | Path | np.ndarray | tuple[int, np.ndarray],
+    modality: str,
+    count: int,
+    seconds: float | None = None,
+    label: str = "array",
+) -> Conditioning:
+    """`count` samples conditioned on one given sound or video (`read_given`), window by window."""
+    given = read_given(pipeline.dataset, source, modality, seconds)
+    latents = encode_windows(pipeline, given)
+    return Conditioning(
+        modality, latents[None].expand(count, *latents.shape), [-1] * count, [label] * count, given
+    )
+
+
+def read_given(
+    config: DatasetConfig,
+    source: str | Path | np.ndarray | tuple[int, np.ndarray],
+    modality: str,
+    seconds: float | None = None,
+) -> GivenMedia:
+    """A sound (a file with sound, a float array [N] or [N, channels] at the model's rate, or a
+    (sample_rate, array) pair as Gradio gives) or a video (a file, or uint8 frames [F, H, W, 3] at the
+    model's fps), `seconds` long (null: its own length), cut into windows of one clip; what was
+    adapted is logged as a warning."""
+    fps, rate, length = config.fps, config.mel.sample_rate, config.num_frames
+    name = str(source) if isinstance(source, str | Path) else "the given array"
+    if seconds is not None and round(seconds * fps) < 1:
+        raise ConfigError(f"seconds={seconds} is shorter than one frame at {fps:g} fps")
+    if modality == "audio":
+        wave = _given_wave(source, rate, seconds)
+        if len(wave) == 0:
+            raise MediaError(f"{name}: the audio stream is empty; a2v needs at least a moment of sound")
+        seconds = seconds or len(wave) / rate
+        if round(seconds * fps) < 1:
+            raise MediaError(f"{name}: {seconds:.3g} s of sound is shorter than one frame at {fps:g} fps")
+        total = round(seconds * rate)
+        wave = np.pad(wave, (0, max(0, total - len(wave))))[:total]
+        windows = math.ceil(round(seconds * fps) / length)
+        padded = pad_or_trim(torch.from_numpy(wave), windows * config.clip_samples)
+        return GivenMedia("audio", wave, seconds, padded.view(windows, config.clip_samples))
+    frames = _given_frames(source, fps, seconds)
+    if len(frames) == 0:
+        raise MediaError(f"{name}: no frames; v2a needs at least one frame")
+    count = round(seconds * fps) if seconds else len(frames)
+    # Past its end a video holds its last frame, as a player does.
+    frames = frames[np.minimum(np.arange(count), len(frames) - 1)]
+    model_frames = to_model_frames(frames, config.resolution, config.frame_mode)  # [F, 3, R, R]
+    windows = math.ceil(count / length)
+    held = model_frames[torch.arange(windows * length).clamp(max=count - 1)]
+    return GivenMedia(
+        "video", to_uint8_frames(model_frames), count / fps, held.view(windows, length, *held.shape[1:])
+    )
+
+
+def _given_wave(source, rate: int, seconds: float | None) -> np.ndarray:
+    if not isinstance(source, str | Path):
+        native, wave = source if isinstance(source, tuple) else (rate, source)
+        wave = np.asarray(wave)
+        if np.issubdtype(wave.dtype, np.integer):  # Gradio's microphone gives int16
+            wave = wave / np.iinfo(wave.dtype).max
+        wave = wave.astype(np.float32)
+        wave = wave.mean(axis=1) if wave.ndim == 2 else wave  # [N, channels], as soundfile and Gradio
+        if wave.ndim != 1:
+            raise ConfigError(f"audio must be an array [N] or [N, channels], got shape {wave.shape}")
+        return soxr.resample(wave, native, rate).astype(np.float32) if native != rate else wave
+    path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"input file {path} does not exist")
     info = probe_media(path)  # MediaError names an unreadable file
-    resolution = config.resolution
-    key_frames = torch.zeros(1, len(config.key_frame_indices), 3, resolution, resolution)
-    audio_image = torch.zeros(1, 3, config.mel.image_size, config.mel.image_size)
-    if modality == "audio":
-        if not info.has_audio:
-            raise MediaError(f"{path}: no audio stream; a2v and audio_continuation need a file with sound")
-        if not info.duration > 0:
-            raise MediaError(f"{path}: the audio stream is empty; a2v needs at least a moment of sound")
-        # Only the clip is read (the rest of a long file would be decoded for nothing).
-        wave = read_audio(path, config.mel.sample_rate, duration=min(info.duration, config.clip_seconds))
-        adapted = []
-        if info.audio_rate != config.mel.sample_rate or info.audio_channels != 1:
-            adapted.append(
-                f"{info.audio_channels}-channel {info.audio_rate} Hz resampled to mono "
-                f"{config.mel.sample_rate} Hz"
-            )
-        if abs(info.duration - config.clip_seconds) * config.mel.sample_rate >= 1:
-            fitted = "cut" if info.duration > config.clip_seconds else "zero-padded"
-            adapted.append(f"{info.duration:.3g} s {fitted} to {config.clip_seconds:g} s")
-        if adapted:
-            log.warning("%s: %s", path, "; ".join(adapted))
-        wave = pad_or_trim(torch.from_numpy(wave)[None], config.clip_samples)
-        audio_image = waveform_to_audio_image(wave, config.mel)
-    else:
-        if not info.has_video:
-            raise MediaError(f"{path}: no video stream; v2a and video_continuation need a video file")
-        clip = read_video(path, fps=config.fps, num_frames=config.num_frames)
-        if abs(info.fps - config.fps) > 1e-3 or abs(info.duration - config.clip_seconds) > 0.5 / config.fps:
-            log.warning(
-                "%s: %.3g fps, %.3g s taken as its first %d frames at %g fps (%g s)",
-                path,
-                info.fps,
-                info.duration,
-                config.num_frames,
-                config.fps,
-                config.clip_seconds,
-            )
-        frames = to_model_frames(clip.frames, resolution, config.frame_mode)  # [T, 3, R, R]
-        key_frames = frames[config.key_frame_indices][None]
-    z_v, z_a = pipeline.encode_clips({"key_frames": key_frames, "audio_image": audio_image})
-    return (z_a if modality == "audio" else z_v).cpu()
+    if not info.has_audio:
+        raise MediaError(f"{path}: no audio stream; a2v and audio_continuation need a file with sound")
+    if not info.duration > 0:
+        raise MediaError(f"{path}: the audio stream is empty; a2v needs at least a moment of sound")
+    if info.audio_rate != rate or info.audio_channels != 1:
+        log.warning(
+            "%s: %d-channel %d Hz resampled to mono %d Hz", path, info.audio_channels, info.audio_rate, rate
+        )
+    if seconds is not None and abs(info.duration - seconds) * rate >= 1:
+        fitted = "cut" if info.duration > seconds else "zero-padded"
+        log.warning("%s: %.3g s %s to %g s", path, info.duration, fitted, seconds)
+    # Only what is used is read (the rest of a long file would be decoded for nothing).
+    return read_audio(path, rate, duration=seconds)
+
+
+def _given_frames(source, fps: float, seconds: float | None) -> np.ndarray:
+    if not isinstance(source, str | Path):
+        frames = np.asarray(source)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ConfigError(f"video must be uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
+        return frames
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    info = probe_media(path)
+    if not info.has_video:
+        raise MediaError(f"{path}: no video stream; v2a and video_continuation need a video file")
+    if abs(info.fps - fps) > 1e-3:
+        log.warning("%s: %.3g fps read at %g fps", path, info.fps, fps)
+    count = round(seconds * fps) if seconds else None
+    return read_video(path, fps=fps, num_frames=count).frames
+
+
+@torch.no_grad()
+def encode_windows(pipeline: AutoencoderPipeline, given: GivenMedia) -> Tensor:
+    """Raw perceptual latents [W, C, S, S] of each window of a given sound or video (the other
+    modality's input all zeros, as for an unknown one)."""
+    config = pipeline.dataset
+    resolution, image = config.resolution, config.mel.image_size
+    latents = []
+    for chunk in given.windows.split(ENCODE_BATCH):
+        n = len(chunk)
+        if given.modality == "audio":
+            key_frames = torch.zeros(n, len(config.key_frame_indices), 3, resolution, resolution)
+            audio_image = waveform_to_audio_image(chunk, config.mel)
+        else:
+            key_frames = chunk[:, config.key_frame_indices]
+            audio_image = torch.zeros(n, 3, image, image)
+        z_v, z_a = pipeline.encode_clips({"key_frames": key_frames, "audio_image": audio_image})
+        latents.append((z_a if given.modality == "audio" else z_v).cpu())
+    return torch.cat(latents)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,13 +419,25 @@ def encode_file(pipeline: AutoencoderPipeline, path: Path, modality: str) -> Ten
 
 
 def sample_clips(
-    dit: TrainedDiT, config: SampleConfig, given: Tensor | None, seed: int, batch_size: int
+    dit: TrainedDiT,
+    config: SampleConfig,
+    given: Tensor | None,
+    seed: int,
+    batch_size: int,
+    chain: TrainedDiT | None = None,
 ) -> dict[str, Tensor]:
-    """Raw latents [B, clips, C, S, S] of the modalities the model makes (and a2v / v2a's given one)."""
-    model, device = dit.model, next(dit.model.parameters()).device
+    """Raw latents [B, clips, C, S, S] of the modalities the model makes (and a2v / v2a's given one).
+
+    given: raw latents [B, windows, C, S, S] of the given modality. Several windows of a2v / v2a are
+    chained through `chain` (a long-generation model) when there is one, else sampled one by one.
+    """
     task = Task(config.task)
     modality = task.given_modality
-    given = dit.standardise(modality, given.to(device)) if given is not None else None
+    windows = 1 if given is None else given.shape[1]
+    chained = not task.needs_long_model and windows > 1 and chain is not None
+    net = chain if chained else dit
+    device = next(net.model.parameters()).device
+    given = net.standardise(modality, given.to(device)) if given is not None else None
     settings = dict(
         guidance_audio=config.guidance_audio,
         guidance_video=config.guidance_video,
@@ -303,22 +447,57 @@ def sample_clips(
         progress=True,
     )
     if task.needs_long_model:
-        previous = {f"prev_{modality[0]}": given} if modality else {}
-        z_a, z_v = sample_long(model, config.num_clips, batch_size, **previous, **settings)
+        previous = {f"prev_{modality[0]}": given[:, 0]} if modality else {}
+        z_a, z_v = sample_long(net.model, clip_count(config, dit), batch_size, **previous, **settings)
+    elif chained:
+        z_a, z_v = sample_long(net.model, windows, batch_size, **{f"cond_{modality[0]}": given}, **settings)
     else:
-        conditions = {f"cond_{modality[0]}": given} if modality else {}
+        conditions = {f"cond_{modality[0]}": given.flatten(0, 1)} if modality else {}
         z_a, z_v = (
-            None if z is None else z[:, None]
-            for z in sample(model, task, batch_size, **conditions, **settings)
+            None if z is None else z.unflatten(0, (batch_size, windows))
+            for z in sample(net.model, task, batch_size * windows, **conditions, **settings)
         )
-    latents = {"audio": dit.unstandardise("audio", z_a), "video": dit.unstandardise("video", z_v)}
+    latents = {"audio": net.unstandardise("audio", z_a), "video": net.unstandardise("video", z_v)}
     return {m: z for m, z in latents.items() if z is not None}
+
+
+def clip_count(config: SampleConfig, dit: TrainedDiT) -> int:
+    """Clips of a long / continuation sample: enough for config.seconds, else config.num_clips."""
+    if config.seconds is None:
+        return config.num_clips
+    return math.ceil(round(config.seconds * dit.pipeline.dataset.fps) / dit.pipeline.dataset.num_frames)
 
 
 @dataclass
 class SampleMedia:
     frames: np.ndarray | None  # uint8 [clips * T, R, R, 3]; None for an audio-only model
     wave: np.ndarray | None  # float32 [clips * clip_samples]; None for a video-only model
+
+
+def dissolve_joins(clips: Tensor, overlap: int) -> Tensor:
+    """Clips [B, K, T, ...] joined in time -> [B, K * T, ...], each join dissolved over `overlap` items
+    on either side.
+
+    Around the join of clips a and b, item p of the 2 * overlap items is (1 - w_p) A_p + w_p B_p with
+    w_p = p / (2 * overlap + 1): A is a's items, then its last one held; B is b's first one held,
+    then b's items. The jump between the clips spreads over 2 * overlap + 1 steps and both ends
+    meet the clips unchanged.
+    """
+    B, K, T = clips.shape[:3]
+    if not 0 <= overlap <= T // 2:
+        raise ValueError(f"a join dissolves over 0..{T // 2} items of a {T}-item clip, got {overlap}")
+    joined = clips.flatten(1, 2).clone()
+    if overlap == 0:
+        return joined
+    tail = (1,) * (clips.ndim - 3)
+    weight = (torch.arange(1, 2 * overlap + 1, dtype=clips.dtype) / (2 * overlap + 1)).view(1, -1, *tail)
+    for k in range(1, K):
+        a, b = clips[:, k - 1], clips[:, k]
+        held_a = a[:, -1:].expand(-1, overlap, *a.shape[2:])
+        held_b = b[:, :1].expand(-1, overlap, *b.shape[2:])
+        A, B_ = torch.cat([a[:, T - overlap :], held_a], 1), torch.cat([held_b, b[:, :overlap]], 1)
+        joined[:, k * T - overlap : k * T + overlap] = (1 - weight) * A + weight * B_
+    return joined
 
 
 @torch.no_grad()
@@ -328,8 +507,16 @@ def decode_media(
     steps: int | None = None,
     vocoder: str = "hifigan-universal",
     seed: int = 0,
+    join_frames: int = JOIN_FRAMES,
+    join_mel_frames: int = JOIN_MEL_FRAMES,
 ) -> list[SampleMedia]:
     """Raw latents [B, clips, C, S, S] per modality -> media; clips decode one by one and join in time.
+
+    Every clip decodes from the same decoder noise (one seed), so that the decoder's own randomness
+    does not change at a join; frames and log-mels dissolve over the joins (`dissolve_joins`), and
+    the sound of all clips is vocoded in one piece, then stretched to exactly one clip of samples
+    per clip of frames (a clip's mel covers all but its last hop remainder, 160 of 70,560 samples
+    at the paper's settings, which would otherwise be gaps).
 
     A single-modal model's missing modality is decoded from the autoencoder's null latent (that of
     an all-zero input, which its guidance dropout trains) and then left out.
@@ -340,33 +527,52 @@ def decode_media(
         m: latents.get(m, _null_latent(pipeline, m, batch)[:, None].expand(-1, clips, -1, -1, -1))
         for m in MODALITIES
     }
-    generator = torch.Generator(pipeline.device).manual_seed(seed)
-    clip_samples = pipeline.dataset.clip_samples
-    frames, waves = [], []
+    config = pipeline.dataset
+    frames, images = [], []
     for clip in range(clips):
+        generator = torch.Generator(pipeline.device).manual_seed(seed)
         decoded = pipeline.decode_clips(
             z["video"][:, clip], z["audio"][:, clip], steps=steps, generator=generator
         )
-        media = pipeline.to_media(decoded.audio_images, decoded.frames, vocoder)
-        frames.append([f for f, _ in media])
-        # Exactly one clip of sound per clip of frames (vocoders may end a few samples short), so
-        # that joined clips stay in sync.
-        waves.append([np.pad(w, (0, max(0, clip_samples - len(w))))[:clip_samples] for _, w in media])
+        frames.append(decoded.frames.float().cpu())
+        images.append(decoded.audio_images.float().cpu())
+    frames = dissolve_joins(torch.stack(frames, 1), join_frames)  # [B, clips * T, 3, R, R]
+    num_mel_frames = config.mel.num_frames(config.clip_samples)
+    logmel = audio_image_to_logmel(torch.cat(images), num_mel_frames, config.mel)  # [clips * B, M, n]
+    logmel = logmel.unflatten(0, (clips, batch)).permute(1, 0, 3, 2)  # [B, clips, n, M]
+    logmel = dissolve_joins(logmel, min(join_mel_frames, num_mel_frames // 2)).transpose(1, 2)
+    waves = pipeline.vocoder(vocoder)(logmel.to(pipeline.device)).float().cpu().numpy()
+    total = clips * config.clip_samples
     return [
         SampleMedia(
-            frames=np.concatenate([frames[c][b] for c in range(clips)]) if "video" in latents else None,
-            wave=np.concatenate([waves[c][b] for c in range(clips)]) if "audio" in latents else None,
+            frames=to_uint8_frames(frames[b]) if "video" in latents else None,
+            wave=_stretch(waves[b], total) if "audio" in latents else None,
         )
         for b in range(batch)
     ]
 
 
+def _stretch(wave: np.ndarray, samples: int) -> np.ndarray:
+    """`wave` resampled to exactly `samples` samples (a change of a few parts per thousand)."""
+    if len(wave) != samples:
+        wave = soxr.resample(wave, len(wave), samples)
+    return np.pad(wave, (0, max(0, samples - len(wave))))[:samples].astype(np.float32)
+
+
 def _null_latent(pipeline: AutoencoderPipeline, modality: str, batch: int) -> Tensor:
     cfg = pipeline.model.cfg
     side = cfg.latent_size
-    zeros = torch.zeros(batch, cfg.num_key_frames, cfg.vae_channels, side, side, device=pipeline.device)
+    zeros = torch.zeros(
+        batch,
+        cfg.num_key_frames,
+        cfg.vae_channels,
+        side,
+        side,
+        device=pipeline.device,
+        dtype=pipeline.model_dtype,
+    )
     z_v, z_a = pipeline.model.encode(zeros, zeros[:, 0])
-    return z_a if modality == "audio" else z_v
+    return (z_a if modality == "audio" else z_v).float()
 
 
 def write_sample(pipeline: AutoencoderPipeline, media: SampleMedia, folder: Path, name: str) -> list[Path]:
@@ -410,10 +616,12 @@ def iterate_samples(
     dit: TrainedDiT,
     config: SampleConfig,
     conditioning: Conditioning | None = None,
+    chain: TrainedDiT | None = None,
 ) -> Iterator[tuple[int, SampleMedia, int, str]]:
     """(sample index, its media, its conditioning class id or -1, its conditioning source), batch by batch.
 
-    `conditioning` replaces what config.input / config.clips name (one entry per sample).
+    `conditioning` replaces what config.input / config.clips name (one entry per sample); `chain`, a
+    long-generation model, chains the windows of a given sound or video longer than one clip.
     """
     check_task(dit, config)
     task = Task(config.task)
@@ -424,16 +632,38 @@ def iterate_samples(
             f"task {config.task} with num_samples={config.num_samples} was given {conditioning.modality} "
             f"conditioning for {len(conditioning.class_ids)} samples"
         )
-    clips = config.num_clips if task.needs_long_model else 1
+    given = conditioning.given
+    seconds = given.seconds if given is not None and task.cross_modal else config.seconds
+    clips = clip_count(config, dit) if task.needs_long_model else 1
     for batch_index, start in enumerate(range(0, config.num_samples, config.batch_size)):
         rows = range(start, min(start + config.batch_size, config.num_samples))
         seed = config.seed + batch_index * clips
-        given = conditioning.latents[rows.start : rows.stop] if conditioning.latents is not None else None
-        latents = sample_clips(dit, config, given, seed, len(rows))
-        media = decode_media(dit.pipeline, latents, config.ae_steps, config.vocoder, seed)
+        latents = conditioning.latents[rows.start : rows.stop] if conditioning.latents is not None else None
+        sampled = sample_clips(dit, config, latents, seed, len(rows), chain)
+        media = decode_media(dit.pipeline, sampled, config.ae_steps, config.vocoder, seed)
         for row, sample_media in zip(rows, media, strict=True):
-            yield row, sample_media, conditioning.class_ids[row], conditioning.sources[row]
+            if given is not None and task.cross_modal and not config.resynthesize:
+                setattr(sample_media, "wave" if given.modality == "audio" else "frames", given.data)
+            yield (
+                row,
+                trim(sample_media, seconds, dit.pipeline.dataset),
+                conditioning.class_ids[row],
+                conditioning.sources[row],
+            )
         print(f"{config.task}: {rows.stop}/{config.num_samples} samples", file=sys.stderr, flush=True)
+
+
+def trim(media: SampleMedia, seconds: float | None, config: DatasetConfig) -> SampleMedia:
+    """The media cut to `seconds` (None: as they are)."""
+    if seconds is None:
+        return media
+    frames, samples = round(seconds * config.fps), round(seconds * config.mel.sample_rate)
+    return SampleMedia(
+        frames=None if media.frames is None else media.frames[:frames],
+        wave=None
+        if media.wave is None
+        else np.pad(media.wave, (0, max(0, samples - len(media.wave))))[:samples],
+    )
 
 
 def clear_previous_samples(out_dir: Path) -> None:
@@ -453,36 +683,49 @@ def clear_previous_samples(out_dir: Path) -> None:
         )
 
 
-def generate(dit: TrainedDiT, config: SampleConfig, conditioning: Conditioning | None = None) -> dict:
-    """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`)."""
+def generate(
+    dit: TrainedDiT,
+    config: SampleConfig,
+    conditioning: Conditioning | None = None,
+    chain: TrainedDiT | None = None,
+) -> dict:
+    """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`),
+    with one record per sample (its files, task, condition and class) under "records"."""
     out_dir = Path(config.out_dir)
     started, files, conditions, sources = time.perf_counter(), 0, {}, set()
     config.validate()
     task = Task(config.task)
     clear_previous_samples(out_dir)
     written: list[str] = []
-    for row, media, class_id, source in iterate_samples(dit, config, conditioning):
+    records, frames_per_sample = [], 0
+    for row, media, class_id, source in iterate_samples(dit, config, conditioning, chain):
         sources.add(source)
         name = f"{config.task}_{row:04d}"
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = write_sample(dit.pipeline, media, out_dir, name)
         files += len(paths)
         written += [Path(path).name for path in paths]
+        class_name = dit.pipeline.class_names[class_id] if class_id >= 0 else ""
         if task.cross_modal and class_id >= 0:
-            conditions[f"{name}.mp4"] = {
+            conditions[f"{name}.mp4"] = {"task": config.task, "class": class_name}
+        records.append(
+            {
+                "files": [str(path) for path in paths],
                 "task": config.task,
-                "class": dit.pipeline.class_names[class_id],
+                "condition": source,
+                "class": class_name,
             }
+        )
+        frames_per_sample = len(media.frames) if media.frames is not None else 0
     if conditions:
         (out_dir / CONDITIONS_FILE).write_text(json.dumps(conditions, indent=1))
         written.append(CONDITIONS_FILE)
     (out_dir / SAMPLES_FILE).write_text(json.dumps({"task": config.task, "files": written}, indent=1))
     seconds = time.perf_counter() - started
-    clips = config.num_clips if task.needs_long_model else 1
     return {
         "task": config.task,
         "samples": config.num_samples,
-        "frames_per_sample": clips * dit.pipeline.dataset.num_frames,
+        "frames_per_sample": frames_per_sample,
         "seconds": round(seconds, 2),
         "seconds_per_sample": round(seconds / config.num_samples, 3),
         "peak_mem_gb": round(peak_memory_gb(), 3),
@@ -490,4 +733,5 @@ def generate(dit: TrainedDiT, config: SampleConfig, conditioning: Conditioning |
         "conditions": str(out_dir / CONDITIONS_FILE) if conditions else None,
         "sources": sorted(sources - {""}),
         "files": files,
+        "records": records,
     }

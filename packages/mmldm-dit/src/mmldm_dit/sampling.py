@@ -12,9 +12,11 @@ The masks follow the authors' draw (docs/design.md#dit-training): context p; aud
 video condition drawn independently at 5% among rows that keep their context; a row where both
 were chosen gets neither. So the rates are exactly 10% / 4.275% / 4.275% (see `task_rates`).
 
-Sampling (`sample`, `sample_long`): DDIM (50 steps, eta 0) or DPM-Solver++ through diffusers
-schedulers, with guidance per modality by the paper's Eq. 9 (`guided_eps`, the autoencoder's
-decoder uses the same; docs/design.md#guidance)
+Sampling (`sample`, `sample_long`): DDIM (50 steps, eta 0), DPM-Solver++ or UniPC through diffusers
+schedulers (`mmldm_ae.engine.diffusion.build_sampler`), in the weights' dtype (bf16 for inference)
+with fp32 latents and scheduler arithmetic, no read-back from the device per step, and guidance
+per modality by the paper's Eq. 9 (`guided_eps`, the autoencoder's decoder uses the same;
+docs/design.md#guidance)
 
     eps = eps(x_t, c) + s * (eps(x_t, c) - eps(x_t, null)),
 
@@ -41,15 +43,16 @@ from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import DDPMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mmldm_ae.engine.diffusion import SAMPLERS as SAMPLERS  # the samplers of both stages
 from mmldm_ae.engine.diffusion import (
     NoiseScheduleConfig,
-    build_sampling_scheduler,
+    build_sampler,
     build_train_scheduler,
+    denoising_steps,
     guided_eps,
     q_sample,
     sample_timesteps,
@@ -59,7 +62,6 @@ from mmldm_data.tasks import Task
 from mmldm_dit.dit import MODALITIES, MMDiT
 
 ONE_CLIP_TASKS = tuple(task for task in Task if not task.needs_long_model)  # what `sample` runs
-SAMPLERS = ("ddim", "dpmsolver++")
 # The paper's Eq. 9 s of the authors' CLI default, w = 9.0 in their eps_u + w (eps_c - eps_u): s = w - 1.
 DEFAULT_GUIDANCE = 8.0
 
@@ -234,23 +236,6 @@ def dit_training_loss(
 #################################################################################
 
 
-def build_sampler(sampler: str, steps: int, schedule: NoiseScheduleConfig | None = None) -> SchedulerMixin:
-    """A fresh sampling scheduler (DPM-Solver++ keeps per-run state, so one per run and modality)."""
-    if steps < 1:
-        raise ConfigError(f"sampling steps must be >= 1, got {steps}")
-    if sampler == "ddim":
-        return build_sampling_scheduler(schedule, steps)
-    if sampler == "dpmsolver++":
-        train = build_train_scheduler(schedule)
-        with torch.device("cpu"):
-            scheduler = DPMSolverMultistepScheduler.from_config(
-                train.config, algorithm_type="dpmsolver++", solver_order=2
-            )
-        scheduler.set_timesteps(steps)
-        return scheduler
-    raise ConfigError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-
-
 def _with_null(value: Tensor | None) -> Tensor | None:
     """[value ; zeros]: the conditional and the null half of a guided batch."""
     return None if value is None else torch.cat([value, torch.zeros_like(value)])
@@ -332,19 +317,19 @@ def sample(
     batch_size = _batch_size(batch_size, cond_a, cond_v, prev_a, prev_v)
 
     parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
+    device, dtype = parameter.device, parameter.dtype  # the model's; latents stay fp32
     generator = torch.Generator("cpu").manual_seed(seed)
     present = model.cfg.ordered_modalities
     noisy = {
-        m: torch.randn(batch_size, *model.cfg.latent_shape(m), generator=generator).to(device, dtype)
+        m: torch.randn(batch_size, *model.cfg.latent_shape(m), generator=generator).to(device)
         for m in present
     }
-    known = {known_modality: given_conditions[known_modality].to(device, dtype)} if known_modality else {}
-    known_noise = {m: torch.randn(z.shape, generator=generator).to(device, dtype) for m, z in known.items()}
+    known = {known_modality: given_conditions[known_modality].to(device).float()} if known_modality else {}
+    known_noise = {m: torch.randn(z.shape, generator=generator).to(device) for m, z in known.items()}
 
     inputs: dict[str, Tensor | None] = {}
     if model.cfg.joint:
-        inputs.update(cond_a=known.get("audio"), cond_v=known.get("video"))
+        inputs.update({f"cond_{m[0]}": z.to(dtype) for m, z in known.items()})
     if model.previous_encoder is not None:
         inputs.update(
             prev_a=None if prev_a is None else prev_a.to(device, dtype),
@@ -355,14 +340,14 @@ def sample(
 
     forward_process = build_train_scheduler(schedule)
     schedulers = {m: build_sampler(sampler, steps, schedule) for m in present if m not in known}
-    timesteps = next(iter(schedulers.values())).timesteps
-    for t in tqdm(timesteps, desc=f"{task} ({sampler})", disable=not progress):
-        t_batch = torch.full((batch_size,), int(t), device=device, dtype=torch.long)
+    loop = denoising_steps(device, *schedulers.values())
+    for t, t_device in tqdm(loop, total=steps, desc=f"{task} ({sampler})", disable=not progress):
+        t_batch = t_device.expand(batch_size)
         for m, z in known.items():
             noisy[m] = q_sample(forward_process, z, known_noise[m], t_batch)
-        eps = _predict_eps(model, noisy, t_batch, inputs, guidance)
+        eps = _predict_eps(model, {m: x.to(dtype) for m, x in noisy.items()}, t_batch, inputs, guidance)
         for m, scheduler in schedulers.items():
-            noisy[m] = scheduler.step(eps[m], t, noisy[m]).prev_sample
+            noisy[m] = scheduler.step(eps[m].float(), t, noisy[m]).prev_sample
     noisy.update(known)
     return noisy.get("audio"), noisy.get("video")
 
@@ -389,6 +374,8 @@ def sample_long(
     *,
     prev_a: Tensor | None = None,
     prev_v: Tensor | None = None,
+    cond_a: Tensor | None = None,
+    cond_v: Tensor | None = None,
     seed: int = 0,
     **sample_kwargs: Any,
 ) -> tuple[Tensor | None, Tensor | None]:
@@ -396,17 +383,36 @@ def sample_long(
 
     The first clip continues prev_a / prev_v when given (audio / video continuation of a real
     clip) and starts from zero latents otherwise. Clip k uses seed + k. Returns latents
-    [B, num_clips, C, S, S] per modality; each clip decodes independently and the decoded clips
-    concatenate in time (the authors' 4 clips = 64 frames, 6.4 s).
+    [B, num_clips, C, S, S] per modality; the decoded clips join in time (the authors' 4 clips =
+    64 frames, 6.4 s; mmldm_dit.generate.decode_media dissolves the joins).
+
+    cond_a / cond_v [B, num_clips, C, S, S]: a2v / v2a of a long given modality, window by window:
+    clip k is conditioned on window k and continues clip k-1 (its given window and the generated
+    one), as training's a2v / v2a rows with a previous clip show the model.
     """
     if model.previous_encoder is None:
         raise ValueError("long generation needs the long-generation model (dit.previous_clip_depth > 0)")
     if num_clips < 1:
         raise ConfigError(f"num_clips must be >= 1, got {num_clips}")
+    given = {name: z for name, z in (("cond_a", cond_a), ("cond_v", cond_v)) if z is not None}
+    if len(given) > 1:
+        raise ValueError("sample_long takes cond_a or cond_v, not both")
+    for name, z in given.items():
+        if z.ndim != 5 or z.shape[1] != num_clips:
+            raise ValueError(f"{name} must be [B, num_clips={num_clips}, C, S, S], got {tuple(z.shape)}")
+    task = Task.given("audio" if cond_a is not None else "video") if given else Task.svg
     clips: dict[str, list[Tensor]] = {m: [] for m in model.cfg.ordered_modalities}
     for index in range(num_clips):
+        window = {name: z[:, index] for name, z in given.items()}
         prev_a, prev_v = sample(
-            model, Task.svg, batch_size, prev_a=prev_a, prev_v=prev_v, seed=seed + index, **sample_kwargs
+            model,
+            task,
+            batch_size,
+            prev_a=prev_a,
+            prev_v=prev_v,
+            seed=seed + index,
+            **window,
+            **sample_kwargs,
         )
         for m, z in zip(MODALITIES, (prev_a, prev_v), strict=True):
             if z is not None:

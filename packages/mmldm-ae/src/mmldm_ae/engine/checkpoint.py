@@ -2,7 +2,7 @@
 loading weights and EMA weights.
 
 Layout of `<run_dir>/checkpoints/step_XXXXXXX/` (written by `mmldm_ae.engine.trainer.Trainer`):
-    <module>.safetensors   weights of each trained module (and `ema.safetensors`)
+    <module>.safetensors   weights of each trained module (and `ema.safetensors`, keyed by parameter name)
     optimizers.pt          optimiser and grad-scaler states (tensors only: loads with weights_only=True)
     rng_<rank>.pt          python / numpy / torch / cuda RNG states of each process
     state.json             step, data position, counters, run id, whether it is the run's final
@@ -182,17 +182,45 @@ def resolve_checkpoint(run_or_checkpoint: str | Path, how_to_train: str) -> Path
     return newest
 
 
-def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:
-    """Copy the EMA weights of a checkpoint (stored in parameter order) into `module`; False when
-    it has none.
+def ema_state_dict(module: nn.Module, shadow_params: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """EMA shadows (in `module.parameters()` order, as EMAModel keeps them) keyed by parameter name,
+    so that a reordered or renamed module fails to load instead of loading the wrong tensors."""
+    names = [name for name, _ in module.named_parameters()]
+    if len(names) != len(shadow_params):
+        raise ValueError(f"{len(shadow_params)} EMA shadows for a module of {len(names)} parameters")
+    return {name: p.detach().contiguous() for name, p in zip(names, shadow_params, strict=True)}
+
+
+def read_ema_weights(module: nn.Module, checkpoint: Path) -> list[torch.Tensor] | None:
+    """The EMA weights of a checkpoint in `module.parameters()` order; None when it has none.
+
+    Checkpoints written before EMA weights were keyed by name hold keys "0", "1", ...: they are
+    read in parameter order. Names missing from (or unknown to) the module are an error.
     """
     path = checkpoint / "ema.safetensors"
     if not path.is_file():
-        return False
+        return None
     shadow = load_file(path)
+    names = [name for name, _ in module.named_parameters()]
+    if all(key.isdigit() for key in shadow):
+        names = [f"{index}" for index in range(len(names))]
+    missing, unexpected = sorted(set(names) - set(shadow)), sorted(set(shadow) - set(names))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]} "
+            f"({len(missing)} / {len(unexpected)} names)"
+        )
+    return [shadow[name] for name in names]
+
+
+def load_ema_weights(module: nn.Module, checkpoint: Path) -> bool:
+    """Copy the EMA weights of a checkpoint into `module`; False when it has none."""
+    weights = read_ema_weights(module, checkpoint)
+    if weights is None:
+        return False
     with torch.no_grad():
-        for index, parameter in enumerate(module.parameters()):
-            parameter.copy_(shadow[f"{index}"])
+        for parameter, weight in zip(module.parameters(), weights, strict=True):
+            parameter.copy_(weight)
     return True
 
 

@@ -26,6 +26,18 @@ class WandbConfig:
     name: str | None = None  # default: the run folder's name
 
 
+@dataclass
+class SampleRecord:
+    """One generated sample as `WandbLogger.log_samples` shows it."""
+
+    video: Path | None  # mp4 with its sound; None for an audio-only model
+    wave: np.ndarray | None  # float32 [N]; None for a video-only model
+    sample_rate: int
+    task: str
+    condition: str = ""  # the input file or dataset window it was given, "" for none
+    class_name: str = ""  # the class of that condition, "" when unknown
+
+
 class WandbLogger:
     def __init__(self, config: WandbConfig, run_dir: Path, run_config: dict[str, Any], is_main: bool = True):
         if config.mode not in ("online", "offline", "disabled"):
@@ -68,6 +80,40 @@ class WandbLogger:
     def log_image(self, name: str, image: np.ndarray, step: int, caption: str | None = None) -> None:
         if self.run is not None:
             self.run.log({name: self._wandb.Image(image, caption=caption)}, step=step)
+
+    def log_audio(
+        self, name: str, wave: np.ndarray, sample_rate: int, step: int, caption: str | None = None
+    ) -> None:
+        if self.run is not None:
+            self.run.log({name: self._audio(wave, sample_rate, caption)}, step=step)
+
+    def log_samples(self, name: str, samples: list[SampleRecord], step: int) -> None:
+        """Generated samples as one table: the video with its sound, the sound alone, the task, what
+        conditioned it (an input file, a dataset window) and its class."""
+        if self.run is None:
+            return
+        table = self._wandb.Table(columns=["video", "audio", "task", "condition", "class"])
+        for sample in samples:
+            table.add_data(
+                self._wandb.Video(str(sample.video), format="mp4") if sample.video else None,
+                self._audio(sample.wave, sample.sample_rate, sample.task)
+                if sample.wave is not None
+                else None,
+                sample.task,
+                sample.condition,
+                sample.class_name,
+            )
+        self.run.log({name: table}, step=step)
+
+    def log_model(self, folder: Path, name: str, metadata: dict[str, Any] | None = None) -> None:
+        """An exported model folder (tools/export_model.py) as a W&B artifact of type "model"."""
+        if self.run is not None:
+            artifact = self._wandb.Artifact(name, type="model", metadata=metadata)
+            artifact.add_dir(str(folder))
+            self.run.log_artifact(artifact)
+
+    def _audio(self, wave: np.ndarray, sample_rate: int, caption: str | None):
+        return self._wandb.Audio(np.asarray(wave, np.float32), sample_rate=sample_rate, caption=caption)
 
     def finish(self) -> None:
         if self.run is not None:
