@@ -178,8 +178,8 @@ def test_tool_evaluates_the_round_trip_of_an_autoencoder_run(
     error = run_main(tool, capsys, "--recon", str(tmp_path / "absent"), "--real", str(synthetic_root))
     assert "does not exist" in error and "checkpoints/step_*" in error
 
-    def few_steps(checkpoint, device):  # the run's own 50 decoding steps take minutes on CPU
-        reconstructor = load_reconstructor(checkpoint, device)
+    def few_steps(checkpoint, device, precision):  # the run's own 50 decoding steps take minutes on CPU
+        reconstructor = load_reconstructor(checkpoint, device, precision)
         reconstructor.steps = 2
         return reconstructor
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mmldm_ae.pipeline import load_reconstructor
+from mmldm_ae.pipeline import PRECISIONS, load_reconstructor
 from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import ConfigError, compose, dataset_config_from, register_schemas
@@ -88,6 +88,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--out", type=Path, help="JSON report path; the markdown table goes beside it (.md)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="--recon's weights (default: bf16 on CUDA, fp32 elsewhere)"
+    )
     parser.add_argument("--cache-dir", type=Path, help="real-set feature cache (default <cache>/eval)")
     return parser.parse_known_args(argv)
 
@@ -145,7 +148,7 @@ def main(argv: list[str]) -> int:
             **({"extensions": tuple(extensions)} if extensions else {}),
         )
         fad_weights = parse_fad_weights(args.fad_weights)
-        reconstructor = load_reconstructor(args.recon, args.device) if args.recon else None
+        reconstructor = load_reconstructor(args.recon, args.device, args.precision) if args.recon else None
         sets = EvalSets.scan(root, protocol, args.generated, reconstructor, label)
         print(f"{PROGRAM}: loading I3D and FAD backends {list(backends)} on {args.device}", file=sys.stderr)
         models = load_models(protocol, args.device, fad_weights)

@@ -3,12 +3,17 @@
 `AutoencoderPipeline` is what later stages and tools use: the DiT trains on `encode_clips`, the
 samplers turn generated latents back into frames and sound with `decode_to_media`, and the
 evaluator's reconstruction metrics use both. `load_autoencoder` rebuilds one from a training run.
+
+Inference precision (`set_inference_precision`): bf16 weights for the frozen autoencoder and VAE
+(the DiT too) by default on CUDA, fp32 on the CPU; the diffusion latents and the schedulers'
+arithmetic stay fp32 either way, and the vocoder runs in fp32.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,8 @@ from mmldm_data.audio import (
 from mmldm_data.config import ConfigError, DatasetConfig, to_typed
 from mmldm_data.evaluation import ClipBatch
 from mmldm_data.media import write_video
+from mmldm_data.metrics.frechet import frechet_distance
+from mmldm_data.metrics.i3d import I3D, i3d_features
 from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.synthetic import CLASS_NAMES
@@ -53,6 +60,25 @@ def pixels_to_latents(vae: KLVAE, batch: dict) -> dict:
     return latents | {"target_indices": batch["target_indices"], "class_id": batch["class_id"]}
 
 
+PRECISIONS = ("bf16", "fp32")
+
+
+def set_inference_precision(precision: str | None, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype for sampling and evaluation: "bf16" | "fp32", None: bf16 on CUDA, else fp32.
+
+    fp32 on CUDA turns TF32 on for matmuls and convolutions (a process-wide setting): sampling
+    tolerates its 10-bit mantissa, as it tolerates bf16's 8 bits.
+    """
+    on_cuda = torch.device(device).type == "cuda"
+    precision = precision or ("bf16" if on_cuda else "fp32")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS} (or null: by device), got {precision!r}")
+    if precision == "fp32" and on_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 @dataclass
 class DecodedClips:
     frames: Tensor  # [B, T, 3, R, R] in [-1, 1]
@@ -70,6 +96,7 @@ class AutoencoderPipeline:
             class_names,
         )
         self._vocoders: dict[str, object] = {}
+        self._trained_fingerprint: str | None = None  # of the fp32 weights, once cast for inference
 
     @property
     def device(self) -> torch.device:
@@ -79,13 +106,29 @@ class AutoencoderPipeline:
     def mel(self) -> MelConfig:
         return self.dataset.mel
 
+    def to_dtype(self, dtype: torch.dtype) -> AutoencoderPipeline:
+        """Autoencoder and VAE weights in `dtype` (frozen: inference only); inputs and outputs stay fp32.
+
+        The fingerprint stays that of the trained weights, which a DiT checks its autoencoder by."""
+        if dtype != self.model_dtype and self._trained_fingerprint is None:
+            self._trained_fingerprint = self.fingerprint()
+        self.model.to(dtype)
+        self.vae.to(dtype)
+        return self
+
     @torch.no_grad()
     def encode_clips(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Pixel batch (key_frames, audio_image) -> perceptual latents z_v, z_a (posterior modes)."""
-        key_frames = batch["key_frames"].to(self.device)
+        dtype = next(self.vae.parameters()).dtype
+        key_frames = batch["key_frames"].to(self.device, dtype)
         key_latents = self.vae.encode(key_frames.flatten(0, 1)).unflatten(0, key_frames.shape[:2])
-        audio_latents = self.vae.encode(batch["audio_image"].to(self.device))
-        return self.model.encode(key_latents, audio_latents)
+        audio_latents = self.vae.encode(batch["audio_image"].to(self.device, dtype))
+        z_v, z_a = self.model.encode(key_latents.to(self.model_dtype), audio_latents.to(self.model_dtype))
+        return z_v.float(), z_a.float()
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     @torch.no_grad()
     def decode_clips(
@@ -97,7 +140,12 @@ class AutoencoderPipeline:
         guidance_video: float | None = None,
         generator: torch.Generator | None = None,
         class_id: Tensor | None = None,
+        sampler: str | None = None,
+        noise: Tensor | None = None,
     ) -> DecodedClips:
+        """Perceptual latents [B, ...] -> frames and audio images in fp32; settings default to the
+        autoencoder's config (ae.decode_steps, ae.decode_sampler, guidance); `noise` as in
+        `MultiModalAutoencoder.decode`."""
         frame_latents, audio_latents = self.model.decode(
             z_v.to(self.device),
             z_a.to(self.device),
@@ -107,15 +155,21 @@ class AutoencoderPipeline:
             guidance_video=guidance_video,
             generator=generator,
             class_id=class_id,
+            sampler=sampler,
+            noise=noise,
         )
-        frames = self.vae.decode(frame_latents.flatten(0, 1)).unflatten(0, frame_latents.shape[:2])
-        return DecodedClips(
-            frames=frames.clamp(-1, 1), audio_images=self.vae.decode(audio_latents).clamp(-1, 1)
-        )
+        # One VAE batch for the audio images and every frame.
+        dtype = next(self.vae.parameters()).dtype
+        pixels = self.vae.decode(torch.cat([audio_latents, frame_latents.flatten(0, 1)]).to(dtype))
+        pixels = pixels.float().clamp(-1, 1)
+        B = audio_latents.shape[0]
+        return DecodedClips(frames=pixels[B:].unflatten(0, frame_latents.shape[:2]), audio_images=pixels[:B])
 
     def fingerprint(self) -> str:
         """A hash of the autoencoder's and the VAE's weights: identifies what encoded a cache of
         perceptual latents."""
+        if self._trained_fingerprint is not None:
+            return self._trained_fingerprint
         digest = hashlib.sha1(self.vae.fingerprint().encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
@@ -191,25 +245,39 @@ def reconstruction_metrics(
     batch_size: int = 8,
     seed: int = 0,
     oracle_vocoder: str | None = None,
+    i3d: I3D | None = None,
+    real_features: np.ndarray | None = None,
 ) -> dict[str, float]:
     """How well clips survive encode -> decode: PSNR of all decoded frames (dB, on [0, 1] pixels),
     log-mel L1 of the decoded audio images against the input audio (over the [-80, +20] dB range
-    an audio image holds), and the classification head's accuracy on these clips.
+    an audio image holds), the classification head's accuracy on these clips, and the seconds the
+    decoding took per clip. The decoder's sampler, steps and guidance are the model config's
+    (ae.decode_*); `steps` overrides its steps.
 
     With `oracle_vocoder` (synthetic data only), also the fraction of clips whose decoded frames,
     and whose decoded sound through that vocoder, the synthetic oracles read as the clip's class:
     what a DiT on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy).
+    With `i3d`, also rFVD: the Frechet distance of the decoded clips' I3D features to the inputs'
+    (`real_features` [len(indices), 400] when already computed, else computed here).
     """
     config = pipeline.dataset
     num_mel_frames = config.mel.num_frames(config.clip_samples)
     floor = lambda logmel: logmel.clamp(min=IMAGE_FLOOR_LOGMEL)
     squared_errors, logmel_errors, correct, labelled = [], [], 0, 0
     oracle_hits: dict[str, list[bool]] = {"video": [], "audio": []}
+    features: dict[str, list[np.ndarray]] = {"decoded": [], "input": []}
     generator = torch.Generator(pipeline.device).manual_seed(seed)
+    decode_seconds = 0.0
     for start in range(0, len(indices), batch_size):
         batch = default_collate([dataset[i] for i in indices[start : start + batch_size]])
+        began = time.perf_counter()
         z_v, z_a = pipeline.encode_clips(batch)
         decoded = pipeline.decode_clips(z_v, z_a, steps=steps, generator=generator)
+        decode_seconds += time.perf_counter() - began
+        if i3d is not None:
+            features["decoded"].append(i3d_features(i3d, decoded.frames))
+            if real_features is None:
+                features["input"].append(i3d_features(i3d, batch["frames"]))
         frames = (batch["frames"].to(pipeline.device) + 1) / 2
         squared_errors.append(((decoded.frames + 1) / 2 - frames).square().flatten(1).mean(1).cpu())
         reference = mel_spectrogram(batch["audio"].to(pipeline.device), config.mel)[..., :num_mel_frames]
@@ -236,20 +304,28 @@ def reconstruction_metrics(
         "psnr": float((10 * torch.log10(1.0 / mse.clamp(min=1e-10))).mean()),
         "logmel_l1": float(torch.cat(logmel_errors).mean()),
         "class_accuracy": correct / labelled if labelled else float("nan"),
+        "decode_seconds_per_clip": decode_seconds / len(indices),
     }
+    if i3d is not None:
+        real = real_features if real_features is not None else np.concatenate(features["input"])
+        metrics["rfvd"] = frechet_distance(np.concatenate(features["decoded"]), real)
     if oracle_vocoder is not None:
         metrics |= {f"{m}_oracle_accuracy": float(np.mean(hits)) for m, hits in oracle_hits.items()}
     return metrics
 
 
 def load_autoencoder(
-    run_or_checkpoint: str | Path, device: str | torch.device = "cpu", vae_weights: str | None = None
+    run_or_checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    vae_weights: str | None = None,
+    precision: str | None = "fp32",
 ) -> AutoencoderPipeline:
     """Rebuild the autoencoder of a `tools/train_ae.py` run from its newest (or a given) checkpoint,
     with its EMA weights when it has them.
 
     The checkpoint's state.json holds the composed config of the run, so nothing else is needed;
-    `vae_weights` points elsewhere when the run's VAE folder moved.
+    `vae_weights` points elsewhere when the run's VAE folder moved. `precision` as in
+    `set_inference_precision` (None: by device); fp32 by default, which encoding for training needs.
     """
     path = resolve_checkpoint(run_or_checkpoint, "train one with `make train-ae`")
     state = json.loads((path / "state.json").read_text())
@@ -264,9 +340,10 @@ def load_autoencoder(
     load_module_weights(model, path, "autoencoder")
     load_ema_weights(model, path)
     dataset = to_typed(DatasetConfig, config["dataset"])
-    return AutoencoderPipeline(
+    pipeline = AutoencoderPipeline(
         model.to(device), vae.to(device), dataset, state["architecture"]["class_names"]
     )
+    return pipeline.to_dtype(set_inference_precision(precision, device))
 
 
 class AutoencoderReconstructor:
@@ -315,7 +392,7 @@ def _resize_frames(frames: Tensor, size: int) -> Tensor:
 
 
 def load_reconstructor(
-    checkpoint: str | Path, device: str | torch.device = "cpu"
+    checkpoint: str | Path, device: str | torch.device = "cpu", precision: str | None = None
 ) -> AutoencoderReconstructor:
-    """Entry point the evaluator's --recon uses."""
-    return AutoencoderReconstructor(load_autoencoder(checkpoint, device=device))
+    """Entry point the evaluator's --recon uses; precision None: bf16 on CUDA, fp32 elsewhere."""
+    return AutoencoderReconstructor(load_autoencoder(checkpoint, device=device, precision=precision))

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmldm_ae.engine.diffusion import (
-    NoiseScheduleConfig,
-)
+from mmldm_ae.engine.diffusion import SAMPLERS, NoiseScheduleConfig
 from mmldm_data.config import ConfigError
 
 #################################################################################
 #                                   Config                                      #
 #################################################################################
+
+CONTENT_POOLINGS = ("flatten", "avg")  # the authors' code, the paper's text
 
 
 @dataclass
@@ -81,25 +81,38 @@ class AEConfig:
 
     # Ablation toggles of paper Table 5 (weight initialisation is `unet_init`).
     learnable_prompt: bool = True  # off: the prompt slots hold fixed zeros
-    content_embedding: bool = True  # own latent -> MLP -> added to the time embedding
+    content_embedding: bool = True  # own latent -> pooling -> MLP -> added to the time embedding
+    # How the content embedding pools the latent (Table 5 "latent average pooling"). "flatten" (default):
+    # the authors' code, all C' x l x l values into the MLP; it keeps where things are, and runs trained
+    # before this key existed load unchanged. "avg": the paper's text, the spatial mean (C' values). The
+    # published numbers do not decide: in the authors' code this path output a constant
+    # (docs/design.md#deviations, rows 1 and 24).
+    content_pooling: str = "flatten"
     class_embedding: bool = True  # learnable class token in the context
     semantic_context: bool = True  # the other modality's semantic tokens in the context
     adversarial: bool = True
     detach_semantic_inputs: bool = False  # True: the authors' behaviour (semantic losses stop at the latents)
 
-    # Loss weights: the paper's for AIST++ (Landscape: w_kl 1e-9). The authors' configs: w_con 0.03,
-    # w_kl 1e-9 (AIST++) / 1e-6 (Landscape).
+    # Loss weights: the paper's. w_kl is its AIST++ value; conf/train_ae.yaml takes it from the dataset
+    # preset (dataset.ae_w_kl, Landscape 1e-9). The authors' configs: w_con 0.03, w_kl 1e-9 (AIST++) /
+    # 1e-6 (Landscape).
     w_kl: float = 1e-8
     w_cls: float = 0.1
     w_con: float = 0.1
     w_adv: float = 0.1
     guidance_dropout: float = 0.1  # per modality: its prompt and its encoder input are zeroed
 
-    # Decoding: DDIM, eta 0, classifier-free guidance per modality by the paper's Eq. 9,
+    # Decoding: classifier-free guidance per modality by the paper's Eq. 9,
     # eps_c + s (eps_c - eps_u), s = 0: none (docs/design.md#guidance). The authors write
     # eps_u + w (eps_c - eps_u) with w = 2.5, i.e. s = 1.5 here (their AudioSet: w = 1.5 / 3.0 for
-    # audio / video, i.e. s = 0.5 / 2.0).
-    decode_steps: int = 50
+    # audio / video, i.e. s = 0.5 / 2.0). The authors decode with 50 DDIM steps (decode_sampler=ddim,
+    # decode_steps=50); DPM-Solver++ matches them in far fewer (docs/decoder_steps.md: 10 on the tiny
+    # preset). 20 here is not measured on the paper preset: DPM-Solver++'s usual count for SD-sized UNets.
+    decode_steps: int = 20
+    decode_sampler: str = "dpmsolver++"  # a sampler of mmldm_ae.engine.diffusion.SAMPLERS
+    # Guidance only on the first (noisiest) fraction of the steps; the rest run the conditional
+    # branch alone, at half the batch.
+    decode_guidance_fraction: float = 1.0
     guidance_audio: float = 1.5
     guidance_video: float = 1.5
 
@@ -118,6 +131,10 @@ class AEConfig:
     @property
     def audio_latent_size(self) -> int:
         return self.latent_size // 2 ** (len(self.audio_encoder_mult) - 1)
+
+    def content_features(self, side: int) -> int:
+        """Inputs of the content embedding's MLP for a C' x side x side latent (`content_pooling`)."""
+        return self.latent_channels * (side**2 if self.content_pooling == "flatten" else 1)
 
     @property
     def semantic_size(self) -> int:
@@ -195,5 +212,15 @@ class AEConfig:
             )
         if self.decode_steps < 1:
             problems.append("ae.decode_steps must be >= 1")
+        if self.content_pooling not in CONTENT_POOLINGS:
+            problems.append(
+                f"ae.content_pooling must be one of {CONTENT_POOLINGS}, got {self.content_pooling!r}"
+            )
+        if self.decode_sampler not in SAMPLERS:
+            problems.append(f"ae.decode_sampler must be one of {SAMPLERS}, got {self.decode_sampler!r}")
+        if not 0.0 <= self.decode_guidance_fraction <= 1.0:
+            problems.append(
+                f"ae.decode_guidance_fraction must be in [0, 1], got {self.decode_guidance_fraction}"
+            )
         ConfigError.raise_if_any(problems, "invalid autoencoder config")
         self.schedule.validate()

@@ -4,7 +4,9 @@ Both stages use the LDM schedule (docs/design.md#schedule): T = 1000, scaled-lin
 0.00085 -> 0.012 (LDM calls it "linear": sqrt(beta) is linearly spaced), epsilon prediction, and
 DDIM sampling with 50 uniform steps (timesteps 981, 961, ..., 1) and eta = 0. The schedules
 themselves come from diffusers; this module only fixes their settings and adds the small tensor
-helpers that training and guidance need.
+helpers that training, sampling and guidance need. Few-step samplers (DPM-Solver++, UniPC) serve
+both stages through `build_sampler`; `denoising_steps` lays a sampler's timesteps out so that a
+sampling loop reads nothing back from the device.
 
 `prediction_type: v_prediction` (SD 2.x) is an option for the autoencoder's decoder: under the
 epsilon loss the noisiest steps, where a conditional decoder must take its content from the
@@ -15,14 +17,20 @@ sqrt(1 - abar) x0, which is mostly -x0 at those steps.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from mmldm_data.config import ConfigError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Samplers of both stages: DDIM (eta 0, the paper's), DDIM whose steps end at t = T - 1 ("trailing":
+# the grid of tools/distill_decoder.py, nested across halvings), and the multistep solvers that reach
+# DDIM's quality in far fewer steps (docs/decoder_steps.md measures them on the autoencoder's decoder).
+SAMPLERS = ("ddim", "ddim-trailing", "dpmsolver++", "unipc")
 
 
 @dataclass
@@ -63,8 +71,11 @@ def build_train_scheduler(cfg: NoiseScheduleConfig | None = None) -> DDPMSchedul
         )
 
 
-def build_sampling_scheduler(cfg: NoiseScheduleConfig | None = None, steps: int = 50) -> DDIMScheduler:
-    """DDIM over the training schedule with the LDM/SD step layout ("leading" spacing, offset 1)."""
+def build_sampling_scheduler(
+    cfg: NoiseScheduleConfig | None = None, steps: int = 50, spacing: str = "leading"
+) -> DDIMScheduler:
+    """DDIM over the training schedule; by default the LDM/SD step layout ("leading" spacing, offset 1:
+    981, 961, ..., 1), "trailing": T - 1 down in steps of T / steps (999, 979, ..., 19)."""
     if steps < 1:
         raise ValueError(f"number of DDIM steps must be >= 1, got {steps}")
     train = build_train_scheduler(cfg)
@@ -73,11 +84,49 @@ def build_sampling_scheduler(cfg: NoiseScheduleConfig | None = None, steps: int 
             train.config,
             clip_sample=False,
             set_alpha_to_one=False,
-            steps_offset=1,
-            timestep_spacing="leading",
+            steps_offset=1 if spacing == "leading" else 0,
+            timestep_spacing=spacing,
         )
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def build_sampler(sampler: str, steps: int, cfg: NoiseScheduleConfig | None = None) -> SchedulerMixin:
+    """A fresh sampling scheduler (the multistep ones keep per-run state: one per run and modality)."""
+    if steps < 1:
+        raise ConfigError(f"sampling steps must be >= 1, got {steps}")
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if sampler.startswith("ddim"):
+        return build_sampling_scheduler(cfg, steps, "trailing" if sampler == "ddim-trailing" else "leading")
+    train = build_train_scheduler(cfg)
+    with torch.device("cpu"):
+        if sampler == "dpmsolver++":
+            scheduler = DPMSolverMultistepScheduler.from_config(
+                train.config, algorithm_type="dpmsolver++", solver_order=2
+            )
+        else:
+            scheduler = UniPCMultistepScheduler.from_config(train.config, solver_order=2)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def denoising_steps(device: torch.device, *schedulers: SchedulerMixin) -> Iterator[tuple[int, torch.Tensor]]:
+    """(timestep for `scheduler.step`, the same timestep as a 0-d long tensor on `device`) per step of
+    schedulers that share one set of timesteps.
+
+    The loop then reads nothing back from the device: the timesteps go to the device in one copy
+    before the first step, and the schedulers get Python ints (diffusers' DDIM step compares a
+    tensor timestep on the host, and the multistep solvers look theirs up unless told where to
+    begin).
+    """
+    for scheduler in schedulers:
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+    timesteps = schedulers[0].timesteps
+    on_device = timesteps.to(device)
+    for index, t in enumerate(timesteps.tolist()):
+        yield t, on_device[index]
 
 
 def _per_item(values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
