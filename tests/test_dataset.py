@@ -55,6 +55,11 @@ def test_item_layout(synthetic_root):
     assert item["clip_id"] == f"{dataset.files[file_position].path}@{start}"
     assert item["class_id"] == dataset.file_classes[file_position]
     assert dataset.class_names[item["class_id"]] == dataset.files[file_position].path.split("/")[0]
+    # Without return_all_frames only the frames the item holds are converted: the same values.
+    lean = SoundingVideoDataset(synthetic_config(synthetic_root))[5]
+    assert "frames" not in lean
+    for key in ("key_frames", "target_frames", "target_indices"):
+        torch.testing.assert_close(lean[key], item[key], rtol=0, atol=0)
 
 
 def test_random_draws_are_a_function_of_seed_epoch_and_index(synthetic_root):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -145,9 +146,11 @@ def test_sampler_starts_anywhere_in_the_shuffle():
 
 def test_nonfinite_losses_skip_steps_then_abort(tmp_path, capsys):
     task = ToyGanTask(nan_from_step=2)
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row at step 2.*Lower train.lr"):
+    # Steps 2-5 are skipped on the device; the host reads that at its checks (steps 3, 4 and 6).
+    with pytest.raises(TrainingError, match="4 non-finite steps in a row by step 6.*Lower train.lr"):
         Trainer(task, NoisyPairs(), config(max_nonfinite_steps=3), tmp_path / "run").train()
-    assert capsys.readouterr().err.count("non-finite model loss") == 3
+    err = capsys.readouterr().err
+    assert err.count("non-finite model loss") == 3 and "gradient" not in err
 
 
 def test_resume_with_an_incompatible_config_names_the_keys(tmp_path):
@@ -273,12 +276,12 @@ def test_a_missing_rng_state_is_an_error(tmp_path):
 def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped_without_clipping(tmp_path, capsys):
     run = tmp_path / "run"
     task = ToyGanTask(nan_from_step=2, nan_in="gradient")
-    with pytest.raises(TrainingError, match="2 non-finite losses in a row at step 2"):
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row by step 4"):
         Trainer(
             task, NoisyPairs(), config(grad_clip=None, max_nonfinite_steps=2, checkpoint_every=1), run
         ).train()
-    assert capsys.readouterr().err.count("non-finite model gradient") == 2
-    assert step_names(run)[-1] == "step_0000002"
+    assert capsys.readouterr().err.count("non-finite model gradient") == 2  # read at steps 3 and 4
+    assert step_names(run)[-1] == "step_0000003"  # steps 2 and 3 skipped: the weights of step 2
     assert all(value.isfinite().all() for value in weights(run).values())
 
 
@@ -301,7 +304,7 @@ def test_a_skip_in_the_second_optimiser_undoes_the_whole_step(tmp_path):
         config(**{**settings, "max_steps": 4, "max_nonfinite_steps": 1}),
         tmp_path / "skipped",
     )
-    with pytest.raises(TrainingError, match="1 non-finite losses in a row at step 2"):
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row by step 4"):
         skipped.train()
     for name in ("model", "critic"):
         for a, b in zip(before._raw(name).parameters(), skipped._raw(name).parameters(), strict=True):
@@ -351,7 +354,9 @@ def test_fp16_overflow_lowers_the_loss_scale_and_training_goes_on(tmp_path, caps
     summary = trainer.train()
     assert summary["step"] == 4 and summary["skipped_steps"] >= 1
     assert trainer.accelerator.scaler.get_scale() < 2.0**16
-    assert "gradient on at least one process" in capsys.readouterr().err
+    assert re.search(
+        "non-finite (model|critic) gradient in 1.*on at least one process", capsys.readouterr().err
+    )
 
 
 class SignalledTask(ToyGanTask):

@@ -11,6 +11,9 @@ fly), the DiT and the long-video DiT (each from its latent cache), then one svg 
 sample and one long sample (10 clips, 160 frames). Every stage runs in its own process, so each
 peak-memory figure is that stage's alone. Ends with a table (wall time of the stage, the last
 training step's time and throughput, peak GPU memory) and the same as one JSON line.
+
+tools/bench_gpu.py is the other GPU tool: timings of the parts in one process, against a plain build.
+This one checks that the real tools run end to end on the GPU.
 """
 
 from __future__ import annotations

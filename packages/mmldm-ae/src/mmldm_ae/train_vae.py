@@ -68,9 +68,9 @@ class VAETrainingTask(TrainingTask):
                 modules["discriminator"], images_of(batch), self._reconstruction
             )
             return losses["loss"], {
-                "d_loss": losses["loss"].item(),
-                "d_real": losses["logits_real"].item(),
-                "d_fake": losses["logits_fake"].item(),
+                "d_loss": losses["loss"].detach(),
+                "d_real": losses["logits_real"].detach(),
+                "d_fake": losses["logits_fake"].detach(),
             }
         losses = vae_losses(
             modules["vae"],
@@ -82,7 +82,10 @@ class VAETrainingTask(TrainingTask):
             adaptive_adv_weight=self.stage0.adaptive_adv_weight,
         )
         self._reconstruction = losses["reconstruction"].detach()
-        numbers = {k: float(v) for k, v in losses.items() if k not in ("loss", "reconstruction")}
+        # Tensors: the trainer reads them at logging steps only.
+        numbers = {
+            k: torch.as_tensor(v).detach() for k, v in losses.items() if k not in ("loss", "reconstruction")
+        }
         return losses["loss"], numbers
 
     @torch.no_grad()

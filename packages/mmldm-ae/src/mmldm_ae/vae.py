@@ -157,6 +157,11 @@ class KLVAE(nn.Module):
         self.sample_posterior = sample_posterior
         self.chunk_size = chunk_size
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the encoder's and decoder's block activations in backward (train.gradient_checkpointing):
+        the autoencoder's adversarial term decodes 3 images per clip through the frozen VAE with gradients."""
+        self.model.enable_gradient_checkpointing()
+
     @property
     def latent_channels(self) -> int:
         return self.model.config.latent_channels
@@ -185,10 +190,10 @@ class KLVAE(nn.Module):
         sample = self.sample_posterior if sample is None else sample
         self._check_images(x)
         latents = []
-        for chunk in x.split(self.chunk_size):
-            posterior = self.model.encode(chunk).latent_dist
+        for chunk in x.split(self.chunk_size):  # in the weights' dtype (bf16 when frozen for bf16 training)
+            posterior = self.model.encode(chunk.to(self.model.dtype)).latent_dist
             latents.append(posterior.sample(generator) if sample else posterior.mode())
-        return torch.cat(latents) * self.scale
+        return (torch.cat(latents) * self.scale).to(x.dtype)
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents [N, C, h, w] -> images [N, 3, H, W]; differentiable in z."""
@@ -196,7 +201,11 @@ class KLVAE(nn.Module):
             raise ValueError(
                 f"decode expects latents [N, {self.latent_channels}, h, w], got {tuple(z.shape)}"
             )
-        return torch.cat([self.model.decode(chunk / self.scale).sample for chunk in z.split(self.chunk_size)])
+        dtype = self.model.dtype
+        images = [
+            self.model.decode((chunk / self.scale).to(dtype)).sample for chunk in z.split(self.chunk_size)
+        ]
+        return torch.cat(images).to(z.dtype)
 
     def freeze_encoder(self) -> None:
         """The authors' fine-tune recipe: only the decoder (and post_quant_conv) keep learning."""

@@ -413,15 +413,19 @@ class SoundingVideoDataset(Dataset):
             sample_rate=config.mel.sample_rate,
         )
         rng = np.random.default_rng([config.seed, self.epoch, index])
-        frames = to_model_frames(clip.frames, config.resolution, config.frame_mode)  # [T, 3, R, R]
-        if config.flip_p > 0 and rng.random() < config.flip_p:
-            frames = frames.flip(-1)
+        flip = config.flip_p > 0 and rng.random() < config.flip_p
         targets = np.sort(rng.choice(config.num_frames, size=config.num_target_frames, replace=False))
+        # Resize and convert only the frames the item holds (6 of 16 for training), not the whole window.
+        used = range(config.num_frames) if self.return_all_frames else [*config.key_frame_indices, *targets]
+        converted = to_model_frames(clip.frames[list(used)], config.resolution, config.frame_mode)
+        if flip:
+            converted = converted.flip(-1)
+        frames = dict(zip(used, converted, strict=True))  # frame index -> [3, R, R]
         audio = torch.from_numpy(clip.audio).float()
         audio_image = waveform_to_audio_image(audio[None], config.mel)[0]
         item = {
-            "key_frames": frames[config.key_frame_indices],
-            "target_frames": frames[targets],
+            "key_frames": torch.stack([frames[i] for i in config.key_frame_indices]),
+            "target_frames": torch.stack([frames[i] for i in targets]),
             "target_indices": torch.from_numpy(targets / config.num_frames).float(),
             "audio_image": audio_image,
             "audio": audio,
@@ -429,5 +433,5 @@ class SoundingVideoDataset(Dataset):
             "clip_id": f"{record.path}@{start}",
         }
         if self.return_all_frames:
-            item["frames"] = frames
+            item["frames"] = converted
         return item

@@ -40,6 +40,7 @@ from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_em
 from einops import rearrange
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmldm_data.config import ConfigError
 
@@ -263,6 +264,14 @@ class TokenEmbedder(nn.Module):
 #################################################################################
 
 
+def run_block(block: nn.Module, x: Tensor, c: Tensor, checkpointed: bool) -> Tensor:
+    """block(x, c); `checkpointed` (train.gradient_checkpointing) recomputes the block's activations in
+    the backward pass instead of keeping them."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, c, use_reentrant=False)
+    return block(x, c)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -327,7 +336,13 @@ class MMDiT(nn.Module):
             }
         )
         self.previous_encoder = PreviousClipEncoder(cfg) if cfg.previous_clip_depth else None
+        self.gradient_checkpointing = False
         self.initialize_weights()
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        self.gradient_checkpointing = enabled
+        if self.previous_encoder is not None:
+            self.previous_encoder.gradient_checkpointing = enabled
 
     def initialize_weights(self) -> None:
         def _basic_init(module: nn.Module) -> None:
@@ -454,7 +469,7 @@ class MMDiT(nn.Module):
             previous = self._latents("prev", prev_a, prev_v, like=some_latent)
             residuals = self.previous_encoder(latents, previous, c, drop_context)
         for index, block in enumerate(self.blocks):
-            x = block(x, c)
+            x = run_block(block, x, c, self.gradient_checkpointing)
             if index < len(residuals):
                 x = x + residuals[index]
 
@@ -482,6 +497,7 @@ class PreviousClipEncoder(nn.Module):
         self.outputs = nn.ModuleList(
             [nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False) for _ in range(cfg.previous_clip_depth)]
         )
+        self.gradient_checkpointing = False
 
     def forward(
         self, latents: dict[str, Tensor], previous: dict[str, Tensor], c: Tensor, drop_context: Tensor | None
@@ -490,7 +506,7 @@ class PreviousClipEncoder(nn.Module):
         x = self.tokens(stacked, None, drop_context)
         residuals = []
         for block, out in zip(self.blocks, self.outputs, strict=True):
-            x = block(x, c)
+            x = run_block(block, x, c, self.gradient_checkpointing)
             residuals.append(out(x))  # [B, L, D]
         return residuals
 

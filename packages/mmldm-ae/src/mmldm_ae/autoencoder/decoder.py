@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mmldm_ae.autoencoder.config import AEConfig
 from mmldm_ae.autoencoder.layers import (
@@ -89,8 +90,12 @@ class SignalDecoder(nn.Module):
     diffusers' `down_block_additional_residuals` only adds to the skips, so instead a forward hook
     on every down-path module (conv_in, each down block's attention or resnet, each downsampler)
     adds that position's feature to the module's output. The features live only for the duration
-    of `forward`; diffusers' per-block gradient checkpointing (which would re-run the hooks during
-    backward) is therefore not supported.
+    of `forward`.
+
+    Gradient checkpointing (`enable_gradient_checkpointing`) must not re-run a hook during backward,
+    when the features are gone: each down-path module's own `forward` is checkpointed, while its hook
+    (in `__call__`, outside the recomputed region) adds the feature as an ordinary autograd op.
+    diffusers checkpoints the middle and up blocks, which have no hooks.
     The content embedding enters as an identity "class embedding", which diffusers adds to the
     time embedding after the time MLP, as the authors do.
     """
@@ -114,7 +119,27 @@ class SignalDecoder(nn.Module):
         modules, self.injection_channels, self.injection_sizes = self._injection_points(cfg)
         for position, module in enumerate(modules):
             module.register_forward_hook(partial(self._add_feature, position))
+            module.checkpointed = False
+            module.forward = partial(checkpointable_forward, module)  # a partial follows deepcopies
+        self._injection_modules = modules
         self._features: list[Tensor] | None = None
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute activations block by block in the backward pass (train.gradient_checkpointing)."""
+        if enabled:
+            self.unet.enable_gradient_checkpointing()
+        else:
+            self.unet.disable_gradient_checkpointing()
+        # diffusers checkpoints whole module calls, hooks included (re-run in backward by some torch
+        # versions, when the features are gone): the down path uses ours, which leaves the hooks out.
+        for block in self.unet.down_blocks:
+            for module in block.modules():
+                if hasattr(module, "gradient_checkpointing"):
+                    module.gradient_checkpointing = False
+        for module in self._injection_modules:
+            module.checkpointed = enabled
+        self.gradient_checkpointing = enabled
 
     def _injection_points(self, cfg: AEConfig) -> tuple[list[nn.Module], list[int], list[int]]:
         size = cfg.latent_size
@@ -162,6 +187,15 @@ class SignalDecoder(nn.Module):
             ).sample
         finally:
             self._features = None
+
+
+def checkpointable_forward(module: nn.Module, *args, **kwargs):
+    """`module`'s own forward, recomputed in the backward pass when `module.checkpointed` (its hooks run
+    in __call__, outside the recomputed region)."""
+    forward = type(module).forward.__get__(module)
+    if module.checkpointed and torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def load_unet_weights(unet: UNet2DConditionModel, path: str | Path) -> None:

@@ -8,8 +8,11 @@ order, non-finite-loss guarding, checkpoints that resume exactly, a status line,
 Checkpoints are folders `<run_dir>/checkpoints/step_XXXXXXX/` (layout and verification:
 mmldm_ae.engine.checkpoint) holding weights, optimiser, EMA and RNG states, and the loop's position.
 Resuming restores all of it, so a resumed run continues with the same losses as an uninterrupted one.
-Every decision that changes the step (skip a non-finite step, abort, stop for train.max_minutes or
-SIGTERM / SIGUSR1) is taken by all processes together, from one all-reduce per step.
+Every decision is taken by all processes together. A step never waits for the device (no host sync):
+whether it is skipped (a non-finite loss or gradient on any process) is all-reduced and applied on
+the device, and the numbers it logs stay there. The host reads them, with the skip counts, at logging,
+checkpoint and preview steps only, where it also agrees to stop (train.max_minutes, SIGTERM /
+SIGUSR1) or aborts on divergence (train.max_nonfinite_steps). A skipped step counts as a step.
 """
 
 from __future__ import annotations
@@ -34,18 +37,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmldm_ae.engine.checkpoint import (
     checkpoint_dirs,
     describe_mismatch,
+    ema_state_dict,
     load_module_weights,
     newest_valid_checkpoint,
     publish_checkpoint,
+    read_ema_weights,
     rng_state,
     set_rng_state,
 )
@@ -76,12 +81,20 @@ class TrainConfig:
     checkpoint_every: int = 500
     # Checkpoints of this run kept (the newest ones); a run's final checkpoint is never deleted.
     keep_checkpoints: int = 2
+    # Also how often the host reads the device: skipped steps, signals and train.max_minutes act here.
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     num_workers: int = 0
     seed: int = 0
-    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
+    max_nonfinite_steps: int = 5  # abort after this many skipped (non-finite) steps in a row
     resume: bool = True  # continue from the newest checkpoint in run_dir when there is one
+    # Recompute the activations of the large blocks (DiT blocks, the decoder UNet, the VAE decoder)
+    # in the backward pass: less memory for about a third more compute.
+    gradient_checkpointing: bool = False
+    # torch.compile the DiT / the decoder UNet (static shapes: one compile per run, minutes on a GPU).
+    compile: bool = False
+    # DDP: the autograd graph is the same every step (saves DDP's per-step search; the DiT's case).
+    ddp_static_graph: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -146,8 +159,14 @@ class TrainingTask(Protocol):
     def optimizer_modules(self) -> list[str]:
         """Names of the modules with an optimiser, in step order: the model first, then any discriminator."""
 
+    def prepare_step(self, micro: list[dict], modules: dict[str, nn.Module]) -> list[Any]:
+        """Optional: the micro-batches of one optimiser step as `loss` will get them, made once per
+        step before any loss, for losses that need the whole step (the autoencoder's contrastive
+        negatives and random draws). By default `loss` gets the batches as loaded."""
+        return micro
+
     def loss(
-        self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]
+        self, optimizer: str, batch: Any, step: int, modules: dict[str, nn.Module]
     ) -> tuple[torch.Tensor | None, dict[str, float]]:
         """The loss for one optimiser on one micro-batch, and numbers to log; None skips that
         optimiser at this step (a discriminator before its start step). `modules` are the
@@ -230,6 +249,29 @@ class LoopState:
     skipped_steps: int = 0
 
 
+class StepHealth:
+    """Device-side counts of skipped steps between two checks, so that no step waits to know.
+
+    flags per step: [non-finite loss per optimiser, non-finite gradient per optimiser] (> 0: bad)."""
+
+    def __init__(self, num_optimizers: int, device: torch.device):
+        self.why = torch.zeros(2 * num_optimizers, device=device)  # steps skipped for each reason
+        self.counts = torch.zeros(3, device=device)  # skipped, latest run in a row, longest run
+
+    def add_step(self, flags: torch.Tensor, skip: torch.Tensor) -> None:
+        skipped, run, longest = self.counts.unbind()
+        run = (run + 1) * skip
+        self.counts = torch.stack([skipped + skip, run, torch.maximum(longest, run)])
+        self.why += (flags > 0).float()
+
+    def read(self) -> tuple[int, int, int, list[int]]:
+        """(skipped, latest run in a row, longest run, steps per reason) since the last read (a host sync)."""
+        values = [int(v) for v in torch.cat([self.counts, self.why]).tolist()]
+        self.counts = torch.stack([torch.zeros_like(self.counts[0]), self.counts[1], self.counts[1]])
+        self.why.zero_()
+        return values[0], values[1], values[2], values[3:]
+
+
 class Trainer:
     def __init__(
         self,
@@ -249,6 +291,12 @@ class Trainer:
             mixed_precision=config.precision,
             cpu=not torch.cuda.is_available(),  # as processes()
             step_scheduler_with_optimizer=False,
+            # Gradients live in DDP's communication buckets: no second copy of every gradient.
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(
+                    gradient_as_bucket_view=True, static_graph=config.ddp_static_graph
+                )
+            ],
         )
         check_distributed_type(self.accelerator.distributed_type)
         torch.manual_seed(config.seed + self.accelerator.process_index)
@@ -272,6 +320,8 @@ class Trainer:
                 lr=self.base_lr[name],
                 betas=tuple(config.betas),
                 weight_decay=config.weight_decay,
+                # One kernel for all parameters, and its found_inf input skips a step on the device.
+                fused=True,
             )
             for name in optimized
         }
@@ -280,8 +330,9 @@ class Trainer:
         self.optimizers = dict(zip(self.optimizers, prepared[len(modules) :], strict=True))
         self.ema = None
         if config.ema_decay is not None:
-            self.ema = EMAModel(self._raw(self.model_name).parameters(), decay=config.ema_decay)
+            self.ema = EMAModel(self._raw(self.model_name).parameters(), decay=config.ema_decay, foreach=True)
         self.state = LoopState()
+        self._health = StepHealth(len(self.optimizers), self.accelerator.device)
         # Which run wrote a checkpoint: pruning deletes only this run's (a resume takes the checkpoint's id).
         self.run_id = uuid.uuid4().hex
         self.saved: Path | None = None  # the newest checkpoint written or resumed by this trainer
@@ -322,7 +373,7 @@ class Trainer:
             for name in self.modules:
                 save_model(self._raw(name), str(partial / f"{name}.safetensors"))
             if self.ema is not None:
-                ema_weights = {f"{i}": p.detach().contiguous() for i, p in enumerate(self.ema.shadow_params)}
+                ema_weights = ema_state_dict(self._raw(self.model_name), self.ema.shadow_params)
                 save_file(ema_weights, partial / "ema.safetensors")
             optimizer_states = {name: opt.state_dict() for name, opt in self.optimizers.items()}
             scaler = self.accelerator.scaler
@@ -409,9 +460,11 @@ class Trainer:
         if self.accelerator.scaler is not None and rest["scaler"] is not None:
             self.accelerator.scaler.load_state_dict(rest["scaler"])
         if self.ema is not None:
-            ema_weights = load_file(checkpoint / "ema.safetensors")
-            for i, shadow in enumerate(self.ema.shadow_params):
-                shadow.data.copy_(ema_weights[f"{i}"])
+            ema_weights = read_ema_weights(self._raw(self.model_name), checkpoint)
+            if ema_weights is None:
+                raise TrainingError(f"{checkpoint} has no ema.safetensors, but train.ema_decay is set")
+            for shadow, weight in zip(self.ema.shadow_params, ema_weights, strict=True):
+                shadow.data.copy_(weight)
             self.ema.optimization_step = rest["ema_step"]
         self.state = LoopState(
             step=saved["step"], samples_seen=saved["samples_seen"], skipped_steps=saved["skipped_steps"]
@@ -456,6 +509,7 @@ class Trainer:
         )
         # Its own generator: a DataLoader otherwise draws worker seeds from the global RNG, which
         # would shift the training noise of a resumed run.
+        device = self.accelerator.device
         loader = DataLoader(
             EpochIndexed(self.dataset),
             batch_size=self.config.batch_size,
@@ -463,9 +517,11 @@ class Trainer:
             num_workers=self.config.num_workers,
             persistent_workers=self.config.num_workers > 0,
             generator=torch.Generator().manual_seed(self.config.seed),
+            # Page-locked batches copy to the GPU asynchronously, overlapping the step before.
+            pin_memory=device.type == "cuda",
         )
         for batch in loader:
-            yield {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     @contextmanager
     def _stop_on_signals(self) -> Iterator[None]:
@@ -514,32 +570,36 @@ class Trainer:
         with self._stop_on_signals():
             while self.state.step < config.max_steps and not stop:
                 micro = [next(batches) for _ in range(config.grad_accum)]
-                logs, stop = self._optimizer_steps(micro, deadline)
+                logs = self._optimizer_steps(micro)
+                self.state.step += 1
                 self.state.samples_seen += config.batch_size * config.grad_accum
                 window_samples += config.batch_size * config.grad_accum * self.accelerator.num_processes
-                if logs is None:
-                    continue
-                self.state.step += 1
                 progress.update()
-                last_logs = logs
-                if self.state.step % config.log_every == 0 or self.state.step == config.max_steps:
-                    logs = {k: float(v) for k, v in logs.items()}
+                step = self.state.step
+                logging = step % config.log_every == 0 or step == config.max_steps
+                checkpointing = step % config.checkpoint_every == 0 and step < config.max_steps
+                previewing = bool(config.sample_every) and step % config.sample_every == 0
+                if not (logging or checkpointing or previewing):
+                    continue  # the host waits for the device only at the steps below
+                stop = self._check(deadline)
+                if logging:
+                    logs = read_numbers(logs, self.accelerator.device)
+                    last_logs = logs
                     elapsed = time.perf_counter() - window_start
                     logs["samples_per_s"] = window_samples / max(elapsed, 1e-9)
                     logs["peak_mem_gb"] = peak_memory_gb()
                     logs["lr"] = self.optimizers[self.model_name].param_groups[0]["lr"]
-                    self.logger.log(logs, self.state.step)
+                    self.logger.log(logs, step)
                     progress.set_postfix_str(self._status(logs), refresh=False)
                     if progress.disable:
-                        self._print(f"step {self.state.step}/{config.max_steps} | {self._status(logs)}")
+                        self._print(f"step {step}/{config.max_steps} | {self._status(logs)}")
                     window_start, window_samples = time.perf_counter(), 0
-                if self.state.step % config.checkpoint_every == 0 and self.state.step < config.max_steps:
+                if checkpointing:
                     self.save_checkpoint()
                 # After the checkpoint of the same step, so that a failing preview loses no training;
                 # the last step's come after the final checkpoint.
-                if config.sample_every and self.state.step % config.sample_every == 0 and not stop:
-                    if self.state.step < config.max_steps:
-                        self._log_media()
+                if previewing and not stop and step < config.max_steps:
+                    self._log_media()
             progress.close()
             stopped_by = None
             if stop:
@@ -559,12 +619,18 @@ class Trainer:
         self.logger.finish()
         return summary
 
-    def _optimizer_steps(self, micro: list[dict], deadline: float) -> tuple[dict[str, Any] | None, bool]:
-        """One step of every optimiser over the micro-batches, or of none when any loss or gradient
-        is not finite on any process; and whether any process asks to stop after this step (a
-        signal, or past the deadline). Both come from one all-reduce: all processes agree."""
+    def _optimizer_steps(self, micro: list[Any]) -> dict[str, torch.Tensor]:
+        """One step of every optimiser over the micro-batches, or of none when any loss or gradient is
+        not finite on any process; returns the numbers to log, as device tensors.
+
+        Nothing here waits for the device: the verdict is all-reduced and applied on the device (fused
+        AdamW's found_inf, a masked EMA), and counted there for `_check` to read at logging steps."""
         logs: dict[str, Any] = {}
-        stepping, loss_finite = [], []
+        names = list(self.optimizers)
+        bad_loss, stepping = [], []
+        if hasattr(self.task, "prepare_step"):
+            with self.accelerator.autocast():
+                micro = self.task.prepare_step(micro, self.modules)
         for name, optimizer in self.optimizers.items():
             for group in optimizer.param_groups:
                 group["lr"] = self._learning_rate(self.base_lr[name])
@@ -582,74 +648,101 @@ class Trainer:
                 # process; the step is dropped below.
                 self.accelerator.backward(loss / len(micro))
                 for key, value in numbers.items():
-                    logs[key] = logs.get(key, 0.0) + float(value) / len(micro)
+                    value = value.detach().float() if torch.is_tensor(value) else value
+                    logs[key] = logs.get(key, 0.0) + value / len(micro)
             if loss is not None:
                 stepping.append(name)
-                loss_finite.append(torch.stack(finite).all())
+            bad_loss.append(~torch.stack(finite).all() if loss is not None else None)
         scaler = self.accelerator.scaler
         if scaler is not None:
             # fp16: unscale every optimiser's gradients once; the scaler records overflows for update().
             self.accelerator.unscale_gradients()
-        norms = []
-        for name in stepping:
+        device = self.accelerator.device
+        no = torch.zeros((), dtype=torch.bool, device=device)
+        bad_grad = []
+        for name, loss_was_bad in zip(names, bad_loss, strict=True):
+            if loss_was_bad is None:
+                bad_grad.append(no)
+                continue
             parameters = [p for p in self.modules[name].parameters() if p.grad is not None]
             if self.config.grad_clip:
-                norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+                norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip, foreach=True)
             else:
-                norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-            norms.append(norm)
-            logs[f"grad_norm_{name}"] = norm  # a tensor: read only when logged
-        device = self.accelerator.device
-        flags = torch.stack(
-            [
-                torch.tensor(self.stop_signal is not None or time.perf_counter() > deadline, device=device),
-                *[~finite.to(device) for finite in loss_finite],
-                *[~torch.isfinite(norm).to(device) for norm in norms],
-            ]
-        ).float()
-        flags = self.accelerator.reduce(flags, reduction="sum").tolist()  # the step's one host sync
-        stop, bad_loss, bad_grad = flags[0] > 0, flags[1 : 1 + len(stepping)], flags[1 + len(stepping) :]
-        bad_losses = [name for name, bad in zip(stepping, bad_loss, strict=True) if bad]
-        bad_grads = [
-            name for name, bad in zip(stepping, bad_grad, strict=True) if bad and name not in bad_losses
-        ]
-        if bad_losses or bad_grads:
-            for optimizer in self.optimizers.values():
-                optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.update()  # an fp16 overflow lowers the loss scale
-            self._skip(bad_losses, bad_grads, logs)
-            return None, stop
+                norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], foreach=True)
+            logs[f"grad_norm_{name}"] = norm
+            bad_grad.append(~torch.isfinite(norm) & ~loss_was_bad)  # the reason: the loss, if it was bad
+        # [non-finite loss per optimiser, non-finite gradient per optimiser], summed over processes.
+        flags = torch.stack([no if b is None else b.to(device) for b in bad_loss] + bad_grad).float()
+        flags = self.accelerator.reduce(flags, reduction="sum")
+        skip = (flags.sum() > 0).float()
         for name in stepping:
-            if scaler is None:
-                self.optimizers[name].step()
-            else:
-                # One update() for all optimisers (torch's recipe); Accelerate's step would update after each.
-                scaler.step(self.optimizers[name].optimizer)
+            self._fused_step(self.optimizers[name].optimizer, skip)
         if scaler is not None:
-            scaler.update()
+            scaler.update()  # an fp16 overflow (a non-finite gradient after unscaling) lowers the scale
         if self.ema is not None:
-            self.ema.step(self._raw(self.model_name).parameters())
-        self.state.nonfinite_in_a_row = 0
-        return logs, stop
+            self._update_ema(1.0 - skip)
+        self._health.add_step(flags, skip)
+        return logs
 
-    def _skip(self, bad_losses: list[str], bad_grads: list[str], numbers: dict[str, Any]) -> None:
-        self.state.nonfinite_in_a_row += 1
-        self.state.skipped_steps += 1
-        what = [f"non-finite {name} loss" for name in bad_losses]
-        what += [f"non-finite {name} gradient" for name in bad_grads]
-        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in numbers.items())
-        self._print(
-            f"step {self.state.step}: {' and '.join(what)} on at least one process ({shown}); the step is "
-            f"skipped for every optimiser ({self.state.nonfinite_in_a_row} in a row)"
+    @staticmethod
+    def _fused_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+        """optimizer.step(), or nothing (not even its step count) where `skip` is 1, decided on the
+        device: the fused kernels read found_inf, as they do for torch's GradScaler."""
+        optimizer.grad_scale, optimizer.found_inf = None, skip
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+
+    @torch.no_grad()
+    def _update_ema(self, keep: torch.Tensor) -> None:
+        """EMAModel.step as one multi-tensor lerp, weighted by `keep` (0 on a skipped step)."""
+        ema = self.ema
+        ema.optimization_step += 1
+        weight = keep * (1.0 - ema.get_decay(ema.optimization_step))
+        pairs = [
+            (s, p)
+            for s, p in zip(ema.shadow_params, self._raw(self.model_name).parameters(), strict=True)
+            if p.requires_grad
+        ]
+        shadows = [s for s, _ in pairs]
+        # shadow += weight * (param - shadow); lerp_ would read a tensor weight back to the host.
+        step = torch._foreach_sub([p.detach() for _, p in pairs], shadows)
+        torch._foreach_mul_(step, weight)
+        torch._foreach_add_(shadows, step)
+
+    def _check(self, deadline: float) -> bool:
+        """Read what the device counted since the last check (skipped steps and why), stop on
+        divergence, and agree with the other processes whether to stop (a signal, train.max_minutes).
+        The only host syncs of the loop, at logging, checkpoint and preview steps."""
+        asked = self.stop_signal is not None or time.perf_counter() > deadline
+        stop = self.accelerator.reduce(
+            torch.tensor([float(asked)], device=self.accelerator.device), reduction="sum"
         )
-        if self.state.nonfinite_in_a_row >= self.config.max_nonfinite_steps:
+        skipped, in_a_row, longest, why = self._health.read()
+        stop = stop.item() > 0
+        self.state.skipped_steps += skipped
+        self.state.nonfinite_in_a_row = in_a_row
+        if not skipped:
+            return stop
+        names = list(self.optimizers)
+        reasons = [
+            f"non-finite {name} {kind} in {count}"
+            for kind, counts in (("loss", why[: len(names)]), ("gradient", why[len(names) :]))
+            for name, count in zip(names, counts, strict=True)
+            if count
+        ]
+        self._print(
+            f"steps up to {self.state.step}: {skipped} skipped for every optimiser ({', '.join(reasons)}) "
+            f"on at least one process; latest {in_a_row} in a row"
+        )
+        if longest >= self.config.max_nonfinite_steps:
             raise TrainingError(
-                f"{self.state.nonfinite_in_a_row} non-finite losses in a row at step {self.state.step}: "
-                "training diverged. Lower train.lr, raise train.warmup_steps, or use "
-                "train.precision=no/bf16 instead of fp16; the last good checkpoint is in "
-                f"{self.run_dir / 'checkpoints'}"
+                f"{longest} non-finite steps in a row by step {self.state.step}: training diverged. "
+                "Lower train.lr, raise train.warmup_steps, or use train.precision=no/bf16 instead of fp16; "
+                f"the last good checkpoint is in {self.run_dir / 'checkpoints'}"
             )
+        return stop
 
     def _log_media(self) -> None:
         if not self.is_main:
@@ -688,6 +781,14 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.is_main:
             print(message, file=sys.stderr, flush=True)
+
+
+def read_numbers(numbers: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """Device tensors (and floats) to floats with one transfer: one host sync, not one per number."""
+    if not numbers:
+        return {}
+    values = torch.stack([torch.as_tensor(v, device=device).float() for v in numbers.values()])
+    return dict(zip(numbers, values.tolist(), strict=True))
 
 
 def peak_memory_gb() -> float:
