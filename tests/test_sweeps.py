@@ -31,6 +31,8 @@ GROUPS = {
     "sample": (),
     "demo": (),
     "synth_bench": (),
+    "table1_paper": ("dataset",),
+    "table1_tiny": ("dataset",),
 }
 # Every section a tool turns into a dataclass: the groups' schemas and the root configs' own sections.
 SECTIONS = {
@@ -215,6 +217,16 @@ def test_table_5_rows_are_what_the_paper_says_with_the_readme_command():
         )
         assert effective == expected, row
         assert cfg.experiment.label == row
+
+
+def test_no_ablation_row_decides_how_the_content_embedding_pools():
+    # Table 5's "latent average pooling" row switches the content embedding on; ae.content_pooling
+    # (flatten: the authors' code, avg: the paper's text) is the same choice in every row.
+    for row in TABLE_5:
+        cfg = compose_checked(
+            CONF, "train_ae", [*README_ABLATION, f"ablation={row}", "ae.content_pooling=avg"]
+        )
+        assert cfg.ae.content_pooling == "avg", row
 
 
 def test_a_key_every_ablation_row_decides_is_refused_on_the_command_line():

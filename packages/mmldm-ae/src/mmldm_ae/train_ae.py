@@ -9,7 +9,8 @@ or latents from a cache (`mmldm_ae.engine.latent_cache`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator, discriminator_losses
+from mmldm_ae.autoencoder.model import TrainingDraws
+from mmldm_ae.autoencoder.semantic import ContrastiveBank
 from mmldm_ae.engine.latent_cache import LatentCacheDataset, build_latent_cache
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides, write_results
@@ -37,7 +40,23 @@ from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvalSets, evaluate, load_models
 
 
+@dataclass
+class MicroBatch:
+    """One micro-batch of an optimiser step as the losses see it (`AETrainingTask.prepare_step`)."""
+
+    latents: dict[str, torch.Tensor]  # the batch of VAE latents (MultiModalAutoencoder.training_losses)
+    draws: TrainingDraws  # this micro-batch's share of the step's random draws
+    bank: ContrastiveBank | None  # the step's contrastive embeddings; None: one micro-batch
+    # Set by the model's loss: this micro-batch's real and (detached) fake slots for the discriminator.
+    disc: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
 class AETrainingTask(TrainingTask):
+    """The autoencoder's step under gradient accumulation sees the whole optimiser-step batch: the
+    contrastive negatives come from every micro-batch (`MultiModalAutoencoder.micro_batch_plans`) and
+    the discriminator's loss is the mean over every micro-batch's fakes, so k micro-batches of n
+    clips give the losses and gradients of one batch of k*n clips (docs/design.md#accumulation)."""
+
     def __init__(
         self,
         pipeline: AutoencoderPipeline,
@@ -52,7 +71,6 @@ class AETrainingTask(TrainingTask):
         self.vae: KLVAE = pipeline.vae
         self.preview, self.preview_steps, self.vocoder_name = preview, preview_steps, vocoder
         self._architecture = architecture
-        self._pixels: dict[str, torch.Tensor] | None = None
 
     def modules(self) -> dict[str, nn.Module]:
         modules = {"autoencoder": self.model}
@@ -66,20 +84,27 @@ class AETrainingTask(TrainingTask):
     def architecture(self) -> dict[str, Any]:
         return self._architecture
 
-    def loss(self, optimizer: str, batch: dict, step: int, modules: dict[str, nn.Module]):
+    def prepare_step(self, micro: list[dict], modules: dict[str, nn.Module]) -> list[MicroBatch]:
+        latents = [batch if "key_latents" in batch else pixels_to_latents(self.vae, batch) for batch in micro]
+        plans = self.model.micro_batch_plans(latents)  # no gradients: the unwrapped model will do
+        return [MicroBatch(batch, *plan) for batch, plan in zip(latents, plans, strict=True)]
+
+    def loss(self, optimizer: str, batch: MicroBatch, step: int, modules: dict[str, nn.Module]):
         if optimizer == "discriminator":
-            if self._pixels is None:
+            if not batch.disc:
                 return None, {}
-            losses = discriminator_losses(
-                modules["discriminator"], self._pixels["real"], self._pixels["fake"]
-            )
-            return losses["loss_d"], {k: v.item() for k, v in losses.items()}
-        latents = batch if "key_latents" in batch else pixels_to_latents(self.vae, batch)
-        losses = modules["autoencoder"](latents, self.vae, discriminator=modules.get("discriminator"))
-        self._pixels = (
-            {"real": losses["disc_real"], "fake": losses["disc_fake"]} if "disc_real" in losses else None
+            losses = discriminator_losses(modules["discriminator"], batch.disc["real"], batch.disc["fake"])
+            return losses["loss_d"], {k: v.detach() for k, v in losses.items()}
+        losses = modules["autoencoder"](
+            batch.latents,
+            self.vae,
+            discriminator=modules.get("discriminator"),
+            draws=batch.draws,
+            bank=batch.bank,
         )
-        return losses["loss"], {k: v.item() for k, v in losses.items() if v.ndim == 0 and k != "loss"}
+        if "disc_real" in losses:
+            batch.disc = {"real": losses["disc_real"], "fake": losses["disc_fake"]}
+        return losses["loss"], {k: v.detach() for k, v in losses.items() if v.ndim == 0 and k != "loss"}
 
     def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
         written = write_reconstructions(
@@ -135,6 +160,16 @@ class AETraining:
     run_dir: Path
 
 
+def apply_train_options(model: MultiModalAutoencoder, vae: KLVAE, train: TrainConfig) -> None:
+    """train.gradient_checkpointing (signal decoder UNet and VAE) and train.compile (the UNet: static
+    shapes, one graph for the run; the injected features are its hooks' inputs, not guards)."""
+    if train.gradient_checkpointing:
+        model.decoder.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if train.compile:
+        model.decoder.unet.compile(dynamic=False)
+
+
 def build_ae_training(cfg: DictConfig) -> AETraining:
     """Everything a stage-1 run needs, from a composed `conf/train_ae.yaml` (tools/train_ae.py,
     benchmarks)."""
@@ -160,7 +195,6 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
         )
     device = state.device  # this rank's GPU (cuda:<local rank>), not always the first one
     vae = vae.to(device)
-    training_data = pixels
     if cfg.latent_cache:
         with state.main_process_first():
             cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
@@ -171,10 +205,18 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
             dataset_config=dataset_config,
             vae=vae,
         )
+    else:
+        # Training reads key and target frames only; the cache above and the previews need every frame.
+        training_data = copy.copy(pixels)
+        training_data.return_all_frames = False
+    if train_config.precision == "bf16":
+        # Frozen: bf16 weights halve its memory and traffic; autocast computes in bf16 anyway.
+        vae = vae.to(torch.bfloat16)
 
     # Initial weights from train.seed alone, whether or not this process encoded the cache above.
     torch.manual_seed(train_config.seed)
     model = MultiModalAutoencoder(ae_config, num_classes=len(pixels.class_names))
+    apply_train_options(model, vae, train_config)
     discriminator = build_discriminator(ae_config)
     pipeline = AutoencoderPipeline(model, vae, dataset_config, pixels.class_names)
     model.train()

@@ -53,7 +53,13 @@ class DatasetConfig:
     num_target_frames: int = 2  # frames the signal decoder learns to reconstruct per clip
     resolution: int = 256
     frame_mode: str = "letterbox"
+    # Horizontal flips of a clip's frames (never its sound), drawn per item from (seed, epoch, index).
+    # The presets hold the authors' 0.5 of stages 0 and 1; the generator trains on unflipped clips
+    # (conf/train_dit.yaml), and a latent cache holds unflipped clips only.
     flip_p: float = 0.0
+    # The autoencoder's KL weight on this dataset (paper section 4.1: 1e-9 Landscape, 1e-8 AIST++);
+    # conf/train_ae.yaml passes it to ae.w_kl.
+    ae_w_kl: float = 1e-8
     mel: MelConfig = field(default_factory=MelConfig)
     # Classes come from the first-level folder, a CSV/JSON label file, a regular expression over
     # the file name (its first group is the class, e.g. AIST++ music ids), or not at all.
@@ -117,6 +123,8 @@ class DatasetConfig:
             problems.append(f"dataset.split={self.split} needs dataset.val_fraction > 0")
         if not 0.0 <= self.flip_p <= 1.0:
             problems.append(f"dataset.flip_p must be in [0, 1], got {self.flip_p}")
+        if self.ae_w_kl < 0:
+            problems.append(f"dataset.ae_w_kl must be >= 0, got {self.ae_w_kl}")
         ConfigError.raise_if_any(problems, "invalid dataset config")
 
 

@@ -11,6 +11,7 @@ shared by `tools/train_dit.py` and `tools/bench_dit_learning.py`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
+from mmldm_ae.engine.checkpoint import (
+    describe_mismatch,
+    load_ema_weights,
+    load_module_weights,
+    resolve_checkpoint,
+)
 from mmldm_ae.engine.diffusion import build_train_scheduler
 from mmldm_ae.engine.latent_cache import encoded_dataset_config, settings_hash
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
@@ -123,7 +130,7 @@ class DiTTrainingTask(TrainingTask):
             prev_a=latents.get("prev_z_a"),
             prev_v=latents.get("prev_z_v"),
         )
-        return losses["loss"], {k: float(v) for k, v in losses.items() if k != "loss"}
+        return losses["loss"], {k: v.detach() for k, v in losses.items() if k != "loss"}
 
     def log_media(self, logger: WandbLogger, step: int, run_dir: Path) -> None:
         long = self.model.previous_encoder is not None
@@ -189,6 +196,51 @@ def default_cache_dir(ae_run: Path, dataset: DatasetConfig) -> Path:
     return ae_run / "dit_latents" / f"{dataset.name}-{settings_hash(encoded_dataset_config(dataset))[:12]}"
 
 
+def init_from_run(model: MMDiT, run: str | Path, pipeline: AutoencoderPipeline) -> list[str]:
+    """Copy a trained DiT's weights (its EMA weights when it kept them) into `model` by parameter name.
+
+    The long-generation model starts from the base DiT, as the authors' does: the main DiT takes the
+    base's weights and the previous-clip encoder, which the base lacks, keeps its initialisation.
+    Returns the names left as initialised. A parameter of the run that `model` lacks or holds at another
+    shape is an error naming it, with the DiT settings that differ.
+    """
+    checkpoint = resolve_checkpoint(run, "train the base DiT first (make train-dit), or set init_from=null")
+    state = json.loads((checkpoint / "state.json").read_text())
+    if "dit" not in state["config"]:
+        raise ConfigError(f"init_from={run}: {checkpoint} is not a checkpoint of tools/train_dit.py")
+    if state["architecture"].get("autoencoder_fingerprint") != pipeline.fingerprint():
+        raise ConfigError(
+            f"init_from={run}: that DiT was trained on latents of another autoencoder than ae_run's; "
+            "give a DiT trained on the same autoencoder"
+        )
+    base = MMDiT(to_typed(DiTConfig, state["config"]["dit"]))
+    load_module_weights(base, checkpoint, "dit")
+    load_ema_weights(base, checkpoint)
+    weights, ours = base.state_dict(), model.state_dict()
+    problems = [
+        f"{name}: {tuple(tensor.shape)} in {checkpoint}, "
+        + (f"{tuple(ours[name].shape)} here" if name in ours else "absent here")
+        for name, tensor in weights.items()
+        if name not in ours or ours[name].shape != tensor.shape
+    ]
+    if problems:
+
+        def shared(settings: dict) -> dict:  # the previous-clip encoder is what a long model adds
+            return {key: value for key, value in settings.items() if key != "previous_clip_depth"}
+
+        differences = describe_mismatch(
+            shared(state["config"]["dit"]), shared(to_plain_dict(model.cfg)), "dit."
+        )
+        raise ConfigError(
+            f"init_from={run}: its weights do not fit this DiT: "
+            + "; ".join(problems[:5])
+            + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            + (f". DiT settings that differ: {', '.join(differences)}" if differences else "")
+        )
+    model.load_state_dict(weights, strict=False)
+    return sorted(set(ours) - set(weights))
+
+
 def evaluate_dit(
     run_dir: Path, plan: EvalPlan, sampling: EvalSampling, dataset: DatasetConfig
 ) -> dict[str, Any]:
@@ -219,6 +271,15 @@ def evaluate_dit(
     card = model_card(dit.model.cfg)
     metrics = {key: value for key, value in report.items() if value is None or isinstance(value, int | float)}
     return metrics | {key: card[key] for key in ("params", "gflops", "gmacs_linear")}
+
+
+def model_to_train(config: DiTConfig, train: TrainConfig) -> MMDiT:
+    """A new DiT with train.gradient_checkpointing and train.compile applied."""
+    model = MMDiT(config)
+    model.enable_gradient_checkpointing(train.gradient_checkpointing)
+    if train.compile:
+        model.compile(dynamic=False)  # static shapes: compiled once per run; the weights keep their names
+    return model
 
 
 def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
@@ -257,7 +318,14 @@ def train_dit_from_config(cfg: DictConfig) -> dict[str, Any]:
     data = DiTLatentDataset(cache_dir, previous_clips=long, dataset_config=dataset_config, pipeline=pipeline)
 
     torch.manual_seed(train_config.seed)
-    model = MMDiT(dit_config)
+    model = model_to_train(dit_config, train_config)
+    if cfg.init_from:  # a resumed run then loads its own checkpoint over these weights
+        fresh = init_from_run(model, cfg.init_from, pipeline)
+        print(
+            f"initialised from {cfg.init_from}; {len(fresh)} tensors keep their fresh initialisation",
+            file=sys.stderr,
+            flush=True,
+        )
     architecture = {
         "dit": to_plain_dict(dit_config),
         "latent_stats": data.stats.to_dict(),

@@ -18,7 +18,9 @@ The discriminator is a separate module with its own optimiser: the generator ste
 `MultiModalAutoencoder.training_losses`, the discriminator step calls `discriminator_losses`.
 Both go through the module's forward, so wrapping it in DDP keeps its gradients in sync. The
 generator step's backward also leaves gradients on the discriminator's parameters: zero them
-before the discriminator step's backward (its optimiser's zero_grad).
+before the discriminator step's backward (its optimiser's zero_grad). Every sample is judged on its
+own (no batch statistics), so under gradient accumulation the mean of the micro-batches' losses is
+the loss of the whole step's batch (docs/design.md#accumulation).
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ class DiagonalGaussian:
     def __init__(self, mean: Tensor, logvar: Tensor):
         self.mean, self.logvar = mean, logvar.clamp(-30.0, 20.0)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
-        return self.mean + (0.5 * self.logvar).exp() * random_normal(self.mean.shape, self.mean, generator)
+    def sample(self, generator: torch.Generator | None = None, noise: Tensor | None = None) -> Tensor:
+        """mean + std * noise, with standard normal `noise` [B, C', h, w] drawn here when None."""
+        noise = random_normal(self.mean.shape, self.mean, generator) if noise is None else noise
+        return self.mean + (0.5 * self.logvar).exp() * noise.to(self.mean)
 
     def mode(self) -> Tensor:
         return self.mean

@@ -19,14 +19,18 @@ K key frames, C VAE channels, L the VAE latent side, D the semantic / context wi
 
 Defects of the authors' code fixed here (docs/design.md#deviations): (a) the content and cross-modal
 context MLPs zero-initialise only their last layer; (b) the adversarial term reaches the model
-through the frozen VAE decoder; (c) the contrastive loss works on one device and gathers
-negatives with gradients across ranks; (d) the UNet time embedding trains; (e) semantic losses
-see non-detached latents unless `detach_semantic_inputs`.
+through the frozen VAE decoder; (c) the contrastive loss takes its negatives from the whole
+optimiser step, every micro-batch of every process, with exact gradients (semantic.contrastive_loss);
+(d) the UNet time embedding trains; (e) semantic losses see non-detached latents unless
+`detach_semantic_inputs`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -47,12 +51,15 @@ from mmldm_ae.autoencoder.layers import (
 )
 from mmldm_ae.autoencoder.semantic import (
     ClassificationHead,
+    ContrastiveBank,
     ContrastiveHead,
     SemanticProjector,
+    pool_content,
 )
 from mmldm_ae.engine.diffusion import (
-    build_sampling_scheduler,
+    build_sampler,
     build_train_scheduler,
+    denoising_steps,
     diffusion_target,
     guided_eps,
     predict_x0,
@@ -66,6 +73,38 @@ from mmldm_ae.engine.diffusion import (
 
 AUDIO, VIDEO = 0, 1  # rows of the modality prompts
 BATCH_KEYS = ("key_latents", "target_latents", "target_indices", "audio_latents", "class_id")
+
+
+@dataclass
+class TrainingDraws:
+    """The random draws of the model's step for B clips with T target frames each. They are drawn for
+    the whole optimiser step and split over its micro-batches (`split`), so that any split draws the
+    same; the contrastive bank's pass reuses them."""
+
+    keep_audio: Tensor  # [B] bool: the clip keeps its audio condition (guidance dropout)
+    keep_video: Tensor  # [B] bool
+    eps_video: Tensor  # [B, C', l, l] standard normal: the sample of z_v's posterior
+    eps_audio: Tensor  # [B, C', l/2, l/2]
+    timesteps: Tensor  # [B + B*T] per item, items [B audio images; B*T frames]
+    noise: Tensor  # [B + B*T, C, L, L]
+
+    def split(self, sizes: Sequence[int]) -> list[TrainingDraws]:
+        """The draws of consecutive groups of clips (micro-batches of these sizes, in order)."""
+        B = self.keep_audio.shape[0]
+        T = self.timesteps.shape[0] // B - 1
+        groups = []
+        for start, size in zip(accumulate(sizes[:-1], initial=0), sizes, strict=True):
+            clips, frames = slice(start, start + size), slice(B + start * T, B + (start + size) * T)
+            groups.append(
+                TrainingDraws(
+                    self.keep_audio[clips],
+                    self.keep_video[clips],
+                    self.eps_video[clips],
+                    self.eps_audio[clips],
+                    *(torch.cat([x[clips], x[frames]]) for x in (self.timesteps, self.noise)),
+                )
+            )
+        return groups
 
 
 class MultiModalAutoencoder(nn.Module):
@@ -123,8 +162,8 @@ class MultiModalAutoencoder(nn.Module):
             cfg.latent_channels, cfg.audio_latent_size, channels, sizes, None, cfg.dropout
         )
         if cfg.content_embedding:
-            self.video_content = MLP(cfg.latent_channels * cfg.video_latent_size**2, E, E)
-            self.audio_content = MLP(cfg.latent_channels * cfg.audio_latent_size**2, E, E)
+            self.video_content = MLP(cfg.content_features(cfg.video_latent_size), E, E)
+            self.audio_content = MLP(cfg.content_features(cfg.audio_latent_size), E, E)
         prompt = torch.randn(2, cfg.prompt_tokens, D) * 0.1
         if cfg.learnable_prompt:
             self.prompts = nn.Parameter(prompt)  # [AUDIO, VIDEO]
@@ -262,9 +301,8 @@ class MultiModalAutoencoder(nn.Module):
         context = torch.cat([audio_context, per_frame(video_context)])
         content = None
         if self.cfg.content_embedding:
-            content = torch.cat(
-                [self.audio_content(z_a.flatten(1)), per_frame(self.video_content(z_v.flatten(1)))]
-            )
+            pool = partial(pool_content, pooling=self.cfg.content_pooling)
+            content = torch.cat([self.audio_content(pool(z_a)), per_frame(self.video_content(pool(z_v)))])
         return DecoderConditions(features, context, content)
 
     # ----------------------------------------------------------------- training
@@ -284,6 +322,8 @@ class MultiModalAutoencoder(nn.Module):
         vae: nn.Module,
         discriminator: nn.Module | None = None,
         generator: torch.Generator | None = None,
+        draws: TrainingDraws | None = None,
+        bank: ContrastiveBank | None = None,
     ) -> dict[str, Tensor]:
         """Losses of the model's step (not the discriminator's) on a batch of VAE latents.
 
@@ -295,6 +335,10 @@ class MultiModalAutoencoder(nn.Module):
         "guidance_drop_audio", "guidance_drop_video", and with the adversarial loss on the
         discriminator step's inputs "disc_real", "disc_fake" [B, 3, 3, H, W] (detached,
         slots [audio image, frame a, frame b]).
+
+        One micro-batch of an optimiser step (`micro_batch_plans`) passes the step's `draws` for its
+        clips and the step's contrastive `bank`; by default the draws are made here (from
+        `generator`) and the contrastive negatives are this batch's clips on every process.
         """
         missing = [k for k in BATCH_KEYS if k not in batch]
         if missing:
@@ -315,17 +359,16 @@ class MultiModalAutoencoder(nn.Module):
                 "discriminator=build_discriminator(cfg) (mmldm_ae.autoencoder.discriminator) "
                 "or set ae.adversarial=false"
             )
-        self._check_class_ids(class_id)
+        # Checked on the device: reading the ids back would stall every training step.
+        torch._assert_async(
+            ((class_id >= -1) & (class_id < self.num_classes)).all(),
+            f"class ids must be in [-1, {self.num_classes - 1}] (-1: none) for {self.num_classes} classes",
+        )
         device = key.device
 
-        # Guidance dropout: a dropped modality loses its prompt and its encoder input together,
-        # which is exactly the unconditional branch that decode() guides against.
-        keep_audio, keep_video = self.guidance_keep_masks(B, device, generator)
-        post_v, post_a = self.posteriors(
-            key * keep_video[:, None, None, None, None].to(key.dtype),
-            audio * keep_audio[:, None, None, None].to(audio.dtype),
-        )
-        z_v, z_a = post_v.sample(generator), post_a.sample(generator)
+        draws = self.training_draws(B, T, key, generator) if draws is None else draws
+        keep_audio, keep_video = draws.keep_audio, draws.keep_video
+        post_v, post_a, z_v, z_a = self._sample_latents(key, audio, draws)
         kl_video, kl_audio = post_v.kl().mean(), post_a.kl().mean()
 
         if cfg.detach_semantic_inputs:
@@ -333,15 +376,14 @@ class MultiModalAutoencoder(nn.Module):
         else:
             s_v, s_a = self.semantics(z_v, z_a)
         cls, cls_acc = self._classification_loss(s_v, s_a, class_id)
-        con = self.contrastive(s_v, s_a)
+        con = self.contrastive(s_v, s_a, bank)
 
         # Items [B audio images; B*T frames], each with its own timestep (the authors' independent t).
         cond = self.decoder_conditions(
             z_v, z_a, s_v, s_a, index.to(z_v.dtype), class_id, keep_audio, keep_video
         )
         x0 = torch.cat([audio, rearrange(targets, "b t c h w -> (b t) c h w")])
-        timesteps = sample_timesteps(self.train_scheduler, x0.shape[0], device, generator)
-        noise = random_normal(x0.shape, x0, generator)
+        timesteps, noise = draws.timesteps, draws.noise
         x_t = q_sample(self.train_scheduler, x0, noise, timesteps)
         target = diffusion_target(self.train_scheduler, x0, noise, timesteps)
         prediction = self.decoder(x_t, timesteps, cond)
@@ -392,6 +434,61 @@ class MultiModalAutoencoder(nn.Module):
         keep_video = random_uniform((batch_size,), device, generator) >= self.cfg.guidance_dropout
         return keep_audio, keep_video
 
+    def training_draws(
+        self, clips: int, frames: int, like: Tensor, generator: torch.Generator | None = None
+    ) -> TrainingDraws:
+        """Fresh draws for `clips` clips of `frames` target frames, on the device and in the dtype of
+        `like`: guidance dropout, posterior noise, then the items' timesteps and noise."""
+        cfg = self.cfg
+        keep_audio, keep_video = self.guidance_keep_masks(clips, like.device, generator)
+        eps_video, eps_audio = (
+            random_normal((clips, cfg.latent_channels, size, size), like, generator)
+            for size in (cfg.video_latent_size, cfg.audio_latent_size)
+        )
+        items = clips * (1 + frames)
+        timesteps = sample_timesteps(self.train_scheduler, items, like.device, generator)
+        noise = random_normal((items, cfg.vae_channels, cfg.latent_size, cfg.latent_size), like, generator)
+        return TrainingDraws(keep_audio, keep_video, eps_video, eps_audio, timesteps, noise)
+
+    def _sample_latents(
+        self, key: Tensor, audio: Tensor, draws: TrainingDraws
+    ) -> tuple[DiagonalGaussian, DiagonalGaussian, Tensor, Tensor]:
+        """Posteriors of key frames [B, K, C, L, L] and audio latents [B, C, L, L]; their samples z_v, z_a.
+
+        Guidance dropout: a dropped modality loses its prompt and its encoder input together, which
+        is exactly the unconditional branch that decode() guides against.
+        """
+        post_v, post_a = self.posteriors(
+            key * draws.keep_video[:, None, None, None, None].to(key.dtype),
+            audio * draws.keep_audio[:, None, None, None].to(audio.dtype),
+        )
+        return post_v, post_a, post_v.sample(noise=draws.eps_video), post_a.sample(noise=draws.eps_audio)
+
+    @torch.no_grad()
+    def micro_batch_plans(
+        self, batches: list[dict[str, Tensor]]
+    ) -> list[tuple[TrainingDraws, ContrastiveBank | None]]:
+        """The draws and contrastive bank of each micro-batch of one optimiser step (batches of VAE
+        latents as `training_losses` takes them, the same number of clips in each).
+
+        The draws are made once for all the step's clips and split, so that k micro-batches of n
+        clips draw what one batch of k*n clips draws. With more than one micro-batch, the bank holds
+        every clip's contrastive embeddings (a first pass without gradients, under the same draws,
+        gathered over processes); `training_losses` recomputes its own rows with gradients.
+        """
+        sizes = [batch["class_id"].shape[0] for batch in batches]
+        first = batches[0]
+        step = self.training_draws(sum(sizes), first["target_latents"].shape[1], first["key_latents"])
+        draws = step.split(sizes)
+        if len(batches) == 1:
+            return [(draws[0], None)]  # contrastive_loss gathers its own negatives
+        embeddings = []
+        for batch, drawn in zip(batches, draws, strict=True):
+            z_v, z_a = self._sample_latents(batch["key_latents"], batch["audio_latents"], drawn)[2:]
+            embeddings.append(self.contrastive.embed(*self.semantics(z_v, z_a)))
+        bank = ContrastiveBank.gather(*(torch.cat(f) for f in zip(*embeddings, strict=True)))
+        return list(zip(draws, bank.split(sizes), strict=True))
+
     @staticmethod
     def _slots(pixels: Tensor, clips: int) -> Tensor:
         """Decoded items [B + B*T, 3, H, W] -> [B, 1 + T, 3, H, W] = [audio image, frames...] per clip."""
@@ -404,11 +501,13 @@ class MultiModalAutoencoder(nn.Module):
             zero = s_v.sum() * 0.0
             return zero, zero.detach()
         logits = self.classifier(s_v, s_a)
-        labelled = class_id >= 0
-        if not labelled.any():  # keep the head in the graph so that every rank reduces the same parameters
-            return logits.sum() * 0.0, torch.zeros((), device=logits.device)
-        accuracy = (logits.argmax(-1) == class_id)[labelled].float().mean()
-        return F.cross_entropy(logits, class_id, ignore_index=-1), accuracy
+        # Means over the labelled clips without asking the host how many there are (0: the loss is 0,
+        # the head stays in the graph so that every rank reduces the same parameters).
+        labelled = (class_id >= 0).float()
+        count = labelled.sum().clamp(min=1.0)
+        per_clip = F.cross_entropy(logits, class_id.clamp(min=0), reduction="none")
+        accuracy = ((logits.argmax(-1) == class_id).float() * labelled).sum() / count
+        return (per_clip * labelled).sum() / count, accuracy.detach()
 
     # ----------------------------------------------------------------- decoding
 
@@ -423,25 +522,72 @@ class MultiModalAutoencoder(nn.Module):
         guidance_video: float | None = None,
         generator: torch.Generator | None = None,
         class_id: Tensor | None = None,
+        sampler: str | None = None,
+        guidance_fraction: float | None = None,
+        noise: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """DDIM reconstruction: z_v, z_a -> frame latents [B, T, C, L, L], audio latent [B, C, L, L].
+        """Reconstruction: z_v, z_a -> frame latents [B, T, C, L, L], audio latent [B, C, L, L] (fp32).
 
-        All T frames of a clip are decoded in one batch with frame index t/T. Guidance per modality
-        by the paper's Eq. 9, eps_c + s (eps_c - eps_u) with s = guidance_audio / guidance_video
-        (0: none; docs/design.md#guidance), where the unconditional branch uses zero prompts and the
-        latents of an all-zero encoder input through the whole pipeline (features, content,
-        context), as in training's guidance dropout. Both branches use the same class token:
-        class_id, or the classification head's prediction when None. steps / guidance default to
-        the config.
+        All T frames of a clip are decoded in one batch with frame index t/T. Guidance (see
+        `decoding_conditions`) runs on the first `guidance_fraction` of the steps only; the others
+        evaluate the conditional branch alone, at half the batch. steps / sampler / guidance default
+        to the config. `noise` [B + B*T, C, L, L] (items [audio images; frames]) replaces the initial
+        noise drawn from `generator`, e.g. the same noise for every clip of a long sample decoded in
+        one batch. The model runs in its weights' dtype (bf16 for inference, `mmldm_ae.pipeline`);
+        the latents and the scheduler's arithmetic stay fp32, and the loop reads nothing back from
+        the device.
         """
         cfg = self.cfg
         steps = steps or cfg.decode_steps
+        fraction = cfg.decode_guidance_fraction if guidance_fraction is None else guidance_fraction
+        B, device = z_v.shape[0], z_v.device
+        frame_index = (torch.arange(num_frames, device=device) / num_frames).expand(B, num_frames)
+        cond, guided, scale = self.decoding_conditions(
+            z_v, z_a, frame_index, class_id, guidance_audio, guidance_video
+        )
+        guided_steps = round(fraction * steps) if guided is not None else 0
+        scheduler = build_sampler(sampler or cfg.decode_sampler, steps, cfg.schedule)
+        where = generator.device if generator is not None else device
+        shape = (B * (1 + num_frames), cfg.vae_channels, cfg.latent_size, cfg.latent_size)
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=where)
+        x = x.to(device, torch.float32)
+        for index, (t, t_device) in enumerate(denoising_steps(device, scheduler)):
+            if index < guided_steps:
+                output = self.denoise(x, t_device, guided, scale)
+            else:
+                output = self.denoise(x, t_device, cond)
+            x = scheduler.step(output, t, x).prev_sample
+        return rearrange(x[B:], "(b t) c h w -> b t c h w", b=B), x[:B]
+
+    @torch.no_grad()
+    def decoding_conditions(
+        self,
+        z_v: Tensor,
+        z_a: Tensor,
+        frame_index: Tensor,
+        class_id: Tensor | None = None,
+        guidance_audio: float | None = None,
+        guidance_video: float | None = None,
+    ) -> tuple[DecoderConditions, DecoderConditions | None, Tensor | None]:
+        """What decoding the items [B audio images; B*T frames] of B clips needs, for frame indices
+        [B, T] in [0, 1): their conditions; with guidance, those of both branches stacked
+        [conditional; unconditional] and the per-item scale s [B + B*T] (fp32), else None, None.
+
+        Guidance per modality by the paper's Eq. 9, eps_c + s (eps_c - eps_u) with s =
+        guidance_audio / guidance_video (0: none; None: the config's; docs/design.md#guidance),
+        where the unconditional branch uses zero prompts and the latents of an all-zero encoder
+        input through the whole pipeline (features, content, context), as in training's guidance
+        dropout. Both branches use the same class token: class_id, or the classification head's
+        prediction when None.
+        """
+        cfg = self.cfg
         guidance_audio = cfg.guidance_audio if guidance_audio is None else guidance_audio
         guidance_video = cfg.guidance_video if guidance_video is None else guidance_video
-        B, device = z_v.shape[0], z_v.device
-        frame_index = (torch.arange(num_frames, device=device, dtype=z_v.dtype) / num_frames).expand(
-            B, num_frames
-        )
+        dtype = self.decoder.unet.dtype
+        z_v, z_a, frame_index = z_v.to(dtype), z_a.to(dtype), frame_index.to(dtype)
+        (B, T), device = frame_index.shape, z_v.device
         s_v, s_a = self.semantics(z_v, z_a)
         if class_id is None:
             class_id = self.predict_class(z_v, z_a)
@@ -449,31 +595,30 @@ class MultiModalAutoencoder(nn.Module):
         self._check_class_ids(class_id)
         keep = torch.ones(B, dtype=torch.bool, device=device)
         cond = self.decoder_conditions(z_v, z_a, s_v, s_a, frame_index, class_id, keep, keep)
-        guided = guidance_audio != 0.0 or guidance_video != 0.0
-        if guided:
-            L = cfg.latent_size
-            null_key = torch.zeros(
-                1, cfg.num_key_frames, cfg.vae_channels, L, L, device=device, dtype=z_v.dtype
-            )
-            null_v, null_a = (z.expand(B, -1, -1, -1) for z in self.encode(null_key, null_key[:, 0]))
-            cond = cond.cat(
-                self.decoder_conditions(
-                    null_v, null_a, *self.semantics(null_v, null_a), frame_index, class_id, ~keep, ~keep
-                )
-            )
-            scale = torch.cat(
-                [torch.full((B,), guidance_audio), torch.full((B * num_frames,), guidance_video)]
-            )
-
-        scheduler = build_sampling_scheduler(cfg.schedule, steps)
-        x = random_normal(
-            (B * (1 + num_frames), cfg.vae_channels, cfg.latent_size, cfg.latent_size), z_v, generator
+        if guidance_audio == 0.0 and guidance_video == 0.0:
+            return cond, None, None
+        L = cfg.latent_size
+        null_key = torch.zeros(1, cfg.num_key_frames, cfg.vae_channels, L, L, device=device, dtype=dtype)
+        null_v, null_a = (z.expand(B, -1, -1, -1) for z in self.encode(null_key, null_key[:, 0]))
+        null = self.decoder_conditions(
+            null_v, null_a, *self.semantics(null_v, null_a), frame_index, class_id, ~keep, ~keep
         )
-        for t in scheduler.timesteps:
-            model_input = torch.cat([x, x]) if guided else x
-            output = self.decoder(model_input, t.to(device).expand(model_input.shape[0]), cond)  # eps or v
-            if guided:
-                output_cond, output_uncond = output.chunk(2)
-                output = guided_eps(output_uncond, output_cond, scale)
-            x = scheduler.step(output, t, x, eta=0.0).prev_sample
-        return rearrange(x[B:], "(b t) c h w -> b t c h w", b=B), x[:B]
+        scale = torch.cat(
+            [
+                torch.full((B,), guidance_audio, device=device),
+                torch.full((B * T,), guidance_video, device=device),
+            ]
+        )
+        return cond, cond.cat(null), scale
+
+    def denoise(self, x: Tensor, t: Tensor, cond: DecoderConditions, scale: Tensor | None = None) -> Tensor:
+        """The decoder's output (eps or v, fp32) for fp32 latents x [N, C, L, L] at timesteps t (0-d or
+        [N]), in the weights' dtype; with `scale` [N], `cond` holds both branches' conditions [2N]
+        and the output is guided (Eq. 9)."""
+        dtype, t = self.decoder.unet.dtype, t.expand(x.shape[0])
+        if scale is None:
+            return self.decoder(x.to(dtype), t, cond).float()
+        output_cond, output_uncond = self.decoder(torch.cat([x, x]).to(dtype), torch.cat([t, t]), cond).chunk(
+            2
+        )
+        return guided_eps(output_uncond.float(), output_cond.float(), scale)

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.distributed.nn.functional import all_gather
 
 from mmldm_ae.autoencoder.layers import (
     normalization,
@@ -51,6 +52,12 @@ class SemanticProjector(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.out(self.body(self.conv_in(z)))
+
+
+def pool_content(z: Tensor, pooling: str) -> Tensor:
+    """Perceptual latent [B, C', l, l] -> the content embedding's input: [B, C' l l] flattened (the
+    authors' code) or [B, C'] averaged over space (the paper's "latent average pooling")."""
+    return z.flatten(1) if pooling == "flatten" else z.mean(dim=(2, 3))
 
 
 class ClassificationHead(nn.Module):
@@ -111,25 +118,70 @@ class ContrastiveHead(nn.Module):
         bound = math.log(100.0)
         return self.log_scale_v2a.clamp(0.0, bound).exp(), self.log_scale_a2v.clamp(0.0, bound).exp()
 
-    def forward(self, s_v: Tensor, s_a: Tensor) -> Tensor:
-        f_v = F.normalize(self.video(s_v), dim=-1)
-        f_a = F.normalize(self.audio(s_a), dim=-1)
-        return contrastive_loss(f_v, f_a, *self.scales())
+    def embed(self, s_v: Tensor, s_a: Tensor) -> tuple[Tensor, Tensor]:
+        """Semantic features 2 x [B, D, s, s] -> unit-length clip embeddings f_v, f_a [B, E]."""
+        return F.normalize(self.video(s_v), dim=-1), F.normalize(self.audio(s_a), dim=-1)
+
+    def forward(self, s_v: Tensor, s_a: Tensor, bank: ContrastiveBank | None = None) -> Tensor:
+        return contrastive_loss(*self.embed(s_v, s_a), *self.scales(), bank=bank)
 
 
-def contrastive_loss(f_v: Tensor, f_a: Tensor, scale_v2a: Tensor, scale_a2v: Tensor) -> Tensor:
-    """CLIP loss between matched video/audio embeddings [B, E]; negatives are every other clip.
+@dataclass
+class ContrastiveBank:
+    """Detached embeddings of every clip of an optimiser step, all micro-batches of all processes
+    (video, audio [N, E]), and the row where the clips of the micro-batch being trained start."""
 
-    Under torch.distributed the other ranks' embeddings are gathered with autograd, so each
-    rank's negatives cover the global batch and gradients reach every rank's encoders. All ranks
-    must use the same per-rank batch size.
+    video: Tensor
+    audio: Tensor
+    offset: int
+
+    @classmethod
+    def gather(cls, f_v: Tensor, f_a: Tensor) -> ContrastiveBank:
+        """The bank of this process's embeddings [n, E] and those of the other processes (which
+        must hold as many), rows in process order; offset: this process's first row."""
+        f_v, f_a = f_v.detach(), f_a.detach()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return cls(f_v, f_a, 0)
+        gathered = []
+        for local in (f_v, f_a):
+            parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, local.contiguous())
+            gathered.append(torch.cat(parts))
+        return cls(*gathered, dist.get_rank() * f_v.shape[0])
+
+    def split(self, sizes: Sequence[int]) -> list[ContrastiveBank]:
+        """The bank as each of this process's micro-batches sees it, their clips in order (sizes)."""
+        starts = accumulate(sizes[:-1], initial=0)
+        return [replace(self, offset=self.offset + start) for start in starts]
+
+
+def contrastive_loss(
+    f_v: Tensor, f_a: Tensor, scale_v2a: Tensor, scale_a2v: Tensor, bank: ContrastiveBank | None = None
+) -> Tensor:
+    """CLIP loss between matched video/audio embeddings [n, E]; negatives are every other clip of
+    the bank (None: this micro-batch on every process, ContrastiveBank.gather).
+
+    The value is the mean loss over the whole bank. The gradient is exact however the bank is split
+    into micro-batches and processes (GradCache-style): all N rows are computed with this
+    micro-batch's embeddings live at their rows and the others detached, and each temperature is
+    live only in this micro-batch's rows. The gradient returned is that of sum(rows) / n, so that
+    the trainer's mean over micro-batches and DDP's mean over processes (N / n shares together)
+    give the gradient of the bank's mean. One micro-batch on one process: the plain CLIP loss.
     """
-    offset = 0
-    all_v, all_a = f_v, f_a
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        all_v, all_a = torch.cat(all_gather(f_v)), torch.cat(all_gather(f_a))
-        offset = dist.get_rank() * f_v.shape[0]
-    targets = torch.arange(f_v.shape[0], device=f_v.device) + offset
-    v2a = F.cross_entropy(scale_v2a * f_v @ all_a.T, targets)
-    a2v = F.cross_entropy(scale_a2v * f_a @ all_v.T, targets)
-    return 0.5 * (v2a + a2v)
+    bank = ContrastiveBank.gather(f_v, f_a) if bank is None else bank
+    n, N = f_v.shape[0], bank.video.shape[0]
+    start, stop = bank.offset, bank.offset + n
+    all_v = torch.cat([bank.video[:start], f_v, bank.video[stop:]]).to(f_v.dtype)
+    all_a = torch.cat([bank.audio[:start], f_a, bank.audio[stop:]]).to(f_a.dtype)
+    own = torch.zeros(N, dtype=torch.bool, device=f_v.device)
+    own[start:stop] = True
+    row_v2a = torch.where(own, scale_v2a, scale_v2a.detach())[:, None]
+    row_a2v = torch.where(own, scale_a2v, scale_a2v.detach())[:, None]
+    targets = torch.arange(N, device=f_v.device)
+    rows = 0.5 * (
+        F.cross_entropy(row_v2a * all_v @ all_a.T, targets, reduction="none")
+        + F.cross_entropy(row_a2v * all_a @ all_v.T, targets, reduction="none")
+    )
+    share = rows.sum() / n
+    # Straight-through: the bank's loss as the value, this share's gradient.
+    return rows.mean().detach() + (share - share.detach())

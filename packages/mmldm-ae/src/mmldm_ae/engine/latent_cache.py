@@ -63,7 +63,16 @@ SHARD_GLOB = "shard-*.safetensors"
 
 # Dataset settings that do not change what is encoded: target draws happen at read time, and the
 # rest are bookkeeping. flip_p is checked separately (a cache cannot serve flips).
-_NOT_ENCODED = ("name", "num_target_frames", "flip_p", "seed", "cache_dir", "index_workers", "num_classes")
+_NOT_ENCODED = (
+    "name",
+    "num_target_frames",
+    "flip_p",
+    "ae_w_kl",
+    "seed",
+    "cache_dir",
+    "index_workers",
+    "num_classes",
+)
 
 
 class LatentCacheError(RuntimeError):
