@@ -51,8 +51,10 @@ else
 DIT_TRAIN ?= dit_$(PRESET)
 endif
 DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
+# A model folder of tools/export_model.py for `make app` / `make browser-check` (`make demo` exports this one).
+MODEL ?= outputs/demo/model
 
-.PHONY: setup test test-fast format lint demo synth-bench gpu-check sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample
+.PHONY: setup test test-fast format lint demo synth-bench gpu-check bench-gpu sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample table1
 
 setup: $(STAMP)
 
@@ -70,13 +72,18 @@ $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$
 	$(PY) tools/check_env.py
 	touch $@
 
-# Everything (CI's command); prints the 15 slowest tests.
+# Tests run in TEST_WORKERS processes of one torch thread each (pytest-xdist), a test file per
+# worker at a time so that its module fixtures are built once; TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
+# Everything (CI's command); prints the 20 slowest tests.
 test: setup
-	$(PY) -m pytest --durations=15
+	$(PYTEST) --durations=20
 
 # The everyday loop: unit tests and tiny models, no tool launches or whole pipelines (marked slow).
 test-fast: setup
-	$(PY) -m pytest -m "not slow" --durations=15
+	$(PYTEST) -m "not slow" --durations=15
 
 format: setup
 	$(VENV)/bin/ruff format packages tools tests
@@ -97,6 +104,11 @@ synth-bench: setup
 gpu-check: setup
 	$(PY) tools/gpu_check.py $(ARGS)
 
+# One process, at most 8 minutes on one H100 / H200: the models against a plain PyTorch + diffusers build,
+# and the paper's Table 2 (outputs/bench_gpu/); ARGS="--tiny" runs the same rows on a CPU.
+bench-gpu: setup
+	$(PY) tools/bench_gpu.py $(ARGS)
+
 data-synthetic: data/synthetic/metadata.json
 
 data/synthetic/metadata.json: | setup
@@ -114,16 +126,34 @@ train-ae: setup $(DATA_READY) $(AE_NEEDS)
 train-dit: setup $(DATA_READY)
 	$(PY) tools/train_dit.py dataset=$(DATASET) dit=$(DIT) train=$(DIT_TRAIN) ae_run=$(AE_RUN) $(ARGS)
 
+# Starts from the base DiT of `make train-dit` (DIT_RUN), as the authors'; ARGS="init_from=null": from scratch.
 train-dit-long: setup $(DATA_READY)
-	$(PY) tools/train_dit.py --config-name train_dit_long dataset=$(DATASET) dit=$(DIT) train=$(DIT_TRAIN) ae_run=$(AE_RUN) $(ARGS)
+	$(PY) tools/train_dit.py --config-name train_dit_long dataset=$(DATASET) dit=$(DIT) train=$(DIT_TRAIN) ae_run=$(AE_RUN) \
+	    init_from=$(DIT_RUN) $(ARGS)
 
 # make sample ARGS="task=a2v"; long and continuations: make sample DIT_RUN=<a train-dit-long run> ARGS="task=long"
 sample: setup
 	$(PY) tools/sample.py run=$(DIT_RUN) $(ARGS)
 
+# The web demo on http://127.0.0.1:7860 (svg / a2v / v2a): make app [MODEL=<model folder>] [ARGS="--port 7861"]
+.PHONY: app browser-check
+app: setup
+	$(PY) tools/app.py $(MODEL) $(ARGS)
+
+# The demo in headless Chromium (Debian: apt-get install chromium): one svg sample, then a screenshot
+# (docs/app_screenshot.png); ARGS="--task a2v --input song.wav" uploads a sound instead.
+browser-check: setup
+	$(PY) tools/browser_check.py $(MODEL) $(ARGS)
+
 # Side-by-side reconstructions (mp4 with sound) of a trained autoencoder: make reconstruct [AE_RUN=...]
 reconstruct: setup
 	$(PY) tools/reconstruct.py $(AE_RUN) --out $(AE_RUN)/reconstructions $(ARGS)
+
+# Paper Table 1 for one dataset (markdown + CSV under outputs/table1/<dataset>): finds the runs of
+# train-ae / train-dit (trains what is missing, with the single-modal models), samples every task and
+# evaluates at 64^2 and 256^2. DATASET=synthetic: the tiny version (conf/table1_tiny.yaml).
+table1: setup $(DATA_READY) $(AE_NEEDS)
+	$(PY) tools/table1.py --config-name table1_$(PRESET) dataset=$(DATASET) ae_run=$(AE_RUN) dit_run=$(DIT_RUN) $(ARGS)
 
 # make eval GENERATED=samples/ DATASET=landscape ARGS="data_root=/data/landscape --out results/eval.json"
 eval: setup

@@ -16,6 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core: each keeps to one thread (tools it launches inherit it),
+    # so two workers fill two cores instead of four threads fighting over them.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _config_schemas():
@@ -153,3 +161,27 @@ def tiny_dit_cache(tiny_ae_run, synthetic_root, tmp_path_factory) -> Path:
     return build_dit_latent_cache(
         dataset, load_autoencoder(tiny_ae_run), out_dir, batch_size=8, progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tiny_ae_run, tmp_path_factory) -> Path:
+    """A model folder of `MMLDMPipeline.save_pretrained` (svg, a2v, v2a): a random tiny joint DiT over
+    `tiny_ae_run`, made without training, for what needs a loadable model rather than a good one."""
+    import torch
+
+    from mmldm_ae.pipeline import load_autoencoder
+    from mmldm_dit import MMLDMPipeline
+    from mmldm_dit.dit import MMDiT
+    from mmldm_dit.generate import TrainedDiT
+    from mmldm_dit.latents import LatentStats
+
+    torch.manual_seed(0)
+    dit = TrainedDiT(
+        MMDiT(preset("dit", "tiny")).eval(),
+        LatentStats(audio_mean=0.0, audio_std=1.0, video_mean=0.0, video_std=1.0),
+        load_autoencoder(tiny_ae_run),
+        latent_cache=None,
+        checkpoint=tiny_ae_run,
+    )
+    pipe = MMLDMPipeline(dit, info={"vae_preset": "tiny"})
+    return pipe.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
