@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import load_tool, run_tool
@@ -59,6 +60,12 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert reports["swapped"]["av_align"] is not None
     assert {row["label"] for row in metrics["quality"]} >= {"a2v oracle accuracy", "v2a oracle accuracy"}
     assert "| a2v oracle accuracy |" in (out / "report.md").read_text()
+    # The demo ends by exporting its model: a folder MMLDMPipeline loads, with both DiTs.
+    model = Path(metrics["model"])
+    assert model.is_relative_to(out) and (model / "model_index.json").is_file()
+    assert (model / "dit" / "model.safetensors").is_file() and (
+        model / "dit_long" / "model.safetensors"
+    ).is_file()
 
     second = run_tool("demo.py", f"out={out}", *QUICK)
     for stage in (
@@ -71,6 +78,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
         "dit_long",
         "samples",
         "evaluation",
+        "model",
     ):
         assert f"[{stage}] up to date" in second.stderr, stage
     assert "running" not in second.stderr
