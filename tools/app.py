@@ -142,7 +142,7 @@ def task_tab(task: str, generator: Generator, steps: int, ae_steps: int) -> None
 
 
 def build_app(
-    pipe: MMLDMPipeline | None, model_dir: str | None, steps: int = 25, ae_steps: int = 25
+    pipe: MMLDMPipeline | None, model_dir: str | None, steps: int = 25, ae_steps: int | None = None
 ) -> gr.Blocks:
     """The page: a tab per task of `pipe` (svg / a2v / v2a), or, without one, how to make a model folder."""
     with gr.Blocks(title="MM-LDM demo", analytics_enabled=False) as app:
@@ -163,6 +163,8 @@ def build_app(
             f"Model `{model_dir}`: {pipe.clip_seconds:g} s clips at {pipe.fps:g} fps, "
             f"sound at {pipe.sample_rate} Hz."
         )
+        # The decoder's own measured default (ae.decode_steps) unless the command line asks otherwise.
+        ae_steps = ae_steps or pipe.autoencoder.model.cfg.decode_steps
         generator = Generator(pipe, Path(tempfile.mkdtemp(prefix="mmldm-app-")))
         with gr.Tabs():
             for task in TASKS:
@@ -182,7 +184,9 @@ def main() -> None:
     )
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--steps", type=int, default=25, help="DiT sampling steps the page starts with")
-    parser.add_argument("--ae-steps", type=int, default=25, help="autoencoder decoding steps it starts with")
+    parser.add_argument(
+        "--ae-steps", type=int, help="autoencoder decoding steps it starts with (default: the model's own)"
+    )
     parser.add_argument("--vocoder", help="hifigan-universal or griffinlim (default: the model's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
