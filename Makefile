@@ -36,7 +36,8 @@ AE_NEEDS := $(TINY_VAE)/config.json
 AE_VAE   := vae.weights=$(TINY_VAE) latent_cache=outputs/runs/vae-synthetic-tiny/latents
 else
 AE_NEEDS :=
-AE_VAE   :=
+# The paper presets train from the VAE-latent cache (both orientations stored for the authors' flips).
+AE_VAE   := latent_cache=auto
 endif
 AE_RUN ?= outputs/runs/ae-$(DATASET)-$(PRESET)
 ifeq ($(DATASET),synthetic)

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import default_collate
 
 from mmldm_ae.engine.latent_cache import (
     INDEX_FILE,
     LatentCacheDataset,
     LatentCacheError,
+    auto_cache_dir,
     build_latent_cache,
     cache_matches,
     cache_mismatch,
 )
+from mmldm_ae.pipeline import pixels_to_latents
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_data.audio import MelConfig
 from mmldm_data.config import DatasetConfig
@@ -156,9 +159,85 @@ def test_a_torn_shard_is_re_encoded_not_fatal(dataset, cache_dir, tmp_path):
         torch.testing.assert_close(rebuilt[key], original[key])
 
 
-def test_cache_needs_all_frames_and_no_flips(dataset_config, tmp_path):
+def test_cache_needs_all_frames_and_an_unflipped_cache_refuses_flips(dataset_config, cache_dir, tmp_path):
     with pytest.raises(LatentCacheError, match="return_all_frames=True"):
         build_latent_cache(SoundingVideoDataset(dataset_config), tiny_vae(), tmp_path, progress=False)
-    flipped = SoundingVideoDataset(replace(dataset_config, flip_p=0.5), return_all_frames=True)
-    with pytest.raises(LatentCacheError, match="flip_p=0"):
-        build_latent_cache(flipped, tiny_vae(), tmp_path, progress=False)
+    with pytest.raises(LatentCacheError, match="unflipped clips only"):
+        LatentCacheDataset(cache_dir, flip_p=0.5)
+
+
+def test_a_flipped_cache_gives_the_pixel_paths_inputs(dataset_config, tmp_path, plain_single_thread_cpu):
+    """flip_p 0.5 (the paper presets): the cache stores both orientations and each item is the pixel
+    dataset's item encoded in the training step, flipped alike, within float16 storage (epoch 1 of the 18
+    windows: 8 of them flipped)."""
+    config = replace(dataset_config, flip_p=0.5)
+    vae = tiny_vae()
+    cache_dir = build_latent_cache(
+        SoundingVideoDataset(config, return_all_frames=True),
+        vae,
+        tmp_path,
+        dtype=torch.float16,
+        progress=False,
+    )
+    cache = LatentCacheDataset(cache_dir, seed=config.seed, dataset_config=config, vae=vae, flip_p=0.5)
+    unflipped = LatentCacheDataset(cache_dir, seed=config.seed)
+    pixels = SoundingVideoDataset(config)  # as training reads it: key and target frames only
+    cache.set_epoch(1)
+    pixels.set_epoch(1)
+    step = pixels_to_latents(vae, default_collate([pixels[i] for i in range(len(pixels))]))
+    flipped = 0
+    for i in range(len(pixels)):
+        cached = cache[i]
+        for key in ("key_latents", "target_latents", "audio_latents"):
+            torch.testing.assert_close(cached[key].float(), step[key][i], atol=2e-2, rtol=1e-2)
+        assert torch.equal(cached["target_indices"], step["target_indices"][i])
+        flipped += not torch.equal(cached["key_latents"], unflipped[i]["key_latents"])
+    assert 0 < flipped < len(pixels), "every item came in one orientation: the flips were not drawn"
+
+
+def test_auto_cache_folder_is_named_by_what_the_latents_depend_on(dataset_config, tmp_path):
+    run_dir = tmp_path / "runs" / "ae-a"
+    folder = auto_cache_dir(run_dir, dataset_config, tiny_vae())
+    assert folder.parent == run_dir.parent and folder.name.startswith("vae-latents-synthetic-")
+    assert auto_cache_dir(tmp_path / "runs" / "ae-b", dataset_config, tiny_vae()) == folder  # shared
+    others = [
+        auto_cache_dir(run_dir, replace(dataset_config, flip_p=0.5), tiny_vae()),
+        auto_cache_dir(run_dir, replace(dataset_config, window_stride=4), tiny_vae()),
+        auto_cache_dir(run_dir, dataset_config, tiny_vae(seed=1)),
+    ]
+    assert len({folder, *others}) == 4
+    # Draws made at read time do not matter.
+    assert auto_cache_dir(run_dir, replace(dataset_config, flip_p=0.3, seed=5), tiny_vae()) == others[0]
+
+
+@pytest.mark.slow
+def test_cached_reals_are_the_steps_own_real_decodes(dataset, tmp_path, plain_single_thread_cpu):
+    """latent_cache_reals: the discriminator's reals read from the cache equal the step's VAE decodes of
+    the same latents (fp32 cache: within 1e-4 of [-1, 1] pixels; the decodes ran at other batch
+    sizes), and the step then decodes only its fakes."""
+    from conftest import preset
+
+    from mmldm_ae.autoencoder import MultiModalAutoencoder, build_discriminator
+
+    vae = tiny_vae()
+    cache_dir = build_latent_cache(dataset, vae, tmp_path, batch_size=4, reals=True, progress=False)
+    cache = LatentCacheDataset(cache_dir, seed=3, reals=True)
+    cache.set_epoch(1)
+    batch = default_collate([cache[i] for i in (0, 7, 17)])
+    assert batch["target_reals"].shape == (3, 2, 3, 32, 32) and batch["audio_reals"].shape == (3, 3, 32, 32)
+    config = preset("ae", "tiny", resolution=32, vae_downsample=2, adversarial=True)
+    torch.manual_seed(0)
+    model, discriminator = MultiModalAutoencoder(config, num_classes=6), build_discriminator(config)
+    decodes = []
+    decode = vae.decode
+    vae.decode = lambda z: decodes.append(len(z)) or decode(z)
+    per_step = {k: v for k, v in batch.items() if k not in ("target_reals", "audio_reals")}
+    losses = [
+        model.training_losses(b, vae, discriminator, generator=torch.Generator().manual_seed(0))
+        for b in (per_step, batch)
+    ]
+    assert decodes == [9, 9, 9]  # fakes and reals, then fakes only
+    torch.testing.assert_close(losses[1]["disc_real"], losses[0]["disc_real"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(losses[1]["loss"], losses[0]["loss"])
+    with pytest.raises(LatentCacheError, match="no VAE decodes"):
+        LatentCacheDataset(build_latent_cache(dataset, vae, tmp_path / "plain", progress=False), reals=True)

@@ -85,6 +85,17 @@ def test_save_pretrained_round_trips_the_weights(pipe, tmp_path):
 
 
 @pytest.mark.slow
+def test_compile_on_request_compiles_the_dit_and_the_decoder_unet_only(pipe):
+    """from_pretrained(compile=True) marks the DiT and the decoder UNet for torch.compile (traced at the
+    first call: tests/test_speed_sampling.py runs them); the weights keep their names."""
+    compiled = MMLDMPipeline.from_pretrained(pipe.long_dit.checkpoint.parent, device="cpu", compile=True)
+    is_compiled = lambda module: getattr(module, "_compiled_call_impl", None) is not None
+    assert is_compiled(compiled.long_dit.model) and is_compiled(compiled.autoencoder.model.decoder.unet)
+    assert not is_compiled(pipe.long_dit.model) and not is_compiled(compiled.autoencoder.vae)
+    assert compiled.long_dit.model.state_dict().keys() == pipe.long_dit.model.state_dict().keys()
+
+
+@pytest.mark.slow
 def test_wrong_inputs_are_clear_errors(pipe, tmp_path):
     with pytest.raises(ConfigError, match="task a2v needs audio="):
         pipe(task="a2v", **QUICK)

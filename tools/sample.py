@@ -42,7 +42,9 @@ from mmldm_dit.pipeline import MODEL_INDEX, MMLDMPipeline
 
 def load(config: SampleConfig, device: str) -> MMLDMPipeline:
     if (Path(config.run) / MODEL_INDEX).is_file():
-        return MMLDMPipeline.from_pretrained(config.run, device=device, dtype=config.precision)
+        return MMLDMPipeline.from_pretrained(
+            config.run, device=device, dtype=config.precision, compile=config.compile
+        )
     return MMLDMPipeline.from_runs(
         config.run,
         config.long_run,
@@ -50,6 +52,7 @@ def load(config: SampleConfig, device: str) -> MMLDMPipeline:
         dtype=config.precision,
         use_ema=config.use_ema,
         ae_run=config.ae_run,
+        compile=config.compile,
     )
 
 

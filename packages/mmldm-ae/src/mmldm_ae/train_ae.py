@@ -22,10 +22,10 @@ from torch import nn
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder, build_discriminator, discriminator_losses
 from mmldm_ae.autoencoder.model import TrainingDraws
 from mmldm_ae.autoencoder.semantic import ContrastiveBank
-from mmldm_ae.engine.latent_cache import LatentCacheDataset, build_latent_cache
+from mmldm_ae.engine.latent_cache import LatentCacheDataset, auto_cache_dir, build_latent_cache
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides, write_results
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, processes
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, compile_static, processes
 from mmldm_ae.pipeline import (
     AutoencoderPipeline,
     AutoencoderReconstructor,
@@ -167,7 +167,7 @@ def apply_train_options(model: MultiModalAutoencoder, vae: KLVAE, train: TrainCo
         model.decoder.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     if train.compile:
-        model.decoder.unet.compile(dynamic=False)
+        compile_static(model.decoder.unet)
 
 
 def build_ae_training(cfg: DictConfig) -> AETraining:
@@ -196,14 +196,21 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     device = state.device  # this rank's GPU (cuda:<local rank>), not always the first one
     vae = vae.to(device)
     if cfg.latent_cache:
+        folder = (
+            auto_cache_dir(run_dir, dataset_config, vae) if cfg.latent_cache == "auto" else cfg.latent_cache
+        )
         with state.main_process_first():
-            cache = build_latent_cache(pixels, vae, cfg.latent_cache, progress=True, device=device)
+            cache = build_latent_cache(
+                pixels, vae, folder, progress=True, device=device, reals=cfg.latent_cache_reals
+            )
         training_data = LatentCacheDataset(
             cache,
             num_target_frames=dataset_config.num_target_frames,
             seed=dataset_config.seed,
             dataset_config=dataset_config,
             vae=vae,
+            flip_p=dataset_config.flip_p,
+            reals=cfg.latent_cache_reals,
         )
     else:
         # Training reads key and target frames only; the cache above and the previews need every frame.

@@ -23,9 +23,10 @@ Latents are unstandardised, decoded by the autoencoder (signal decoder + KL-VAE)
 and clips are joined without seams (`decode_media`): frames dissolve over JOIN_FRAMES on each side
 of a join, the log-mels likewise over JOIN_MEL_FRAMES, and the sound of all clips is vocoded at
 once. Each sample is written as <task>_<index>.mp4 (H.264 + AAC), .wav and .png (frames and the
-spectrogram of the sound). For a2v / v2a from labelled dataset clips, conditions.json records each
-sample's task and conditioning class in the format of `mmldm_data.evaluation`, so that
-`tools/eval_fvd_fad.py` reports a2v / v2a oracle accuracy on the synthetic set.
+spectrogram of the sound), by a background thread while the next batch samples (`MediaWriter`).
+For a2v / v2a from labelled dataset clips, conditions.json records each sample's task and
+conditioning class in the format of `mmldm_data.evaluation`, so that `tools/eval_fvd_fad.py`
+reports a2v / v2a oracle accuracy on the synthetic set.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import logging
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +49,7 @@ from torch import Tensor
 
 from mmldm_ae.engine.checkpoint import load_ema_weights, load_module_weights, resolve_checkpoint
 from mmldm_ae.engine.logger import WandbConfig
-from mmldm_ae.engine.trainer import peak_memory_gb
+from mmldm_ae.engine.trainer import compile_static, peak_memory_gb
 from mmldm_ae.pipeline import PRECISIONS, AutoencoderPipeline, load_autoencoder, set_inference_precision
 from mmldm_data.audio import audio_image_to_logmel, mel_spectrogram, pad_or_trim, waveform_to_audio_image
 from mmldm_data.config import ConfigError, DatasetConfig, to_typed
@@ -70,6 +73,10 @@ SHEET_FRAMES = 8  # frames per contact-sheet row, evenly spread over the sample
 JOIN_FRAMES = 2
 JOIN_MEL_FRAMES = 8
 ENCODE_BATCH = 8  # windows of a given clip encoded at once
+# Clips in one decoder call (B samples x k clips each; x (1 + T) items, x 2 with guidance): a long
+# sample's 10 clips at batch 1 decode in one call, at batch 4 in three.
+DECODE_CLIPS = 16
+WRITE_QUEUE = 8  # samples decoded but not yet written before sampling waits for the writer
 
 
 @dataclass
@@ -103,6 +110,9 @@ class SampleConfig:
     use_ema: bool = True
     # bf16 | fp32 weights of the DiT, the autoencoder and the VAE; null: bf16 on CUDA, fp32 elsewhere
     precision: str | None = None
+    # torch.compile the DiT and the decoder UNet (static shapes: compiled at the first batch, then no
+    # recompiles between steps or batches of the same size; minutes on a GPU, see `compile_for_sampling`)
+    compile: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)  # tools/sample.py: the samples as a W&B table
 
     def validate(self) -> None:
@@ -175,11 +185,13 @@ def load_trained_dit(
     ae_run: str | None = None,
     precision: str | None = "fp32",
     pipeline: AutoencoderPipeline | None = None,
+    compile: bool = False,
 ) -> TrainedDiT:
     """Rebuild a tools/train_dit.py run: the DiT (EMA weights when it has them) and its autoencoder.
 
     `pipeline`: an autoencoder already loaded (a base and a long DiT share one); it must be the one
-    the DiT was trained on. `precision` as in `mmldm_ae.pipeline.set_inference_precision`.
+    the DiT was trained on. `precision` as in `mmldm_ae.pipeline.set_inference_precision`; `compile`
+    as in `compile_for_sampling`.
     """
     checkpoint = resolve_checkpoint(run_or_checkpoint, "train one with `make train-dit`")
     state = json.loads((checkpoint / "state.json").read_text())
@@ -205,7 +217,24 @@ def load_trained_dit(
         )
     cache = Path(config["latent_cache"]) if config.get("latent_cache") else None
     model = model.to(device, set_inference_precision(precision, device)).eval()
-    return TrainedDiT(model, LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint)
+    trained = TrainedDiT(model, LatentStats(**architecture["latent_stats"]), pipeline, cache, checkpoint)
+    return compile_for_sampling(trained, compile)
+
+
+def compile_for_sampling(dit: TrainedDiT, compile: bool = True) -> TrainedDiT:
+    """`dit` tuned for its device (`AutoencoderPipeline.optimize`); with `compile`, the DiT and the
+    decoder UNet torch.compiled in place for static shapes (`compile_static`, as train.compile).
+
+    Each model is traced at its first call per input shape: the DiT once per task (the guided batch
+    is one shape for every step), the UNet once for the guided and once for the unguided steps and
+    once per decoder batch of `decode_clip_batches`; later steps and batches of the same size reuse
+    the graphs. On the CPU the tiny presets take about half a minute (DiT) and one to two minutes
+    (UNet) to compile, on a GPU the paper's models minutes; worth it for many samples only.
+    """
+    dit.pipeline.optimize(compile)
+    if compile:
+        compile_static(dit.model)
+    return dit
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,13 +539,13 @@ def decode_media(
     join_frames: int = JOIN_FRAMES,
     join_mel_frames: int = JOIN_MEL_FRAMES,
 ) -> list[SampleMedia]:
-    """Raw latents [B, clips, C, S, S] per modality -> media; clips decode one by one and join in time.
+    """Raw latents [B, clips, C, S, S] per modality -> media; clips decode in batches and join in time.
 
-    Every clip decodes from the same decoder noise (one seed), so that the decoder's own randomness
-    does not change at a join; frames and log-mels dissolve over the joins (`dissolve_joins`), and
-    the sound of all clips is vocoded in one piece, then stretched to exactly one clip of samples
-    per clip of frames (a clip's mel covers all but its last hop remainder, 160 of 70,560 samples
-    at the paper's settings, which would otherwise be gaps).
+    Every clip decodes from the same decoder noise (one seed, `decode_clip_batches`), so that the
+    decoder's own randomness does not change at a join; frames and log-mels dissolve over the joins
+    (`dissolve_joins`), and the sound of all clips is vocoded in one piece, then stretched to exactly
+    one clip of samples per clip of frames (a clip's mel covers all but its last hop remainder, 160 of
+    70,560 samples at the paper's settings, which would otherwise be gaps).
 
     A single-modal model's missing modality is decoded from the autoencoder's null latent (that of
     an all-zero input, which its guidance dropout trains) and then left out.
@@ -528,18 +557,11 @@ def decode_media(
         for m in MODALITIES
     }
     config = pipeline.dataset
-    frames, images = [], []
-    for clip in range(clips):
-        generator = torch.Generator(pipeline.device).manual_seed(seed)
-        decoded = pipeline.decode_clips(
-            z["video"][:, clip], z["audio"][:, clip], steps=steps, generator=generator
-        )
-        frames.append(decoded.frames.float().cpu())
-        images.append(decoded.audio_images.float().cpu())
-    frames = dissolve_joins(torch.stack(frames, 1), join_frames)  # [B, clips * T, 3, R, R]
+    frames, images = decode_clip_batches(pipeline, z["video"], z["audio"], steps, seed)
+    frames = dissolve_joins(frames, join_frames)  # [B, clips * T, 3, R, R]
     num_mel_frames = config.mel.num_frames(config.clip_samples)
-    logmel = audio_image_to_logmel(torch.cat(images), num_mel_frames, config.mel)  # [clips * B, M, n]
-    logmel = logmel.unflatten(0, (clips, batch)).permute(1, 0, 3, 2)  # [B, clips, n, M]
+    logmel = audio_image_to_logmel(images.flatten(0, 1), num_mel_frames, config.mel)  # [B * clips, M, n]
+    logmel = logmel.unflatten(0, (batch, clips)).transpose(2, 3)  # [B, clips, n, M]
     logmel = dissolve_joins(logmel, min(join_mel_frames, num_mel_frames // 2)).transpose(1, 2)
     waves = pipeline.vocoder(vocoder)(logmel.to(pipeline.device)).float().cpu().numpy()
     total = clips * config.clip_samples
@@ -550,6 +572,49 @@ def decode_media(
         )
         for b in range(batch)
     ]
+
+
+def decode_clip_batches(
+    pipeline: AutoencoderPipeline,
+    z_v: Tensor,
+    z_a: Tensor,
+    steps: int | None = None,
+    seed: int = 0,
+    clips_per_call: int = DECODE_CLIPS,
+) -> tuple[Tensor, Tensor]:
+    """Perceptual latents z_v, z_a [B, K, ...] of B samples of K clips -> frames [B, K, T, 3, R, R] and
+    audio images [B, K, 3, R, R] (fp32, on the CPU), decoded as clip by clip but in a few batches.
+
+    One decoder call takes the same k = clips_per_call // B clip positions of every sample (B * k
+    clips; k at least 1). Every clip of sample b starts from sample b's noise of one draw from
+    `seed`, which is what a decoder seeded with `seed` for each clip position alone would draw.
+    """
+    (B, K), cfg, T = z_v.shape[:2], pipeline.model.cfg, pipeline.dataset.num_frames
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    noise = torch.randn(
+        B * (1 + T),
+        cfg.vae_channels,
+        cfg.latent_size,
+        cfg.latent_size,
+        generator=generator,
+        device=pipeline.device,
+    )
+    audio_noise, frame_noise = noise[:B], noise[B:].unflatten(0, (B, T))  # items [audio images; frames]
+    per_call = max(1, clips_per_call // B)
+    frames, images = [], []
+    for start in range(0, K, per_call):
+        k = min(per_call, K - start)
+        decoded = pipeline.decode_clips(
+            z_v[:, start : start + k].flatten(0, 1),
+            z_a[:, start : start + k].flatten(0, 1),
+            steps=steps,
+            noise=torch.cat(
+                [audio_noise.repeat_interleave(k, 0), frame_noise.repeat_interleave(k, 0).flatten(0, 1)]
+            ),
+        )
+        frames.append(decoded.frames.float().cpu().unflatten(0, (B, k)))
+        images.append(decoded.audio_images.float().cpu().unflatten(0, (B, k)))
+    return torch.cat(frames, 1), torch.cat(images, 1)
 
 
 def _stretch(wave: np.ndarray, samples: int) -> np.ndarray:
@@ -683,6 +748,43 @@ def clear_previous_samples(out_dir: Path) -> None:
         )
 
 
+class MediaWriter:
+    """Writes samples on one background thread while the caller samples the next batch.
+
+    `submit(fn, *args)` queues a write; with WRITE_QUEUE writes pending it first waits for the oldest.
+    A write that failed raises its error in the caller at the next `submit` (sampling stops there)
+    and at the latest when the `with` block ends, which returns only once every write has finished.
+    """
+
+    def __init__(self, queue: int = WRITE_QUEUE):
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="media-writer")
+        self._pending: deque[Future] = deque()
+        self._queue = queue
+
+    def submit(self, fn, *args) -> Future:
+        self._raise_failed()
+        if len(self._pending) >= self._queue:
+            self._pending.popleft().result()
+        future = self._pool.submit(fn, *args)
+        self._pending.append(future)
+        return future
+
+    def _raise_failed(self) -> None:
+        for future in self._pending:
+            if future.done():
+                future.result()
+
+    def __enter__(self) -> MediaWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        # On an error of the caller, writes not started are dropped; the caller's error propagates.
+        self._pool.shutdown(wait=True, cancel_futures=error_type is not None)
+        if error_type is None:
+            while self._pending:
+                self._pending.popleft().result()
+
+
 def generate(
     dit: TrainedDiT,
     config: SampleConfig,
@@ -690,33 +792,37 @@ def generate(
     chain: TrainedDiT | None = None,
 ) -> dict:
     """Run one task and write its samples to config.out_dir; returns a summary (see `iterate_samples`),
-    with one record per sample (its files, task, condition and class) under "records"."""
+    with one record per sample (its files, task, condition and class) under "records".
+
+    Files are written by a `MediaWriter` while the next batch samples; the function returns once all
+    are written, and a failed write raises its error."""
     out_dir = Path(config.out_dir)
-    started, files, conditions, sources = time.perf_counter(), 0, {}, set()
+    started, conditions, sources = time.perf_counter(), {}, set()
     config.validate()
     task = Task(config.task)
     clear_previous_samples(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.compile:
+        for model in (dit, chain):
+            if model is not None:
+                compile_for_sampling(model)
+    records, writes, frames_per_sample = [], [], 0
+    with MediaWriter() as writer:
+        for row, media, class_id, source in iterate_samples(dit, config, conditioning, chain):
+            sources.add(source)
+            name = f"{config.task}_{row:04d}"
+            writes.append(writer.submit(write_sample, dit.pipeline, media, out_dir, name))
+            class_name = dit.pipeline.class_names[class_id] if class_id >= 0 else ""
+            if task.cross_modal and class_id >= 0:
+                conditions[f"{name}.mp4"] = {"task": config.task, "class": class_name}
+            records.append({"task": config.task, "condition": source, "class": class_name})
+            frames_per_sample = len(media.frames) if media.frames is not None else 0
     written: list[str] = []
-    records, frames_per_sample = [], 0
-    for row, media, class_id, source in iterate_samples(dit, config, conditioning, chain):
-        sources.add(source)
-        name = f"{config.task}_{row:04d}"
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = write_sample(dit.pipeline, media, out_dir, name)
-        files += len(paths)
+    for record, write in zip(records, writes, strict=True):
+        paths = write.result()
+        record["files"] = [str(path) for path in paths]
         written += [Path(path).name for path in paths]
-        class_name = dit.pipeline.class_names[class_id] if class_id >= 0 else ""
-        if task.cross_modal and class_id >= 0:
-            conditions[f"{name}.mp4"] = {"task": config.task, "class": class_name}
-        records.append(
-            {
-                "files": [str(path) for path in paths],
-                "task": config.task,
-                "condition": source,
-                "class": class_name,
-            }
-        )
-        frames_per_sample = len(media.frames) if media.frames is not None else 0
+    files = len(written)
     if conditions:
         (out_dir / CONDITIONS_FILE).write_text(json.dumps(conditions, indent=1))
         written.append(CONDITIONS_FILE)

@@ -44,6 +44,7 @@ from mmldm_dit.dit import DiTConfig, MMDiT
 from mmldm_dit.generate import (
     SampleConfig,
     TrainedDiT,
+    compile_for_sampling,
     conditioning_from_media,
     iterate_samples,
     load_trained_dit,
@@ -168,14 +169,16 @@ class MMLDMPipeline:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         vocoder: str | None = None,
+        compile: bool = False,
     ) -> MMLDMPipeline:
         """A model folder of `save_pretrained` / tools/export_model.py, or a tools/train_dit.py run
         (then `from_runs`). dtype: torch.float32 / torch.bfloat16 or "fp32" / "bf16"; None: bf16
-        on CUDA, fp32 elsewhere."""
+        on CUDA, fp32 elsewhere. compile: the DiTs and the decoder UNet torch.compiled for static
+        shapes (`mmldm_dit.generate.compile_for_sampling`: the first sample of each shape compiles)."""
         path = Path(path)
         if not (path / MODEL_INDEX).is_file():
             if (path / "checkpoints").is_dir() or (path / "state.json").is_file():
-                return cls.from_runs(path, device=device, dtype=dtype)
+                return cls.from_runs(path, device=device, dtype=dtype, compile=compile)
             raise FileNotFoundError(
                 f"{path} is not a model folder (no {MODEL_INDEX}) nor a DiT run: make one with "
                 "`python tools/export_model.py <dit run> --out DIR` (or `make demo`)"
@@ -205,7 +208,9 @@ class MMLDMPipeline:
             dit = MMDiT(to_typed(DiTConfig, config["dit"]))
             load_model(dit, str(path / name / WEIGHTS))
             stats = LatentStats(**config["latent_stats"])
-            dits[name] = TrainedDiT(dit.to(device, dtype).eval(), stats, autoencoder, None, path / name)
+            dits[name] = compile_for_sampling(
+                TrainedDiT(dit.to(device, dtype).eval(), stats, autoencoder, None, path / name), compile
+            )
         info = index | ({"vocoder": vocoder} if vocoder else {})
         return cls(dits.get("dit"), dits.get("dit_long"), info)
 
@@ -219,15 +224,20 @@ class MMLDMPipeline:
         use_ema: bool = True,
         ae_run: str | None = None,
         info: dict | None = None,
+        compile: bool = False,
     ) -> MMLDMPipeline:
         """Training runs of tools/train_dit.py (a run's own config decides whether it is the long
-        model); both must be trained on one autoencoder."""
+        model); both must be trained on one autoencoder. dtype and compile as in `from_pretrained`."""
         precision = "bf16" if _dtype(dtype, device) == torch.bfloat16 else "fp32"
         loaded: list[TrainedDiT] = []
         for run in (dit_run, long_run):
             if run is not None:
                 shared = loaded[0].pipeline if loaded else None
-                loaded.append(load_trained_dit(run, device, use_ema, ae_run, precision, pipeline=shared))
+                loaded.append(
+                    load_trained_dit(
+                        run, device, use_ema, ae_run, precision, pipeline=shared, compile=compile
+                    )
+                )
         if not loaded:
             raise ValueError("from_runs needs a DiT run, a long-generation run or both")
         plain = [d for d in loaded if not d.long]

@@ -328,13 +328,15 @@ class MultiModalAutoencoder(nn.Module):
         """Losses of the model's step (not the discriminator's) on a batch of VAE latents.
 
         batch: key_latents [B, K, C, L, L], target_latents [B, T, C, L, L], target_indices [B, T]
-        (i/16), audio_latents [B, C, L, L], class_id [B] (-1: none). `vae` is the frozen KL-VAE
-        (encode/decode/scale); its decoder turns the one-step x0 estimates into pixels for the
-        adversarial term, with gradients. Returns scalars "loss" (the total), "mse_audio",
-        "mse_video", "kl", "kl_video", "kl_audio", "cls", "cls_acc", "con", "adv_g",
-        "guidance_drop_audio", "guidance_drop_video", and with the adversarial loss on the
-        discriminator step's inputs "disc_real", "disc_fake" [B, 3, 3, H, W] (detached,
-        slots [audio image, frame a, frame b]).
+        (i/16), audio_latents [B, C, L, L], class_id [B] (-1: none), and optionally the VAE decodes
+        of those latents, target_reals [B, T, 3, H, W] and audio_reals [B, 3, H, W] (a latent cache
+        with reals: decoded once, not every step). `vae` is the frozen KL-VAE (encode/decode/scale);
+        its decoder turns the one-step x0 estimates into pixels for the adversarial term, with
+        gradients, and the real latents into the discriminator's reals when the batch has none.
+        Returns scalars "loss" (the total), "mse_audio", "mse_video", "kl", "kl_video", "kl_audio",
+        "cls", "cls_acc", "con", "adv_g", "guidance_drop_audio", "guidance_drop_video", and with the
+        adversarial loss on the discriminator step's inputs "disc_real", "disc_fake" [B, 3, 3, H, W]
+        (detached, slots [audio image, frame a, frame b]).
 
         One micro-batch of an optimiser step (`micro_batch_plans`) passes the step's `draws` for its
         clips and the step's contrastive `bank`; by default the draws are made here (from
@@ -409,8 +411,11 @@ class MultiModalAutoencoder(nn.Module):
             # VAE decodes of the true latents, as the authors', so that D cannot win on VAE artefacts.
             x0_hat = predict_x0(self.train_scheduler, x_t, prediction, timesteps)
             fake = self._slots(vae.decode(x0_hat), B)
-            with torch.no_grad():
-                real = self._slots(vae.decode(x0), B)
+            if "target_reals" in batch:
+                real = torch.cat([batch["audio_reals"][:, None], batch["target_reals"]], 1).to(fake.dtype)
+            else:
+                with torch.no_grad():
+                    real = self._slots(vae.decode(x0), B)
             losses["adv_g"] = hinge_loss(discriminator(fake), 1.0)
             losses["disc_real"], losses["disc_fake"] = real, fake.detach()
         losses["loss"] = (

@@ -17,8 +17,9 @@ Layout of `out_dir`:
     ...
 Each shard records the build key (a hash of the whole header: dataset config, files on disk,
 encoder fingerprint, dtype, shard size), so an interrupted or repeated build reuses every finished
-shard whose key still matches and re-encodes only the rest. Caches hold unflipped clips: a build
-refuses a dataset config with flip_p > 0.
+shard whose key still matches and re-encodes only the rest. A kind of cache holds unflipped clips
+and refuses a dataset config with flip_p > 0, unless its header says `flipped` (the VAE cache below
+stores both orientations then).
 
 The VAE cache stores, for every window, the latents of ALL its frames and of its audio image.
 The dataset draws 2 target frames per item anew each epoch, so caching only the frames drawn once
@@ -27,18 +28,31 @@ same rule as `SoundingVideoDataset` (a pure function of (seed, epoch, index)), a
 a view of the same tensor. At 64^2 (tiny VAE, 4x16x16) a window costs 16 + 1 latents of 4 KiB in
 float32; at 256^2 (SD, 4x32x32) 16 KiB each, so paper-scale caches want a window_stride > 1 or
 dtype=float16. Its latents are the posterior mode times the VAE's scale (deterministic, see
-VAEConfig).
+VAEConfig). Built for a dataset config with flip_p > 0 (the paper presets' 0.5, the authors' flips
+of stages 0 and 1), it also stores the latents of every frame flipped horizontally
+(frame_latents_flipped; twice the frame latents' space and encoding time, the audio is never
+flipped), and `LatentCacheDataset` makes the pixel dataset's flip draw for each item, so that a run
+from the cache sees the clips, flipped or not, that a run from pixels sees. The flip draw is at
+read time: one cache serves every flip_p.
+
+With `reals` (train_ae's latent_cache_reals) the cache also stores the VAE decodes of those latents
+(frame_reals, frame_reals_flipped, audio_reals: pixels [3, R, R], in the cache's dtype), the
+discriminator's real inputs, which the autoencoder's step otherwise decodes anew every step
+(`MultiModalAutoencoder.training_losses`). They are pixels, (R / h)^2 * 3 / C = 48 times the
+latents' space at the paper's 256^2 (12 MiB per window with flips in float16), so they are off by
+default; with a bf16 VAE in training they differ from the step's own decodes by bf16 rounding.
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -62,7 +76,7 @@ INDEX_FILE = "index.json"
 SHARD_GLOB = "shard-*.safetensors"
 
 # Dataset settings that do not change what is encoded: target draws happen at read time, and the
-# rest are bookkeeping. flip_p is checked separately (a cache cannot serve flips).
+# rest are bookkeeping. flip_p is checked separately (`_flip_problem`: whether the cache holds flipped clips).
 _NOT_ENCODED = (
     "name",
     "num_target_frames",
@@ -96,11 +110,13 @@ def data_fingerprint(dataset: SoundingVideoDataset) -> str:
     return settings_hash({"files": files, "windows": dataset.windows, "classes": dataset.file_classes})
 
 
-def _flip_problem(config: DatasetConfig) -> str | None:
-    if config.flip_p > 0:
+def _flip_problem(flip_p: float, header: dict) -> str | None:
+    """Why a cache of this `header` (or index) cannot serve dataset.flip_p = `flip_p`, or None."""
+    if flip_p > 0 and not header.get("flipped", False):
         return (
-            f"dataset.flip_p={config.flip_p}, but a latent cache holds unflipped clips only; "
-            "set dataset.flip_p=0"
+            f"dataset.flip_p={flip_p}, but this latent cache holds unflipped clips only; "
+            "set dataset.flip_p=0 (or, for a VAE-latent cache, rebuild it with flip_p > 0: it then "
+            "stores both orientations)"
         )
     return None
 
@@ -170,7 +186,7 @@ class ShardedCache:
         returns more index entries computed from the finished shards (e.g. statistics).
         """
         config = dataset.config
-        problem = _flip_problem(config)
+        problem = _flip_problem(config.flip_p, header)
         if problem:
             raise LatentCacheError(problem)
         out_dir = Path(out_dir)
@@ -313,7 +329,7 @@ class ShardedCache:
             index = self.read_index(out_dir)
         except LatentCacheError as error:
             return str(error)
-        problem = _flip_problem(dataset_config)
+        problem = _flip_problem(dataset_config.flip_p, index)
         if problem:
             return problem
         reason = _stale(index, dataset_config, encoder.fingerprint(), self.encoder)
@@ -390,14 +406,19 @@ def build_latent_cache(
     out_dir: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    reals: bool = False,
     **options,
 ) -> Path:
     """Encode every window of `dataset` (built with return_all_frames=True) into `out_dir`.
 
-    Shards hold frame_latents [n, T, C, h, w] and audio_latents [n, C, h, w]. Reuses finished
-    shards of an earlier build with the same inputs; moves `vae` to `device`. `options` go to
+    Shards hold frame_latents [n, T, C, h, w] and audio_latents [n, C, h, w], and with
+    dataset.config.flip_p > 0 frame_latents_flipped [n, T, C, h, w] (every frame flipped
+    horizontally; the windows are read unflipped whatever flip_p draws). Reuses finished shards of
+    an earlier build with the same inputs; moves `vae` to `device`. `options` go to
     `ShardedCache.build` (batch_size: 8 and shard_size: 512 unless given); batch_size counts
-    windows, i.e. batch_size * (num_frames + 1) images per step.
+    windows, i.e. batch_size * (num_frames + 1) images per step (2 * num_frames + 1 with flips).
+    With `reals`, also each latent's VAE decode as frame_reals [n, T, 3, R, R] (frame_reals_flipped)
+    and audio_reals [n, 3, R, R]: the latents as stored (in `dtype`), decoded.
     """
     options = {"batch_size": 8, "shard_size": 512, **options}
     config = dataset.config
@@ -406,23 +427,47 @@ def build_latent_cache(
             "build_latent_cache needs SoundingVideoDataset(config, return_all_frames=True)"
         )
     vae = vae.to(device).eval()
+    flipped = config.flip_p > 0
+    if flipped:  # the windows as they are: both orientations are encoded here
+        dataset = copy.copy(dataset)
+        dataset.config = replace(config, flip_p=0.0)
 
     def encode(batch: dict) -> dict[str, Tensor]:
         frames = batch["frames"].to(device)  # [B, T, 3, R, R]
-        return {
-            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(
-                0, frames.shape[:2]
-            ),  # [B, T, C, h, w]
+        encoded = {
+            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2]),
             "audio_latents": vae.encode(batch["audio_image"].to(device)),  # [B, C, h, w]
         }
+        if flipped:  # as SoundingVideoDataset flips: the model frames, along their width
+            encoded["frame_latents_flipped"] = vae.encode(frames.flatten(0, 1).flip(-1)).unflatten(
+                0, frames.shape[:2]
+            )
+        if reals:  # what the step would decode: the stored latents
+            for name in [n for n in encoded if n.endswith("_latents") or n.endswith("_latents_flipped")]:
+                latents = encoded[name].to(dtype).float()
+                decoded = vae.decode(latents.flatten(0, latents.ndim - 4)).unflatten(0, latents.shape[:-3])
+                encoded[name.replace("latents", "reals")] = decoded
+        return encoded
 
     header = {
         "vae": {"latent_channels": vae.latent_channels, "downsample": vae.downsample, "scale": vae.scale},
         "key_frame_indices": list(config.key_frame_indices),
         "frame_latent_shape": [config.num_frames, *vae.latent_shape(config.resolution)],
         "audio_latent_shape": list(vae.latent_shape(config.mel.image_size)),
+        "flipped": flipped,
+        "reals": reals,
     }
     return VAE_LATENTS.build(dataset, out_dir, encode, vae.fingerprint(), header, dtype=dtype, **options)
+
+
+def auto_cache_dir(run_dir: str | Path, dataset_config: DatasetConfig, vae: KLVAE) -> Path:
+    """Where latent_cache=auto keeps a run's cache: beside run_dir, named by what the latents depend on
+    (the encoded dataset settings, whether flips are stored, the VAE's weights), so that runs on one
+    dataset and VAE share it and runs on others never rebuild it."""
+    key = settings_hash(
+        [encoded_dataset_config(dataset_config), dataset_config.flip_p > 0, vae.fingerprint()]
+    )
+    return Path(run_dir).parent / f"vae-latents-{dataset_config.name}-{key[:12]}"
 
 
 def cache_mismatch(out_dir: str | Path, dataset_config: DatasetConfig, vae: KLVAE) -> str | None:
@@ -441,8 +486,10 @@ class LatentCacheDataset(ShardedCacheDataset):
 
     Items: key_latents [K, C, h, w], target_latents [n, C, h, w], target_indices [n] (positions
     i / num_frames in [0, 1), as in the pixel dataset), audio_latents [C, h, w], class_id, clip_id.
-    Latents come in the dtype the cache was built with. Target frames are drawn as the pixel
-    dataset draws them, so with equal seeds (and flip_p=0) both pick the same frames. Passing
+    Latents come in the dtype the cache was built with. Flips (`flip_p`, a cache built with flips)
+    and target frames are drawn as the pixel dataset draws them, so with equal seeds both give the
+    same clips, flipped alike. `reals` (a cache built with reals) adds target_reals [n, 3, R, R] and
+    audio_reals [3, R, R], the VAE decodes of target_latents and audio_latents. Passing
     `dataset_config` and `vae` refuses a stale cache.
     """
 
@@ -455,12 +502,22 @@ class LatentCacheDataset(ShardedCacheDataset):
         seed: int = 0,
         dataset_config: DatasetConfig | None = None,
         vae: KLVAE | None = None,
+        flip_p: float = 0.0,
+        reals: bool = False,
     ):
         super().__init__(out_dir, dataset_config, vae)
         self.num_frames = self.index["num_frames"]
         if not 1 <= num_target_frames <= self.num_frames:
             raise ValueError(f"num_target_frames must be in 1..{self.num_frames}, got {num_target_frames}")
+        problem = _flip_problem(flip_p, self.index)
+        if problem:
+            raise LatentCacheError(f"{self.out_dir}: {problem}")
+        if reals and not self.index.get("reals", False):
+            raise LatentCacheError(
+                f"{self.out_dir} holds no VAE decodes of its latents (reals): rebuild it with reals"
+            )
         self.num_target_frames = num_target_frames
+        self.flip_p, self.reals = flip_p, reals
         self.seed = seed
         self.epoch = 0
         self.key_frame_indices = self.index["key_frame_indices"]
@@ -474,10 +531,13 @@ class LatentCacheDataset(ShardedCacheDataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a latent cache of {len(self)} windows")
-        frame_latents = self.row("frame_latents", index)  # [T, C, h, w]
+        # The pixel dataset's draws, in its order: the flip, then the target frames.
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        flip = self.flip_p > 0 and rng.random() < self.flip_p
         targets = np.sort(rng.choice(self.num_frames, size=self.num_target_frames, replace=False))
-        return {
+        suffix = "_flipped" if flip else ""
+        frame_latents = self.row(f"frame_latents{suffix}", index)  # [T, C, h, w]
+        item = {
             "key_latents": frame_latents[self.key_frame_indices],
             "target_latents": frame_latents[torch.from_numpy(targets)],
             "target_indices": torch.from_numpy(targets / self.num_frames).float(),
@@ -485,3 +545,7 @@ class LatentCacheDataset(ShardedCacheDataset):
             "class_id": self.index["class_ids"][index],
             "clip_id": self.index["clip_ids"][index],
         }
+        if self.reals:
+            item["target_reals"] = self.row(f"frame_reals{suffix}", index)[torch.from_numpy(targets)]
+            item["audio_reals"] = self.row("audio_reals", index)
+        return item

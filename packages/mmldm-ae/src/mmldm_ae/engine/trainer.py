@@ -134,6 +134,15 @@ class TrainConfig:
             raise TrainingError("invalid train config:\n  " + "\n  ".join(problems))
 
 
+def compile_static(module: nn.Module) -> nn.Module:
+    """`module` torch.compiled in place for static shapes (train.compile, sampling's compile): one
+    graph per input shape, traced at its first call; the weights keep their names. Compiling twice
+    (a base and a long DiT share one autoencoder) keeps the first."""
+    if getattr(module, "_compiled_call_impl", None) is None:
+        module.compile(dynamic=False)
+    return module
+
+
 def processes() -> PartialState:
     """This process's place among the launched ones (rank, device), shared with the Accelerator that a
     Trainer builds later: stages use it earlier, to build indexes and caches on the main process first."""
