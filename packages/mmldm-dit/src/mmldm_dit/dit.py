@@ -42,6 +42,7 @@ from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmldm_ae.engine.diffusion import NoiseScheduleConfig
 from mmldm_data.config import ConfigError
 
 MODALITIES = ("audio", "video")  # token order in the sequence, whatever the config lists
@@ -75,6 +76,9 @@ class DiTConfig:
     context_dim: int = 768  # width of the prompt tokens, mapped to hidden_size by a Linear
     # Blocks of the long-generation conditioning DiT (authors: 14 at XL); 0 builds the plain model.
     previous_clip_depth: int = 0
+    # What the model predicts and over which noise schedule (paper: epsilon; the CPU preset predicts v,
+    # which weighs the noisiest steps, where a clip's class and the condition's effect are decided).
+    schedule: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
 
     @property
     def joint(self) -> bool:
@@ -146,6 +150,7 @@ class DiTConfig:
                 "(its outputs are added after the main DiT's first blocks)"
             )
         ConfigError.raise_if_any(problems, "invalid dit config")
+        self.schedule.validate()
 
 
 #################################################################################

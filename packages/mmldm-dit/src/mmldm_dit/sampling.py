@@ -1,7 +1,8 @@
 """Training loss and samplers of the MM-LDM DiT (paper sections 3.2-3.3, docs/design.md#dit-training).
 
-Training (`dit_training_loss`): one timestep per sample shared by both modalities, epsilon MSE per
-modality, and per-sample task masks that teach one model several distributions at once:
+Training (`dit_training_loss`): one timestep per sample shared by both modalities, MSE per modality
+against the model's target (epsilon, or v with dit.schedule.prediction_type=v_prediction), and
+per-sample task masks that teach one model several distributions at once:
 
   * context dropped (10%): the unconditional model that guidance contrasts with;
   * a2v (5%): the clean audio latent is given as a condition; v2a (5%) mirrored;
@@ -49,10 +50,10 @@ from tqdm.auto import tqdm
 
 from mmldm_ae.engine.diffusion import SAMPLERS as SAMPLERS  # the samplers of both stages
 from mmldm_ae.engine.diffusion import (
-    NoiseScheduleConfig,
     build_sampler,
     build_train_scheduler,
     denoising_steps,
+    diffusion_target,
     guided_eps,
     q_sample,
     sample_timesteps,
@@ -223,7 +224,8 @@ def dit_training_loss(
     predicted = {"audio": eps_a, "video": eps_v}
     losses = {}
     for m in clean:
-        per_row = (predicted[m].float() - noise[m].float()).pow(2).mean(dim=(1, 2, 3))
+        target = diffusion_target(scheduler, clean[m], noise[m], t)
+        per_row = (predicted[m].float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         counted = torch.ones_like(per_row) if cfg.loss_on_condition else (~condition_rows[m]).float()
         losses[m] = (per_row * counted).sum() / counted.sum().clamp(min=1.0)
     result = {"loss": sum(losses.values())}
@@ -285,7 +287,6 @@ def sample(
     sampler: str = "ddim",
     steps: int = 50,
     seed: int = 0,
-    schedule: NoiseScheduleConfig | None = None,
     progress: bool = False,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Latents (z_a, z_v) of one clip per batch item; None for a modality the model lacks.
@@ -338,8 +339,9 @@ def sample(
     guidance = {"audio": guidance_audio, "video": guidance_video}
     guidance = {m: (0.0 if m in known else guidance[m]) for m in present}
 
-    forward_process = build_train_scheduler(schedule)
-    schedulers = {m: build_sampler(sampler, steps, schedule) for m in present if m not in known}
+    # The model's own schedule: its outputs are epsilon or v (dit.schedule.prediction_type).
+    forward_process = build_train_scheduler(model.cfg.schedule)
+    schedulers = {m: build_sampler(sampler, steps, model.cfg.schedule) for m in present if m not in known}
     loop = denoising_steps(device, *schedulers.values())
     for t, t_device in tqdm(loop, total=steps, desc=f"{task} ({sampler})", disable=not progress):
         t_batch = t_device.expand(batch_size)

@@ -103,7 +103,7 @@ class DiTTrainingTask(TrainingTask):
         self.model, self.stats, self.loss_config = model, stats, loss_config
         self.pipeline, self.preview = pipeline, preview
         self._architecture = architecture
-        self.scheduler = build_train_scheduler()
+        self.scheduler = build_train_scheduler(model.cfg.schedule)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"dit": self.model}
