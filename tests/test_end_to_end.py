@@ -134,6 +134,16 @@ def test_quality_table_marks_the_bars():
     assert "| a2v oracle accuracy | 0.5 | n/a | >= 0.8 | **no** |" in table
     ceiling = by_label["a2v: given sound read right after the autoencoder (ceiling)"]
     assert ceiling["value"] == 1.0 and ceiling["bar"] is None and ceiling["passed"] is None
+    assert by_label["FVD vs training clips, svg"]["passed"] is None  # no shuffled set: no bar
+
+    reports["shuffled"] = {"fvd": 80.0}
+    demo_bars = demo.QualityBars(svg_agreement=0.95, a2v_accuracy=0.5, onset_error_frames=None)
+    by_label = {row["label"]: row for row in demo.quality_table(reports, demo_bars)[0]}
+    assert by_label["joint (svg) cross-modal class agreement"]["passed"] is False
+    assert by_label["a2v oracle accuracy"]["passed"] is True
+    assert by_label["median onset-to-impact error (frames), svg"]["bar"] is None
+    assert by_label["FVD vs training clips, svg"]["bar"] == "< 80"
+    assert by_label["FVD vs training clips, svg"]["passed"] is False  # 100 is not below the shuffled 80
 
 
 @pytest.mark.slow
