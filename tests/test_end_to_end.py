@@ -24,6 +24,7 @@ QUICK = [
     "sampling.steps=2",
     "sampling.ae_steps=2",
     "sampling.long_clips=2",
+    "sampling.per_class=1",
     "sampling.svg_samples=2",
     "sampling.vocoder=griffinlim",
     "evaluation.real_clips=6",
