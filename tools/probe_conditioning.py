@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -109,20 +111,18 @@ def change(losses: dict[str, float]) -> str:
     return f"{abs(percent):.0f}% {'lower' if percent >= 0 else 'higher'}"
 
 
-def cut_condition(dit: TrainedDiT, modality: str) -> list[Tensor]:
-    """Zero the condition embedding of `modality`'s tokens; returns its weights to put back."""
-    embed = dit.model.tokens.modalities[modality].condition_embed
-    saved = [p.detach().clone() for p in embed.parameters()]
-    for parameter in embed.parameters():
+@contextmanager
+def condition_cut(dit: TrainedDiT, modality: str, cut: bool = True) -> Iterator[None]:
+    """Inside, with `cut`: `modality`'s condition embedding outputs zero (weights put back after)."""
+    parameters = list(dit.model.tokens.modalities[modality].condition_embed.parameters()) if cut else []
+    saved = [p.detach().clone() for p in parameters]
+    for parameter in parameters:
         parameter.data.zero_()
-    return saved
-
-
-def restore_condition(dit: TrainedDiT, modality: str, saved: list[Tensor]) -> None:
-    for parameter, value in zip(
-        dit.model.tokens.modalities[modality].condition_embed.parameters(), saved, strict=True
-    ):
-        parameter.data.copy_(value)
+    try:
+        yield
+    finally:
+        for parameter, value in zip(parameters, saved, strict=True):
+            parameter.data.copy_(value)
 
 
 def latent_accuracy(dit: TrainedDiT, latents: Latents, args) -> dict[str, float]:
@@ -133,10 +133,10 @@ def latent_accuracy(dit: TrainedDiT, latents: Latents, args) -> dict[str, float]
         common = dict(steps=args.steps, guidance_audio=guidance, guidance_video=guidance, seed=args.seed)
         for task, (given, generated) in CONDITIONED.items():
             for cut in (False, True):
-                saved = cut_condition(dit, given) if cut else None
-                z_a, z_v = sample(dit.model, task, **{f"cond_{given[0]}": latents.z[given][picks]}, **common)
-                if cut:
-                    restore_condition(dit, given, saved)
+                with condition_cut(dit, given, cut):
+                    z_a, z_v = sample(
+                        dit.model, task, **{f"cond_{given[0]}": latents.z[given][picks]}, **common
+                    )
                 made = z_v if generated == "video" else z_a
                 name = f"{task} s={guidance:g}" + (" condition embedding cut" if cut else "")
                 results[name] = (latents.read(generated, made) == truth).float().mean().item()

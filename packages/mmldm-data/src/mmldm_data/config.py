@@ -55,7 +55,7 @@ class DatasetConfig:
     frame_mode: str = "letterbox"
     # Horizontal flips of a clip's frames (never its sound), drawn per item from (seed, epoch, index).
     # The presets hold the authors' 0.5 of stages 0 and 1; the generator trains on unflipped clips
-    # (conf/train_dit.yaml), and a latent cache holds unflipped clips only.
+    # (conf/train_dit.yaml); a VAE-latent cache built with flips stores both orientations.
     flip_p: float = 0.0
     # The autoencoder's KL weight on this dataset (paper section 4.1: 1e-9 Landscape, 1e-8 AIST++);
     # conf/train_ae.yaml passes it to ae.w_kl.

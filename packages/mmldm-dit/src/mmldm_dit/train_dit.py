@@ -32,7 +32,7 @@ from mmldm_ae.engine.diffusion import build_train_scheduler
 from mmldm_ae.engine.latent_cache import encoded_dataset_config, settings_hash
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, write_results
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, processes
+from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, compile_static, processes
 from mmldm_ae.pipeline import AutoencoderPipeline, load_autoencoder
 from mmldm_data.config import ConfigError, DatasetConfig, dataset_config_from, to_plain_dict, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
@@ -278,7 +278,7 @@ def model_to_train(config: DiTConfig, train: TrainConfig) -> MMDiT:
     model = MMDiT(config)
     model.enable_gradient_checkpointing(train.gradient_checkpointing)
     if train.compile:
-        model.compile(dynamic=False)  # static shapes: compiled once per run; the weights keep their names
+        compile_static(model)  # static shapes: compiled once per run; the weights keep their names
     return model
 
 
