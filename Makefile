@@ -55,7 +55,7 @@ DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 # A model folder of tools/export_model.py for `make app` / `make browser-check` (`make demo` exports this one).
 MODEL ?= outputs/demo/model
 
-.PHONY: setup test test-fast format lint demo synth-bench gpu-check bench-gpu sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample table1
+.PHONY: setup test test-fast format lint demo synth-bench shape-check gpu-check bench-gpu sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample table1
 
 setup: $(STAMP)
 
@@ -100,6 +100,10 @@ demo: setup
 # Longer training and the quality table (about 60 minutes; not part of the tests).
 synth-bench: setup
 	$(PY) tools/demo.py --config-name synth_bench $(ARGS)
+
+# The demo on classes that differ only by shape and timbre: a check held apart from all tuning.
+shape-check: setup
+	$(PY) tools/demo.py --config-name shape_check $(ARGS)
 
 # Paper presets in bf16 on a GPU: a few steps of every stage and samples, with times and memory.
 gpu-check: setup

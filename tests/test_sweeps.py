@@ -31,6 +31,7 @@ GROUPS = {
     "sample": (),
     "demo": (),
     "synth_bench": (),
+    "shape_check": (),
     "table1_paper": ("dataset",),
     "table1_tiny": ("dataset",),
 }
@@ -238,11 +239,20 @@ def test_a_key_every_ablation_row_decides_is_refused_on_the_command_line():
 
 
 def test_demo_configs_compose():
-    for name in ("demo", "synth_bench"):
-        to_typed(
+    configs = {
+        name: to_typed(
             EndToEndConfig,
             OmegaConf.to_container(compose_checked(CONF, name, []), resolve=False) | {"out": "x"},
         )
+        for name in ("demo", "synth_bench", "shape_check")
+    }
+    assert configs["demo"].classes == configs["synth_bench"].classes == "colour_pitch"
+    # The held-apart check: the demo's settings on the shape/timbre class set.
+    shape_check, demo = configs["shape_check"], configs["demo"]
+    assert shape_check.classes == "shape_timbre" and shape_check.title == "shape-check"
+    assert (shape_check.train_dit, shape_check.sampling) == (demo.train_dit, demo.sampling)
+    with pytest.raises(ConfigError, match="classes must be one of colour_pitch, shape_timbre"):
+        to_typed(EndToEndConfig, {"classes": "shapes"})
 
 
 @pytest.mark.parametrize(

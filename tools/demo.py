@@ -4,6 +4,8 @@
     python tools/demo.py                              # conf/demo.yaml: about 15 minutes, outputs/demo/
     python tools/demo.py --config-name synth_bench    # conf/synth_bench.yaml: longer training,
                                                       # the quality table
+    python tools/demo.py --config-name shape_check    # conf/shape_check.yaml: classes that differ
+                                                      # only by shape and timbre (a held-apart check)
     python tools/demo.py "train_ae=[train.max_steps=50]"    # any key of the config can be overridden
 
 Stages, each in its own folder under `out`:
@@ -54,7 +56,14 @@ from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvalProtocol, EvalSets, EvaluationError, evaluate, load_models
 from mmldm_data.media import read_audio, read_video, write_video
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
-from mmldm_data.synthetic import CLASS_NAMES, SyntheticConfig, write_synthetic_dataset
+from mmldm_data.synthetic import (
+    CLASS_NAMES,
+    CLASS_SETS,
+    COLOUR_PITCH,
+    SHAPE_TIMBRE,
+    SyntheticConfig,
+    write_synthetic_dataset,
+)
 from mmldm_data.tasks import Task
 from mmldm_data.video import to_uint8_frames
 from mmldm_dit.config import register_schemas
@@ -119,10 +128,13 @@ class EndToEndConfig:
     sampling: SamplingPlan = field(default_factory=SamplingPlan)
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     bars: QualityBars = field(default_factory=QualityBars)
+    classes: str = COLOUR_PITCH  # synthetic class set: colour_pitch or shape_timbre (conf/shape_check.yaml)
 
     def validate(self) -> None:
         problems = []
-        classes = len(CLASS_NAMES)
+        if self.classes not in CLASS_SETS:
+            problems.append(f"classes must be one of {', '.join(CLASS_SETS)}, got {self.classes!r}")
+        classes = len(CLASS_NAMES)  # every class set has as many
         if self.num_clips < classes or self.heldout_clips < classes:
             problems.append(
                 f"num_clips ({self.num_clips}) and heldout_clips ({self.heldout_clips}) must be at "
@@ -458,14 +470,15 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
     out = Path(cfg.out)
     started = time.perf_counter()
     data = {}
+    synthetic = SyntheticConfig(classes=cfg.classes)
     for name, clips, seed in (
         ("synthetic", cfg.num_clips, cfg.seed),
         ("heldout", cfg.heldout_clips, cfg.seed + 1000),
     ):
         data[name] = run_stage(
             out / name,
-            {"clips": clips, "seed": seed, "synthetic": asdict(SyntheticConfig())},
-            lambda folder, c=clips, s=seed: write_synthetic_dataset(folder, c, s, progress=True),
+            {"clips": clips, "seed": seed, "synthetic": asdict(synthetic)},
+            lambda folder, c=clips, s=seed: write_synthetic_dataset(folder, c, s, synthetic, progress=True),
         )
     train_root, heldout_root = out / "synthetic", out / "heldout"
     training = SoundingVideoDataset(
@@ -576,6 +589,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             "train_dit_long": cfg.train_dit_long,
             "sampling": asdict(cfg.sampling),
             "evaluation": asdict(cfg.evaluation),
+            "classes": cfg.classes,
         },
         "minutes": round(minutes, 1),
     }
@@ -594,18 +608,32 @@ def export_demo_model(folder: Path, runs: Path, title: str, quality: list[dict])
     return {"folder": str(folder), "tasks": list(pipe.tasks)}
 
 
+# Per class set: what its classes are, and what its oracles read (the report's wording).
+CLASS_SET_WORDING = {
+    COLOUR_PITCH: (
+        "coloured shapes, each with its own sound",
+        "the colour of the moving object and the pitch of the sound",
+    ),
+    SHAPE_TIMBRE: (
+        "shapes of one colour, each with its own timbre in a shared pitch range",
+        "the silhouette of the moving object and the spectral envelope of the sound",
+    ),
+}
+
+
 def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: dict, samples: dict) -> str:
     def relative(path: str) -> str:
         return str(Path(path).relative_to(out)) if Path(path).is_relative_to(out) else path
 
     training = metrics["training"]
     config = metrics["config"]
+    classes, oracles_read = CLASS_SET_WORDING[config["classes"]]
     lines = [
         f"# MM-LDM {title} on the synthetic dataset",
         "",
         f"{config['num_clips']} training clips and {config['heldout_clips']} held-out clips "
         f"of {len(CLASS_NAMES)} "
-        f"classes (coloured shapes, each with its own sound; bounces make the sound onsets).",
+        f"classes ({classes}; bounces make the sound onsets).",
         f"This run took {metrics['minutes']} min (stages reused from an earlier run count as 0).",
         "",
         "## Training",
@@ -631,7 +659,7 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
         "## Quality (synthetic oracles, FVD, AV-Align)",
         "",
         table,
-        "The oracles read the class from the colour of the moving object and from the pitch of the sound; "
+        f"The oracles read the class from {oracles_read}; "
         f"chance is 1/{len(CLASS_NAMES)} = {1 / len(CLASS_NAMES):.3f}. FVD and FAD use few clips here, so "
         "they compare runs of this table only. All numbers: `metrics.json`.",
         "",
@@ -648,7 +676,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--config-name", default="demo", help="conf/<name>.yaml: demo or synth_bench")
+    parser.add_argument(
+        "--config-name", default="demo", help="conf/<name>.yaml: demo, synth_bench or shape_check"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (key=value) of that config")
     args = parser.parse_args()
     register_schemas()  # before composing conf/: every group preset starts from its schema

@@ -43,7 +43,7 @@ from mmldm_data.metrics.frechet import frechet_distance
 from mmldm_data.metrics.i3d import I3D, i3d_features
 from mmldm_data.metrics.oracle import read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
-from mmldm_data.synthetic import CLASS_NAMES
+from mmldm_data.synthetic import CLASS_SETS, COLOUR_PITCH, synthetic_class_set
 from mmldm_data.video import to_uint8_frames
 from mmldm_data.vocoder import load_vocoder
 
@@ -283,6 +283,8 @@ def reconstruction_metrics(
     features: dict[str, list[np.ndarray]] = {"decoded": [], "input": []}
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     decode_seconds = 0.0
+    # The oracles of the class set the clips' folder was made with (folders without one: colour/pitch).
+    oracle_classes = synthetic_class_set(dataset.config.data_root) or COLOUR_PITCH
     for start in range(0, len(indices), batch_size):
         batch = default_collate([dataset[i] for i in indices[start : start + batch_size]])
         began = time.perf_counter()
@@ -308,10 +310,10 @@ def reconstruction_metrics(
             for (frames, wave), name in zip(
                 pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder), truth, strict=True
             ):
-                reading = read_oracles(frames, wave, config.fps, config.mel.sample_rate)
+                reading = read_oracles(frames, wave, config.fps, config.mel.sample_rate, oracle_classes)
                 for modality, found in (("video", reading.video_class), ("audio", reading.audio_class)):
                     oracle_hits[modality].append(
-                        name is not None and found >= 0 and CLASS_NAMES[found] == name
+                        name is not None and found >= 0 and CLASS_SETS[oracle_classes][found] == name
                     )
     mse = torch.cat(squared_errors)
     metrics = {

@@ -1,11 +1,21 @@
 """Synthetic sounding videos with exactly known audio-video correspondence.
 
-Each class is a coloured shape with its own sound: a distinct hue in the video, a distinct pitch
-and timbre in the audio. The object bounces on a floor with a constant period (elastic, ballistic
-arcs) while drifting sideways between silent walls; every floor impact starts a short tone burst
-at exactly the impact time. Learning can therefore be checked without any pretrained network:
+Two class sets (``SyntheticConfig.classes``):
 
-- ``video_class_oracle`` / ``audio_class_oracle`` recover the class from decoded pixels / samples,
+- ``colour_pitch`` (the default): each class is a coloured shape with its own sound, a distinct hue
+  in the video and a distinct pitch and timbre in the audio;
+- ``shape_timbre``: every class has the same colour and a sound in the same pitch range (drawn per
+  clip); the classes differ only by the object's shape and by the sound's spectral envelope (voiced
+  vowels, a bell, a snare, a chord, a hiss), closer to real data, where pitch and colour rarely
+  name the class.
+
+In both, the object bounces on a floor with a constant period (elastic, ballistic arcs) while
+drifting sideways between silent walls; every floor impact starts the class's short sound at
+exactly the impact time. Learning can therefore be checked without any pretrained network:
+
+- ``class_oracles(classes)`` recover the class from decoded pixels / samples: by hue and pitch
+  (``video_class_oracle`` / ``audio_class_oracle``) or by silhouette and spectral envelope
+  (``shape_class_oracle`` / ``timbre_class_oracle``),
 - ``impact_frames_oracle`` / ``onset_times_oracle`` recover the events that must coincide.
 
 The oracles read only decoded media (they never see metadata), so they can judge generated samples
@@ -22,12 +32,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy.ndimage import maximum_filter1d
+from scipy.ndimage import label, map_coordinates, maximum_filter1d
 from scipy.signal import fftconvolve
 from tqdm import tqdm
 
@@ -46,6 +57,25 @@ _CLASSES = (
     ("cyan_ring", "ring", (40, 210, 215), 1780.0, (1.0, 0.3), 0.06),
 )
 CLASS_NAMES: tuple[str, ...] = tuple(name for name, *_ in _CLASSES)
+
+# Shape/timbre set: class = (name, shape, sound). One saturated colour for all (the object is still
+# found by its chroma; the colour oracle reads it as red for every class), and sounds whose
+# fundamental is drawn per clip from one shared octave, so neither hue nor pitch names the class.
+_TIMBRE_CLASSES = (
+    ("circle_ah", "circle", "ah"),
+    ("square_ee", "square", "ee"),
+    ("triangle_bell", "triangle", "bell"),
+    ("diamond_snare", "diamond", "snare"),
+    ("cross_chord", "cross", "chord"),
+    ("ring_hiss", "ring", "hiss"),
+)
+_TIMBRE_COLOUR = (230, 100, 40)
+_TIMBRE_F0_HZ = (140.0, 280.0)
+COLOUR_PITCH, SHAPE_TIMBRE = "colour_pitch", "shape_timbre"
+CLASS_SETS = {
+    COLOUR_PITCH: CLASS_NAMES,
+    SHAPE_TIMBRE: tuple(name for name, *_ in _TIMBRE_CLASSES),
+}
 
 _FLOOR_TOP = 0.88  # floor surface, as a fraction of the frame height from the top
 _APEX_HEIGHT = (0.35, 0.55)  # bounce height above the floor contact, fraction of the frame
@@ -68,9 +98,12 @@ class SyntheticConfig:
     min_bounce_period: float = 0.6  # seconds between floor impacts, drawn per clip
     max_bounce_period: float = 1.1  # below ~1.6 s every 16-frame window at 10 fps holds an impact
     object_radius: float = 0.12  # half the object's height, fraction of the frame
+    classes: str = COLOUR_PITCH  # class set: colour_pitch or shape_timbre (module docstring)
 
     def __post_init__(self) -> None:
         problems = []
+        if self.classes not in CLASS_SETS:
+            problems.append(f"classes must be one of {', '.join(CLASS_SETS)}, got {self.classes!r}")
         if not 1 <= self.num_classes <= len(CLASS_NAMES):
             problems.append(f"num_classes must be in 1..{len(CLASS_NAMES)}, got {self.num_classes}")
         if self.resolution < 16:
@@ -95,6 +128,10 @@ class SyntheticConfig:
     @property
     def num_frames(self) -> int:
         return round(self.duration * self.fps)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return CLASS_SETS[self.classes][: self.num_classes]
 
     @property
     def num_samples(self) -> int:
@@ -207,9 +244,17 @@ def _object_centres(motion: _Motion, times: np.ndarray, radius: float) -> tuple[
     return x, _FLOOR_TOP - radius - height
 
 
+def _look(class_id: int, classes: str) -> tuple[str, tuple[int, int, int]]:
+    """(shape, RGB colour) of a class of a class set."""
+    if classes == SHAPE_TIMBRE:
+        return _TIMBRE_CLASSES[class_id][1], _TIMBRE_COLOUR
+    _, shape, colour, *_ = _CLASSES[class_id]
+    return shape, colour
+
+
 def _render_frames(class_id: int, motion: _Motion, cfg: SyntheticConfig) -> np.ndarray:
     """uint8 [T, R, R, 3], antialiased through the shape's signed distance."""
-    _, shape, colour, *_ = _CLASSES[class_id]
+    shape, colour = _look(class_id, cfg.classes)
     resolution = cfg.resolution
     centre_x, centre_y = _object_centres(motion, np.arange(cfg.num_frames) / cfg.fps, cfg.object_radius)
     pixel = (np.arange(resolution) + 0.5) / resolution
@@ -233,9 +278,79 @@ def _tone_burst(class_id: int, sample_rate: int) -> np.ndarray:
     return burst / np.abs(burst).max()
 
 
-def _render_audio(class_id: int, motion: _Motion, cfg: SyntheticConfig) -> np.ndarray:
-    """float32 [N]: a tone burst starting at every impact, including the tails of earlier ones."""
-    burst = _tone_burst(class_id, cfg.sample_rate)
+def _resonances(freqs: np.ndarray, peaks: tuple[tuple[float, float, float], ...]) -> np.ndarray:
+    """Gain at `freqs` (Hz) of resonance peaks (centre Hz, bandwidth Hz, gain): a spectral envelope."""
+    return sum(gain / (1 + ((freqs - centre) / width) ** 2) for centre, width, gain in peaks)
+
+
+def _harmonic_tone(
+    t: np.ndarray, fundamental: float, envelope: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """A sawtooth-like harmonic tone (partial n at 1/n) shaped by `envelope` (gain per Hz), up to 8 kHz."""
+    partials = np.arange(1, int(8000 // fundamental) + 1)
+    gains = envelope(partials * fundamental) / partials
+    return gains @ np.sin(2 * np.pi * fundamental * partials[:, None] * t)
+
+
+def _shaped_noise(
+    rng: np.random.Generator, t: np.ndarray, envelope: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """White noise filtered to `envelope` (gain per Hz), at unit peak."""
+    spectrum = np.fft.rfft(rng.standard_normal(len(t)))
+    noise = np.fft.irfft(spectrum * envelope(np.fft.rfftfreq(len(t), t[1] - t[0])), len(t))
+    return noise / np.abs(noise).max()
+
+
+# Per sound: decay (s); the vowels' formants (Hz, bandwidth, gain).
+_TIMBRE_DECAY = {"ah": 0.12, "ee": 0.12, "bell": 0.15, "snare": 0.06, "chord": 0.13, "hiss": 0.07}
+_RESONANCES = {
+    "ah": ((730.0, 90.0, 1.0), (1090.0, 110.0, 0.6), (2440.0, 170.0, 0.3)),
+    "ee": ((270.0, 60.0, 1.0), (2290.0, 150.0, 0.6), (3010.0, 200.0, 0.4)),
+}
+# Bell: partials of a free bar (ratio to the fundamental, gain, decay scale), brightest around 2-4 kHz.
+_BELL_PARTIALS = (
+    (1.0, 0.05, 1.0),
+    (2.76, 0.1, 0.9),
+    (5.40, 0.3, 0.8),
+    (8.93, 1.0, 0.7),
+    (13.34, 0.9, 0.6),
+    (18.64, 0.6, 0.5),
+)
+
+
+def _timbre_burst(
+    class_id: int, fundamental: float, rng: np.random.Generator, sample_rate: int
+) -> np.ndarray:
+    """The shape/timbre class's impact sound at unit peak, on `fundamental` Hz; noise drawn from `rng`.
+
+    Voiced vowels (harmonics through formants), a bell (inharmonic partials of a free bar, the
+    higher ones decaying faster), a snare (high-passed noise over a short body tone), a mellow major
+    chord, and a hiss (noise through high resonances): broadband sounds told apart by their spectral
+    envelope, not by their fundamental.
+    """
+    sound = _TIMBRE_CLASSES[class_id][2]
+    decay = _TIMBRE_DECAY[sound]
+    t = np.arange(round(6 * decay * sample_rate)) / sample_rate
+    if sound in ("ah", "ee"):
+        tone = _harmonic_tone(t, fundamental, lambda hz: _resonances(hz, _RESONANCES[sound]))
+    elif sound == "bell":
+        tone = sum(
+            gain * np.sin(2 * np.pi * fundamental * ratio * t) * np.exp(-t / (decay * scale))
+            for ratio, gain, scale in _BELL_PARTIALS
+        )
+    elif sound == "snare":
+        tone = _shaped_noise(rng, t, lambda hz: np.clip(hz / 1000, 0, 1) * (hz < 12000))
+        tone = tone + 0.1 * np.sin(2 * np.pi * fundamental * t) * np.exp(-t / 0.03)
+    elif sound == "chord":
+        tone = sum(_harmonic_tone(t, fundamental * r, lambda hz: np.exp(-hz / 600)) for r in (1, 1.25, 1.5))
+    else:  # hiss: noise between steep skirts at 4 and 10 kHz
+        tone = _shaped_noise(rng, t, lambda hz: 1 / (1 + (4000 / np.maximum(hz, 1)) ** 4 + (hz / 10000) ** 4))
+    burst = tone * (1 - np.exp(-t / _ATTACK_SECONDS)) * np.exp(-t / decay)
+    return burst / np.abs(burst).max()
+
+
+def _render_audio(burst: np.ndarray, motion: _Motion, cfg: SyntheticConfig) -> np.ndarray:
+    """float32 [N]: `burst` starting at every impact, including the tails of earlier ones."""
     preroll = len(burst)
     impulses = np.zeros(preroll + cfg.num_samples)
     starts = np.round(
@@ -250,12 +365,17 @@ def render_clip(class_id: int, seed: int, cfg: SyntheticConfig | None = None) ->
     cfg = cfg or SyntheticConfig()
     if not 0 <= class_id < cfg.num_classes:
         raise ValueError(f"class_id must be in 0..{cfg.num_classes - 1}, got {class_id}")
-    motion = _draw_motion(np.random.default_rng([seed, class_id]), cfg)
+    rng = np.random.default_rng([seed, class_id])
+    motion = _draw_motion(rng, cfg)
+    if cfg.classes == SHAPE_TIMBRE:  # drawn after the motion: the same seed bounces the same way in both sets
+        burst = _timbre_burst(class_id, rng.uniform(*_TIMBRE_F0_HZ), rng, cfg.sample_rate)
+    else:
+        burst = _tone_burst(class_id, cfg.sample_rate)
     onsets = _impact_times(motion, 0.0, cfg.duration)
     return SyntheticClip(
         class_id=class_id,
         frames=_render_frames(class_id, motion, cfg),
-        audio=_render_audio(class_id, motion, cfg),
+        audio=_render_audio(burst, motion, cfg),
         impact_frames=[round(t * cfg.fps) for t in onsets],
         onset_times=[float(t) for t in onsets],
     )
@@ -265,8 +385,8 @@ def write_synthetic_dataset(
     out_dir: str | Path, num_clips: int, seed: int, cfg: SyntheticConfig | None = None, progress: bool = True
 ) -> dict:
     """Write ``num_clips`` mp4 clips as ``out_dir/<class_name>/<class_name>_<index>.mp4``, classes
-    balanced (clip i has class i mod num_classes), plus ``out_dir/metadata.json`` listing every
-    clip's class, impact frames and onset times. Returns a summary dict.
+    balanced (clip i has class i mod num_classes), plus ``out_dir/metadata.json`` listing the class
+    set (``config.classes``) and every clip's class, impact frames and onset times. Returns a summary dict.
     """
     cfg = cfg or SyntheticConfig()
     if num_clips < 1:
@@ -278,14 +398,15 @@ def write_synthetic_dataset(
         class_id = index % cfg.num_classes
         clip_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
         clip = render_clip(class_id, clip_seed, cfg)
-        relative = Path(CLASS_NAMES[class_id]) / f"{CLASS_NAMES[class_id]}_{index:05d}.mp4"
+        name = cfg.class_names[class_id]
+        relative = Path(name) / f"{name}_{index:05d}.mp4"
         (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
         write_video(out_dir / relative, clip.frames, cfg.fps, clip.audio, cfg.sample_rate)
         clips.append(
             {
                 "path": relative.as_posix(),
                 "class_id": class_id,
-                "class_name": CLASS_NAMES[class_id],
+                "class_name": name,
                 "seed": clip_seed,
                 "impact_frames": clip.impact_frames,
                 "onset_times": clip.onset_times,
@@ -295,7 +416,7 @@ def write_synthetic_dataset(
         "generator": GENERATOR_TAG,
         "seed": seed,
         "config": asdict(cfg),
-        "class_names": list(CLASS_NAMES[: cfg.num_classes]),
+        "class_names": list(cfg.class_names),
         "clips": clips,
     }
     (out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1))
@@ -306,6 +427,19 @@ def write_synthetic_dataset(
         "total_seconds": num_clips * cfg.duration,
         "wall_seconds": time.perf_counter() - began,
     }
+
+
+def synthetic_class_set(root: str | Path) -> str | None:
+    """The class set of a folder written by `write_synthetic_dataset` (from its metadata.json), None
+    for any other folder. Folders written before there was a choice hold the colour/pitch set."""
+    try:
+        metadata = json.loads((Path(root) / "metadata.json").read_text())
+        if metadata.get("generator") != GENERATOR_TAG:
+            return None
+        classes = metadata["config"].get("classes", COLOUR_PITCH)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return classes if classes in CLASS_SETS else None
 
 
 # ---------------------------------------------------------------- oracles
@@ -343,6 +477,74 @@ def video_class_oracle(frames: np.ndarray) -> int:
     return int(np.argmin(np.abs(hue_gap)))
 
 
+# Shape: the object's silhouette over its bounding box and a margin, sampled on a grid, against every
+# shape's (the margin makes the square, which fills its box, more than a constant).
+_SHAPE_GRID = 16
+_SHAPE_SPAN = 1.25  # the grid's half side, in half sides of the bounding box
+_MIN_OBJECT_PIXELS = 6  # a smaller blob is too few pixels to have a shape
+
+
+@lru_cache(maxsize=1)
+def _shape_templates() -> np.ndarray:
+    """[classes, G * G] each shape/timbre class's coverage of [-S, S]^2 (its bounding box is [-1, 1]^2)
+    at the centres of a G x G grid (each cell 8 x 8 supersampled), less its mean and at unit norm."""
+    fine = (((np.arange(8 * _SHAPE_GRID) + 0.5) / (4 * _SHAPE_GRID)) - 1) * _SHAPE_SPAN
+    x, y = np.meshgrid(fine, fine)
+    templates = []
+    for _, shape, _ in _TIMBRE_CLASSES:
+        inside = (_signed_distance(shape, x, y, 1.0) <= 0).astype(np.float64)
+        coverage = inside.reshape(_SHAPE_GRID, 8, _SHAPE_GRID, 8).mean(axis=(1, 3)).ravel()
+        templates.append(coverage - coverage.mean())
+    templates = np.stack(templates)
+    return templates / np.linalg.norm(templates, axis=1, keepdims=True)
+
+
+def _silhouette(weights: np.ndarray) -> np.ndarray | None:
+    """[G * G] one frame's object evidence [H, W] sampled on a grid over the bounding box of its largest
+    blob (and the margin), less its mean and at unit norm; None without an object. Stray specks never
+    set the box."""
+    blobs, count = label(weights >= 0.5)
+    if count == 0:
+        return None
+    sizes = np.bincount(blobs.ravel())[1:]
+    if sizes.max() < _MIN_OBJECT_PIXELS:
+        return None
+    rows, cols = np.nonzero(blobs == 1 + np.argmax(sizes))
+    # Every shape fills a square box: its larger side is the size, even where an edge is faint.
+    half = (max(rows.max() - rows.min(), cols.max() - cols.min()) + 1) / 2
+    offsets = ((np.arange(_SHAPE_GRID) + 0.5) / _SHAPE_GRID * 2 - 1) * half * _SHAPE_SPAN
+    grid_rows, grid_cols = np.meshgrid(
+        (rows.min() + rows.max()) / 2 + offsets, (cols.min() + cols.max()) / 2 + offsets, indexing="ij"
+    )
+    sampled = map_coordinates(weights, [grid_rows.ravel(), grid_cols.ravel()], order=1, cval=0.0)
+    sampled = sampled - sampled.mean()
+    norm = np.linalg.norm(sampled)
+    return sampled / norm if norm > 0 else None
+
+
+def shape_class_oracle(frames: np.ndarray) -> int:
+    """Shape/timbre class whose shape best matches the object's silhouette, summed over the frames
+    (whatever its colour, size or position); -1 when no frame shows an object."""
+    weights, _ = _object_weights(frames)
+    votes = np.zeros(len(_TIMBRE_CLASSES))
+    seen = False
+    for frame in weights:
+        silhouette = _silhouette(frame)
+        if silhouette is not None:
+            votes += _shape_templates() @ silhouette
+            seen = True
+    return int(np.argmax(votes)) if seen else -1
+
+
+def class_oracles(classes: str) -> tuple[Callable[[np.ndarray], int], Callable[[np.ndarray, int], int]]:
+    """(video oracle (frames), audio oracle (audio, sample_rate)) reading the classes of a class set."""
+    if classes not in CLASS_SETS:
+        raise ValueError(f"classes must be one of {', '.join(CLASS_SETS)}, got {classes!r}")
+    if classes == SHAPE_TIMBRE:
+        return shape_class_oracle, timbre_class_oracle
+    return video_class_oracle, audio_class_oracle
+
+
 def impact_frames_oracle(frames: np.ndarray) -> list[int]:
     """Frames where the object is at a lowest point near the floor (a local maximum of its row).
 
@@ -373,8 +575,14 @@ _BAND_RANGE_HZ = (100.0, 11000.0)
 _BANDS_PER_OCTAVE = 24
 
 
-def _band_energies(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Log energy per quarter-tone band of the clip's loud parts, standardised to zero mean, unit std."""
+def _band_energies(
+    audio: np.ndarray,
+    sample_rate: int,
+    bands_per_octave: int = _BANDS_PER_OCTAVE,
+    range_db: float | None = None,
+) -> np.ndarray:
+    """Log energy per band (quarter-tone by default) of the clip's loud parts, standardised to zero
+    mean, unit std; with `range_db`, bands quieter than the loudest by more are raised to that level."""
     audio = np.asarray(audio, np.float64).reshape(-1)
     n_fft = 1 << int(np.ceil(np.log2(0.18 * sample_rate)))  # ~5 Hz bins: resolves the lowest class
     hop = n_fft // 4
@@ -388,14 +596,16 @@ def _band_energies(audio: np.ndarray, sample_rate: int) -> np.ndarray:
     bin_hz = np.fft.rfftfreq(n_fft, 1 / sample_rate)
     top = min(_BAND_RANGE_HZ[1], 0.45 * sample_rate)
     centres = _BAND_RANGE_HZ[0] * 2.0 ** (
-        np.arange(int(_BANDS_PER_OCTAVE * np.log2(top / _BAND_RANGE_HZ[0]))) / _BANDS_PER_OCTAVE
+        np.arange(int(bands_per_octave * np.log2(top / _BAND_RANGE_HZ[0]))) / bands_per_octave
     )
     # Triangular filters on a log-frequency axis, each spanning its two neighbours' centres.
     octaves = np.log2(np.maximum(bin_hz, 1.0) / _BAND_RANGE_HZ[0])[None, :]
     positions = np.log2(centres / _BAND_RANGE_HZ[0])[:, None]
-    filters = np.clip(1 - np.abs(octaves - positions) * _BANDS_PER_OCTAVE, 0.0, None)  # [bands, bins]
+    filters = np.clip(1 - np.abs(octaves - positions) * bands_per_octave, 0.0, None)  # [bands, bins]
     filters /= np.maximum(filters.sum(axis=1, keepdims=True), 1e-12)
     log_energy = np.log10(filters @ spectrum + 1e-12 * spectrum.max() + 1e-20)
+    if range_db is not None:
+        log_energy = np.maximum(log_energy, log_energy.max() - range_db / 10)
     return (log_energy - log_energy.mean()) / (log_energy.std() + 1e-12)
 
 
@@ -411,6 +621,57 @@ def audio_class_oracle(audio: np.ndarray, sample_rate: int) -> int:
         return -1
     correlation = _class_templates(sample_rate) @ _band_energies(audio, sample_rate)
     return int(np.argmax(correlation))
+
+
+# Timbre: third-octave bands smooth over the harmonics of the shared pitch range; templates at
+# several fundamentals across it cover how each envelope moves with pitch. Bands more than 60 dB
+# below the loudest count as that level: what lies under a noise floor is no part of a timbre.
+_TIMBRE_BANDS_PER_OCTAVE = 3
+_TIMBRE_RANGE_DB = 60.0
+_TIMBRE_TEMPLATE_PITCHES = 8
+
+
+def _timbre_energies(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """[bands] the timbre oracle's view of a sound: third-octave log energies over 60 dB."""
+    return _band_energies(audio, sample_rate, _TIMBRE_BANDS_PER_OCTAVE, _TIMBRE_RANGE_DB)
+
+
+@lru_cache(maxsize=8)
+def _timbre_templates(sample_rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """Third-octave band energies of each shape/timbre class's burst at fundamentals spread over the
+    shared range: ([classes, pitches, bands] less their mean and at unit norm, that mean [bands]).
+    Without the mean, what every sound shares (the overall tilt) would dominate each correlation.
+    Each burst sits in 0.2 s of silence, so the analysis windows meet its onset at every phase, as
+    in a clip (at the very start of a signal it would lie under the first window's taper)."""
+    energies = np.stack(
+        [
+            [
+                _timbre_energies(
+                    np.pad(
+                        _timbre_burst(c, f0, np.random.default_rng([c, k]), sample_rate),
+                        round(0.2 * sample_rate),
+                    ),
+                    sample_rate,
+                )
+                for k, f0 in enumerate(np.geomspace(*_TIMBRE_F0_HZ, _TIMBRE_TEMPLATE_PITCHES))
+            ]
+            for c in range(len(_TIMBRE_CLASSES))
+        ]
+    )
+    mean = energies.mean(axis=(0, 1))
+    centred = energies - mean
+    return centred / np.linalg.norm(centred, axis=-1, keepdims=True), mean
+
+
+def timbre_class_oracle(audio: np.ndarray, sample_rate: int) -> int:
+    """Shape/timbre class whose sound's spectral envelope (at any pitch of the shared range) best
+    correlates with the clip's; -1 if silent."""
+    if not np.any(np.abs(np.asarray(audio)) > 1e-4):
+        return -1
+    templates, mean = _timbre_templates(sample_rate)
+    centred = _timbre_energies(audio, sample_rate) - mean
+    correlation = templates @ (centred / (np.linalg.norm(centred) + 1e-12))  # [classes, pitches]
+    return int(np.argmax(correlation.max(axis=1)))
 
 
 _ENVELOPE_HOP_SECONDS = 0.01

@@ -27,6 +27,7 @@ from mmldm_data.metrics.fad import AudioEmbedder, fad, load_fad_backend
 from mmldm_data.metrics.frechet import frechet_distance, polynomial_mmd
 from mmldm_data.metrics.i3d import I3D, load_i3d, preprocess_for_i3d
 from mmldm_data.metrics.oracle import Condition, OracleReading, oracle_metrics, read_oracles
+from mmldm_data.synthetic import COLOUR_PITCH
 from mmldm_data.video import to_uint8_frames
 
 CACHE_VERSION = 1
@@ -129,8 +130,10 @@ def compute_features(
     reconstructor: Reconstructor | None = None,
     batch_size: int = 8,
     progress: str | None = None,
+    oracle_classes: str = COLOUR_PITCH,
 ) -> tuple[SideFeatures, list[str]]:
-    """One decoding pass computing the `wanted` features; returns them and the decode failures."""
+    """One decoding pass computing the `wanted` features (the oracles reading the class set
+    `oracle_classes`); returns them and the decode failures."""
     failures: list[str] = []
     clip_ids: list[str] = []
     has_audio: list[np.ndarray] = []
@@ -163,7 +166,7 @@ def compute_features(
                 )
             if oracle is not None:
                 oracle += [
-                    read_oracles(f, a, protocol.fps, protocol.sample_rate)
+                    read_oracles(f, a, protocol.fps, protocol.sample_rate, oracle_classes)
                     for f, a in zip(frames, audio, strict=True)
                 ]
         bar.update(consumed)
@@ -202,6 +205,7 @@ def cached_real_features(
     cache_dir: Path,
     batch_size: int,
     progress: str | None,
+    oracle_classes: str = COLOUR_PITCH,
 ) -> tuple[SideFeatures, list[str], bool]:
     """Real-set features from the cache when it holds them all, else computed (missing ones only) and stored.
 
@@ -214,14 +218,11 @@ def cached_real_features(
     missing = {
         name: embedder for name, embedder in wanted.items() if cached is None or not cached.has({name})
     }
-    fresh, failures = compute_features(
-        refs, source.root, protocol, models, missing, batch_size=batch_size, progress=progress
-    )
+    common = dict(batch_size=batch_size, progress=progress, oracle_classes=oracle_classes)
+    fresh, failures = compute_features(refs, source.root, protocol, models, missing, **common)
     if cached is not None and cached.clip_ids != fresh.clip_ids:
         # A clip that decoded before fails now: the cached features no longer line up, start over.
-        fresh, failures = compute_features(
-            refs, source.root, protocol, models, wanted, batch_size=batch_size, progress=progress
-        )
+        fresh, failures = compute_features(refs, source.root, protocol, models, wanted, **common)
     elif cached is not None:
         fresh.arrays = {**cached.arrays, **fresh.arrays}
         fresh.oracle = fresh.oracle if fresh.oracle is not None else cached.oracle

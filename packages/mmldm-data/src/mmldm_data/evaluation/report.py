@@ -24,12 +24,12 @@ from mmldm_data.evaluation.sources import (
     CONDITIONS_FILE,
     ClipSource,
     EvalSets,
-    is_synthetic_dataset,
     read_conditions,
     select_windows,
 )
 from mmldm_data.metrics.fad import BACKENDS
 from mmldm_data.metrics.i3d import default_cache_dir
+from mmldm_data.synthetic import CLASS_SETS, COLOUR_PITCH, synthetic_class_set
 
 
 def evaluate(
@@ -44,9 +44,11 @@ def evaluate(
     """The full report: metrics (mean over seeds), their std, per-seed values, protocol, inputs, notes."""
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "eval"
     real, generated = sets.real, sets.generated
-    oracle = is_synthetic_dataset(real.root)
-    wanted = wanted_features(models, oracle)
-    conditions = read_conditions(generated.root) if generated is not None else {}
+    # The oracles read the class set the real set was made with (None: not the synthetic set, no oracles).
+    classes = synthetic_class_set(real.root)
+    oracle_classes = classes or COLOUR_PITCH
+    wanted = wanted_features(models, classes is not None)
+    conditions = read_conditions(generated.root, CLASS_SETS[oracle_classes]) if generated is not None else {}
     notes: list[str] = condition_notes(conditions, generated) if generated is not None else []
     prefix = "r" if sets.reconstructor is not None else ""
 
@@ -65,6 +67,7 @@ def evaluate(
             cache_dir,
             batch_size,
             progress=f"real (seed {seed})" if progress else None,
+            oracle_classes=oracle_classes,
         )
         real_from_cache.append(hit)
         if generated is not None:
@@ -79,6 +82,7 @@ def evaluate(
                     wanted,
                     batch_size=batch_size,
                     progress=f"generated (seed {seed})" if progress else None,
+                    oracle_classes=oracle_classes,
                 )
             fake_features, fake_failures = generated_memo[key]
             sample_conditions = [
@@ -94,6 +98,7 @@ def evaluate(
                 reconstructor=sets.reconstructor,
                 batch_size=batch_size,
                 progress=f"reconstructed (seed {seed})" if progress else None,
+                oracle_classes=oracle_classes,
             )
             sample_conditions = None
         for side, failures in (("real", real_failures), ("generated", fake_failures)):
@@ -138,7 +143,7 @@ def evaluate(
         "generated": generated.summary()
         if generated is not None
         else "autoencoder round trip of the real clips",
-        "synthetic_oracles": oracle,
+        "synthetic_oracles": classes,  # the class set they read, None without oracles
     }
     report["notes"] = input_notes(report, protocol, real, generated) + list(dict.fromkeys(notes))
     return report

@@ -21,7 +21,7 @@ from mmldm_data.dataset import find_media_files
 from mmldm_data.evaluation.protocol import EvalProtocol, EvaluationError
 from mmldm_data.media import MediaError, count_frames, probe_media, read_video
 from mmldm_data.metrics.oracle import Condition
-from mmldm_data.synthetic import CLASS_NAMES, GENERATOR_TAG
+from mmldm_data.synthetic import CLASS_NAMES
 from mmldm_data.video import letterbox
 
 CONDITIONS_FILE = "conditions.json"
@@ -121,16 +121,9 @@ def select_windows(source: ClipSource, num_clips: int, seed: int) -> list[ClipRe
     return [source.windows[i] for i in sorted(chosen)]
 
 
-def is_synthetic_dataset(root: Path) -> bool:
-    """Whether `root` was written by mmldm_data.synthetic (its metadata.json says so)."""
-    try:
-        return json.loads((root / "metadata.json").read_text()).get("generator") == GENERATOR_TAG
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def read_conditions(root: Path) -> dict[str, Condition]:
-    """<generated>/conditions.json: {"<relative path>": {"task": "a2v"|"v2a", "class": name or id}}.
+def read_conditions(root: Path, class_names: Sequence[str] = CLASS_NAMES) -> dict[str, Condition]:
+    """<generated>/conditions.json: {"<relative path>": {"task": "a2v"|"v2a", "class": name or id}},
+    a name being one of `class_names` (those of the real set's class set).
 
     The conditional generation tools write it; joint samples need none.
     """
@@ -142,7 +135,7 @@ def read_conditions(root: Path) -> dict[str, Condition]:
         conditions = {}
         for relative, entry in entries.items():
             label = entry["class"]
-            class_id = CLASS_NAMES.index(label) if isinstance(label, str) else int(label)
+            class_id = list(class_names).index(label) if isinstance(label, str) else int(label)
             conditions[relative] = Condition(entry["task"], class_id)
         return conditions
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -1,8 +1,9 @@
 """Oracle metrics for the synthetic dataset: what a generated sample got right, read from its pixels
 and samples.
 
-The synthetic oracles (mmldm_data.synthetic) recover a clip's class from its colour and from its
-tone, the floor impacts from its motion and the sound onsets from its audio. From them:
+The synthetic oracles (mmldm_data.synthetic) recover a clip's class from its video and from its
+sound (by colour and pitch, or by shape and timbre: the clips' class set), the floor impacts from
+its motion and the sound onsets from its audio. From them:
   * class agreement: joint samples whose video class equals their audio class;
   * a2v / v2a accuracy: audio-to-video samples whose video class, video-to-audio samples whose audio
     class, equals the class of the conditioning clip;
@@ -21,12 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmldm_data.synthetic import (
-    audio_class_oracle,
-    impact_frames_oracle,
-    onset_times_oracle,
-    video_class_oracle,
-)
+from mmldm_data.synthetic import COLOUR_PITCH, class_oracles, impact_frames_oracle, onset_times_oracle
 from mmldm_data.tasks import CROSS_MODAL_TASKS, Task
 
 
@@ -38,8 +34,12 @@ class OracleReading:
     onset_frames: tuple[float, ...]  # onset times x fps
 
 
-def read_oracles(frames: np.ndarray, audio: np.ndarray, fps: float, sample_rate: int) -> OracleReading:
-    """Oracle reading of one clip: frames uint8 [T, H, W, 3] at `fps`, audio [N] over the same span."""
+def read_oracles(
+    frames: np.ndarray, audio: np.ndarray, fps: float, sample_rate: int, classes: str = COLOUR_PITCH
+) -> OracleReading:
+    """Oracle reading of one clip: frames uint8 [T, H, W, 3] at `fps`, audio [N] over the same span;
+    classes as ids of the class set `classes` (mmldm_data.synthetic.CLASS_SETS)."""
+    video_class_oracle, audio_class_oracle = class_oracles(classes)
     return OracleReading(
         video_class=video_class_oracle(frames),
         audio_class=audio_class_oracle(audio, sample_rate),
