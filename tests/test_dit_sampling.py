@@ -72,11 +72,13 @@ def test_training_loss_runs_backward_and_is_seeded(tiny_model):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_training_target_follows_the_prediction_type(prediction_type, monkeypatch):
-    """A model that always outputs 0 on clean latents of 0: its loss is E[eps^2] = 1 against epsilon, and
-    E[abar_t eps^2] (the mean of abar over the drawn t, about 0.3) against v = sqrt(abar) eps - sqrt(1 - abar) x0."""
+    """A model that always outputs 0 on clean latents of 0: its loss is E[eps^2] = 1 against epsilon,
+    and E[abar_t eps^2] (the mean of abar over the drawn t, about 0.3) against
+    v = sqrt(abar) eps - sqrt(1 - abar) x0."""
     model = MMDiT(preset("dit", "tiny", schedule={"prediction_type": prediction_type}))
     assert model.cfg.schedule.prediction_type == prediction_type
-    monkeypatch.setattr(model, "forward", lambda z_a, z_v, t, **_: (torch.zeros_like(z_a), torch.zeros_like(z_v)))
+    zero_forward = lambda z_a, z_v, t, **_: (torch.zeros_like(z_a), torch.zeros_like(z_v))  # noqa: E731
+    monkeypatch.setattr(model, "forward", zero_forward)
     zeros = [torch.zeros(256, *model.cfg.latent_shape(m)) for m in ("audio", "video")]
     scheduler = build_train_scheduler(model.cfg.schedule)
     loss = dit_training_loss(model, *zeros, scheduler, torch.Generator().manual_seed(0))["loss_video"].item()

@@ -288,6 +288,14 @@ def test_make_synthetic_tool(tmp_path):
     assert again.returncode == 0, again.stderr
     assert len(list(out.rglob("*.mp4"))) == 2
 
+    shapes = _make_synthetic(
+        "--out", str(out), "--num-clips", "2", "--seed", "3", "--num-classes", "2", "--duration", "1.6",
+        "--classes", "shape_timbre", "--quiet",
+    )  # fmt: skip
+    assert shapes.returncode == 0, shapes.stderr
+    assert {path.parent.name for path in out.rglob("*.mp4")} == set(CLASS_SETS["shape_timbre"][:2])
+    assert synthetic_class_set(out) == "shape_timbre"
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

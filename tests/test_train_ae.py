@@ -150,12 +150,14 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
         "2",
         "--vocoder",
         "griffinlim",
+        "--oracles",
         "--out",
         str(tmp_path / "recon"),
     )
     metrics = json.loads(report.stdout.strip().splitlines()[-1])
     assert metrics["clips"] == 2 and metrics["psnr"] > 0 and metrics["logmel_l1"] >= 0
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
+    assert {"video_oracle_accuracy", "audio_oracle_accuracy"} <= metrics.keys()
     assert len(list((tmp_path / "recon").glob("clip*.mp4"))) == 2
 
 

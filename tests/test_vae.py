@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 
 import pytest
 import torch
-from conftest import preset
+from conftest import load_tool, preset, run_tool
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
@@ -234,3 +235,40 @@ def test_fine_tuning_a_decoder_needs_pretrained_weights(tmp_path):
     with pytest.raises(ConfigError, match="vae.weights is not set: pass vae.weights="):
         train_vae_from_config(cfg)
     assert not any(tmp_path.iterdir())  # refused before any run file is written
+
+
+class _IdentityVAE:
+    """Encodes to the frames themselves: a VAE that loses nothing."""
+
+    def encode(self, frames, sample=False):
+        return frames
+
+    def decode(self, z):
+        return z
+
+
+@pytest.mark.slow  # a tool subprocess
+def test_vae_oracle_tool(synthetic_root, tmp_path):
+    """tools/vae_oracle.py: a lossless VAE reads every class right (the oracle's class ids are not the
+    dataset's folder order), a random one runs end to end with its checkpoints, a foreign folder fails."""
+    from mmldm_data.config import compose, dataset_config_from
+    from mmldm_data.dataset import SoundingVideoDataset
+
+    tool = load_tool("vae_oracle.py")
+    config = compose(tool.CONF_DIR, "data", ["dataset=synthetic", f"data_root={synthetic_root}"])
+    dataset = SoundingVideoDataset(dataset_config_from(config), return_all_frames=True)
+    indices = list(range(0, len(dataset), 17))[:12]
+    accuracy, wrong = tool.oracle_accuracy(_IdentityVAE(), dataset, indices, "colour_pitch")
+    assert accuracy == 1.0 and not wrong
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    save_file(vae.state_dict(), tmp_path / "step.safetensors")
+    result = run_tool("vae_oracle.py", str(tmp_path / "vae"), str(synthetic_root), "--checkpoints",
+                      str(tmp_path / "step.safetensors"), "--preset", "tiny")  # fmt: skip
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["classes"] == "colour_pitch" and report["windows"] == 12
+    assert len(report["video_oracle_accuracy"]) == 2
+    assert all(0.0 <= value <= 1.0 for value in report["video_oracle_accuracy"].values())
+    foreign = run_tool("vae_oracle.py", str(tmp_path / "vae"), str(tmp_path), check=False)
+    assert foreign.returncode == 2 and "not a synthetic dataset folder" in foreign.stderr

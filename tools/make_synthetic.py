@@ -1,6 +1,7 @@
 """Write the synthetic sounding-video dataset (coloured shapes bouncing with class sounds).
 
     python tools/make_synthetic.py --out data/synthetic --num-clips 600 --seed 0
+    python tools/make_synthetic.py --out data/shapes --num-clips 120 --seed 0 --classes shape_timbre
 
 Clips go to OUT/<class_name>/*.mp4 with OUT/metadata.json; a folder holding anything else is
 left alone unless --overwrite is given. A folder written by this tool before is replaced.
@@ -12,7 +13,14 @@ import argparse
 import json
 from pathlib import Path
 
-from mmldm_data.synthetic import CLASS_NAMES, GENERATOR_TAG, SyntheticConfig, write_synthetic_dataset
+from mmldm_data.synthetic import (
+    CLASS_NAMES,
+    CLASS_SETS,
+    COLOUR_PITCH,
+    GENERATOR_TAG,
+    SyntheticConfig,
+    write_synthetic_dataset,
+)
 
 
 def _parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, SyntheticConfig]:
@@ -27,6 +35,12 @@ def _parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Synt
     parser.add_argument("--resolution", type=int, default=64, help="frame size in pixels (square)")
     parser.add_argument("--duration", type=float, default=3.2, help="seconds per clip")
     parser.add_argument("--num-classes", type=int, default=len(CLASS_NAMES), help=f"1..{len(CLASS_NAMES)}")
+    parser.add_argument(
+        "--classes",
+        choices=CLASS_SETS,
+        default=COLOUR_PITCH,
+        help="class set: colour_pitch (hue and pitch) or shape_timbre (shape and timbre only)",
+    )
     parser.add_argument("--fps", type=float, default=10.0)
     parser.add_argument("--sample-rate", type=int, default=44100)
     parser.add_argument(
@@ -43,6 +57,7 @@ def _parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Synt
             fps=args.fps,
             duration=args.duration,
             sample_rate=args.sample_rate,
+            classes=args.classes,
         )
     except ValueError as err:
         parser.error(str(err))

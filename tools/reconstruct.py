@@ -5,8 +5,9 @@
 
 For each clip: an mp4 with the input on the left, the reconstruction on the right and the
 reconstructed sound (through the vocoder), and a contact sheet of frames and spectrograms. Ends
-with one JSON line: PSNR of the decoded frames, log-mel L1 of the decoded audio, and the
-classification head's accuracy on these clips.
+with one JSON line: PSNR of the decoded frames, log-mel L1 of the decoded audio, the
+classification head's accuracy on these clips, and with --oracles (synthetic data) how often the
+oracles read the decoded frames and sound as the clip's class.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main() -> int:
         "--split", choices=["all", "train", "val"], help="which split of the dataset to draw from"
     )
     parser.add_argument("--vocoder", default="hifigan-universal")
+    parser.add_argument(
+        "--oracles",
+        action="store_true",
+        help="synthetic data: also how often the oracles read the decoded frames / sound as the clip's class",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.num_clips < 1:
@@ -66,7 +72,14 @@ def main() -> int:
             vocoder=args.vocoder,
             seed=args.seed,
         )
-        metrics = reconstruction_metrics(pipeline, dataset, indices, steps=args.steps, seed=args.seed)
+        metrics = reconstruction_metrics(
+            pipeline,
+            dataset,
+            indices,
+            steps=args.steps,
+            seed=args.seed,
+            oracle_vocoder=args.vocoder if args.oracles else None,
+        )
     print(
         f"wrote {len(written.videos)} side-by-side mp4s and contact_sheet.png to {args.out}", file=sys.stderr
     )
