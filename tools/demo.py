@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo` and `make synth-bench`: the whole method on CPU, from synthetic data to evaluated samples.
 
-    python tools/demo.py                              # conf/demo.yaml: about 15 minutes, outputs/demo/
+    python tools/demo.py                              # conf/demo.yaml: about 23 min on 2 cores, outputs/demo/
     python tools/demo.py --config-name synth_bench    # conf/synth_bench.yaml: longer training,
                                                       # the quality table
     python tools/demo.py --config-name shape_check    # conf/shape_check.yaml: classes that differ
