@@ -62,6 +62,29 @@ def test_item_layout(synthetic_root):
         torch.testing.assert_close(lean[key], item[key], rtol=0, atol=0)
 
 
+def test_kept_decoded_files_give_the_same_windows_from_one_decode_each(synthetic_root, monkeypatch):
+    import mmldm_data.dataset as dataset_module
+
+    plain = SoundingVideoDataset(synthetic_config(synthetic_root), return_all_frames=True)
+    kept = SoundingVideoDataset(synthetic_config(synthetic_root, keep_decoded=True), return_all_frames=True)
+    windows_per_file = CLIP_FRAMES - 16 + 1
+    # The first, a middle and the last window of two files (the last one ends with the file).
+    indices = (0, 7, windows_per_file - 1, windows_per_file + 4)
+    expected = [plain[index] for index in indices]
+    reads = []
+    read_video = dataset_module.read_video
+    counting = lambda *args, **kwargs: reads.append(args[0]) or read_video(*args, **kwargs)
+    monkeypatch.setattr(dataset_module, "read_video", counting)
+    for index, theirs in zip(indices, expected, strict=True):
+        ours = kept[index]
+        torch.testing.assert_close(ours["frames"], theirs["frames"], rtol=0, atol=0)
+        # The sound agrees after the first 25 ms, where a window read alone decodes AAC after a seek.
+        skip = round(0.025 * plain.config.mel.sample_rate)
+        torch.testing.assert_close(ours["audio"][skip:], theirs["audio"][skip:], rtol=0, atol=2e-3)
+        assert ours["audio"].shape == theirs["audio"].shape
+    assert len(reads) == 2, "each file is decoded once"
+
+
 def test_random_draws_are_a_function_of_seed_epoch_and_index(synthetic_root):
     dataset = SoundingVideoDataset(synthetic_config(synthetic_root, flip_p=0.5))
     draws = [dataset[3]["target_indices"] for _ in range(2)]

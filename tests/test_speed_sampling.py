@@ -88,6 +88,24 @@ def test_decoder_calls_are_bounded_and_batched(tiny_pipeline, monkeypatch, plain
     assert media[0].frames.shape == (5 * 4, R, R, 3)
 
 
+def test_decoding_only_the_kept_media_gives_the_same_media(tiny_pipeline, plain_single_thread_cpu):
+    """a2v / v2a samples carry the given media as it was: its decoded copy is not vocoded (a2v) or
+    decoded at all (v2a: the audio images alone, 1 of 17 decoder items per clip)."""
+    z_v, z_a = perceptual_latents(tiny_pipeline, 2, 1)
+    frames, images = decode_clip_batches(tiny_pipeline, z_v, z_a, steps=2, seed=3)
+    no_frames, alone = decode_clip_batches(tiny_pipeline, z_v, z_a, steps=2, seed=3, num_frames=0)
+    assert no_frames.shape[2] == 0
+    torch.testing.assert_close(alone, images, rtol=0, atol=1e-4)  # batch-size rounding only
+    latents = {"video": z_v, "audio": z_a}
+    both = decode_media(tiny_pipeline, latents, steps=2, vocoder="griffinlim", seed=3)
+    sound = decode_media(tiny_pipeline, latents, steps=2, vocoder="griffinlim", seed=3, keep=("audio",))
+    picture = decode_media(tiny_pipeline, latents, steps=2, vocoder="griffinlim", seed=3, keep=("video",))
+    for full, audio_only, video_only in zip(both, sound, picture, strict=True):
+        assert audio_only.frames is None and video_only.wave is None
+        assert audio_only.wave.shape == full.wave.shape
+        np.testing.assert_array_equal(video_only.frames, full.frames)
+
+
 # --------------------------------------------------------------------------------------------
 # The background writer
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import compose
 from mmldm_data.metrics.oracle import read_oracles
-from mmldm_data.synthetic import CLASS_SETS, COLOUR_PITCH, synthetic_class_set
+from mmldm_data.synthetic import oracle_class_set
 from mmldm_data.tasks import Task
 from mmldm_dit.config import register_schemas
 from mmldm_dit.generate import SampleConfig, decode_media, iterate_samples, load_trained_dit
@@ -37,14 +37,6 @@ from mmldm_dit.latents import DiTLatentDataset
 from mmldm_dit.train_dit import train_dit_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def oracle_names(frames, wave, fps: float, sample_rate: int, classes: str) -> tuple[str | None, str | None]:
-    """(video class, audio class) read by the synthetic oracles of the class set `classes`, as class
-    names (None: nothing found)."""
-    reading = read_oracles(frames, wave, fps, sample_rate, classes)
-    name = lambda found: CLASS_SETS[classes][found] if found >= 0 else None
-    return name(reading.video_class), name(reading.audio_class)
 
 
 def fraction(hits: list[bool]) -> float:
@@ -112,10 +104,11 @@ def main() -> int:
         chosen = windows_per_class(cache, args.clips_per_class)
         true_names = [cache.class_names[cache.index["class_ids"][w]] for w in chosen]
         dataset = dit.pipeline.dataset
-        classes = synthetic_class_set(dataset.data_root) or COLOUR_PITCH  # the set the DiT was trained on
+        classes = oracle_class_set(dataset.data_root)  # the set the DiT was trained on
 
         def read(media) -> tuple[str | None, str | None]:
-            return oracle_names(media.frames, media.wave, dataset.fps, dataset.mel.sample_rate, classes)
+            reading = read_oracles(media.frames, media.wave, dataset.fps, dataset.mel.sample_rate, classes)
+            return reading.class_names(classes)
 
         started = time.perf_counter()
         common = dict(

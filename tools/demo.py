@@ -46,6 +46,7 @@ from omegaconf import OmegaConf
 
 from mmldm_ae.engine.latent_cache import LatentCacheError
 from mmldm_ae.engine.trainer import TrainingError
+from mmldm_ae.pipeline import PRECISIONS
 from mmldm_ae.train_ae import train_ae_from_config
 from mmldm_ae.train_vae import train_vae_from_config
 from mmldm_ae.vae import VAELoadError
@@ -94,6 +95,7 @@ class SamplingPlan:
     ae_steps: int = 25  # DDIM steps of the autoencoder's decoder
     guidance: float = 3.0  # paper Eq. 9 s, both modalities
     vocoder: str = "hifigan-universal"
+    precision: str = "fp32"  # of the DiT, the autoencoder and the VAE while sampling: fp32 or bf16
 
 
 @dataclass
@@ -154,6 +156,8 @@ class EndToEndConfig:
                 problems.append(f"sampling.{name} must be >= 1, got {getattr(plan, name)}")
         if plan.guidance < 0:
             problems.append(f"sampling.guidance must be >= 0, got {plan.guidance}")
+        if plan.precision not in PRECISIONS:
+            problems.append(f"sampling.precision must be fp32 or bf16, got {plan.precision!r}")
         for name in ("svg_agreement", "a2v_accuracy", "v2a_accuracy"):
             value = getattr(self.bars, name)
             if value is not None and not 0.0 <= value <= 1.0:
@@ -275,7 +279,7 @@ def write_samples(
         seed=seed,
         batch_size=plan.batch_size,
     )
-    dit = load_trained_dit(dit_run)
+    dit = load_trained_dit(dit_run, precision=plan.precision)
     windows = heldout_windows(heldout, plan.per_class)
     items = [heldout[w] for w in windows]
     sources = [f"{heldout.files[heldout.windows[w][0]].path}@{heldout.windows[w][1]}" for w in windows]
@@ -301,7 +305,7 @@ def write_samples(
         num_clips=plan.long_clips,
         **common,
     )
-    summaries[Task.long] = generate(load_trained_dit(long_run), long_config)
+    summaries[Task.long] = generate(load_trained_dit(long_run, precision=plan.precision), long_config)
 
     rows, labels = [], []
     for task in SAMPLED_TASKS:

@@ -36,7 +36,7 @@ from mmldm_ae.vae import VAELoadError
 from mmldm_data.cli import user_errors
 from mmldm_data.config import ConfigError
 from mmldm_data.metrics.oracle import read_oracles
-from mmldm_data.synthetic import CLASS_SETS, COLOUR_PITCH, synthetic_class_set
+from mmldm_data.synthetic import CLASS_SETS, oracle_class_set
 from mmldm_dit.generate import TrainedDiT, decode_media, load_trained_dit
 from mmldm_dit.latents import DiTLatentDataset
 from mmldm_dit.sampling import sample
@@ -164,7 +164,7 @@ def decoder_swap(dit: TrainedDiT, latents: Latents, seed: int) -> dict[str, floa
     }
     media = decode_media(dit.pipeline, raw, seed=seed)
     config = dit.pipeline.dataset
-    classes = synthetic_class_set(config.data_root) or COLOUR_PITCH  # the set the DiT was trained on
+    classes = oracle_class_set(config.data_root)  # the set the DiT was trained on
     oracle_class = [CLASS_SETS[classes].index(name) for name in latents.class_names]
     counts = {key: 0 for key in ("video own", "video other", "audio own", "audio other")}
     matched_right = 0

@@ -77,6 +77,9 @@ class DatasetConfig:
     # Where the file index is cached; None: `<data_root>/.mmldm_cache`, or ~/.cache/mmldm when
     # the data folder is read-only.
     cache_dir: str | None = None
+    # Decode each file once and keep its frames and sound in memory (each DataLoader worker its own
+    # copy): for small sets read many times, e.g. 60 MB per 100 synthetic clips (3.2 s at 64^2).
+    keep_decoded: bool = False
     index_workers: int = 0  # processes used to verify files while indexing (0: in-process)
     seed: int = 0  # target-frame and flip draws are a pure function of (seed, epoch, item)
 

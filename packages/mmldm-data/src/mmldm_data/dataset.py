@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from mmldm_data.audio import waveform_to_audio_image
 from mmldm_data.config import DatasetConfig
-from mmldm_data.media import MediaError, read_video, scan_media
+from mmldm_data.media import DecodedClip, MediaError, read_video, scan_media
 from mmldm_data.video import to_model_frames
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,7 @@ class SoundingVideoDataset(Dataset):
                 config.num_classes,
             )
         self._failed_reads = 0
+        self._decoded: dict[int, DecodedClip] = {}  # file position -> the whole file (dataset.keep_decoded)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -401,17 +402,39 @@ class SoundingVideoDataset(Dataset):
                 log.warning("skipping window %d: %s", position, error)
         raise DatasetError(f"8 windows in a row from {self.config.data_root!r} failed to decode; see the log")
 
+    def _read_window(self, file_position: int, start: int) -> DecodedClip:
+        """The window of `num_frames` frames from frame `start` of a file, with its sound.
+
+        With dataset.keep_decoded every file is decoded whole once and its windows are sliced from
+        memory. The frames are the same either way; the sound differs in a window's first ~25 ms,
+        where a window read on its own starts decoding AAC after a seek, without the previous
+        frame its first one overlaps (the whole-file decode is the faithful one)."""
+        config = self.config
+        path = Path(config.data_root) / self.files[file_position].path
+        if not config.keep_decoded:
+            return read_video(
+                path,
+                fps=config.fps,
+                start=start / config.fps,
+                num_frames=config.num_frames,
+                sample_rate=config.mel.sample_rate,
+            )
+        if file_position not in self._decoded:
+            self._decoded[file_position] = read_video(path, config.fps, sample_rate=config.mel.sample_rate)
+        whole = self._decoded[file_position]
+        frames = whole.frames[start : start + config.num_frames]
+        # As read_video: times past the last frame hold it, the sound past the end is silence.
+        frames = np.concatenate([frames, frames[-1:].repeat(config.num_frames - len(frames), 0)])
+        first = round(start / config.fps * config.mel.sample_rate)
+        audio = whole.audio[first : first + config.clip_samples]
+        audio = np.pad(audio, (0, config.clip_samples - len(audio)))
+        return DecodedClip(frames=frames, fps=config.fps, audio=audio, sample_rate=config.mel.sample_rate)
+
     def _load_window(self, index: int) -> dict:
         config = self.config
         file_position, start = self.windows[index]
         record = self.files[file_position]
-        clip = read_video(
-            Path(config.data_root) / record.path,
-            fps=config.fps,
-            start=start / config.fps,
-            num_frames=config.num_frames,
-            sample_rate=config.mel.sample_rate,
-        )
+        clip = self._read_window(file_position, start)
         rng = np.random.default_rng([config.seed, self.epoch, index])
         flip = config.flip_p > 0 and rng.random() < config.flip_p
         targets = np.sort(rng.choice(config.num_frames, size=config.num_target_frames, replace=False))

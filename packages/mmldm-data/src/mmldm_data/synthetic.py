@@ -442,6 +442,12 @@ def synthetic_class_set(root: str | Path) -> str | None:
     return classes if classes in CLASS_SETS else None
 
 
+def oracle_class_set(root: str | Path) -> str:
+    """The class set whose oracles read clips like those of `root`: the folder's own, else colour/pitch
+    (the only set before there was a choice; for other folders, the set the oracles assume)."""
+    return synthetic_class_set(root) or COLOUR_PITCH
+
+
 # ---------------------------------------------------------------- oracles
 
 

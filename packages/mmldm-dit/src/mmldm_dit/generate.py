@@ -538,6 +538,7 @@ def decode_media(
     seed: int = 0,
     join_frames: int = JOIN_FRAMES,
     join_mel_frames: int = JOIN_MEL_FRAMES,
+    keep: tuple[str, ...] | None = None,
 ) -> list[SampleMedia]:
     """Raw latents [B, clips, C, S, S] per modality -> media; clips decode in batches and join in time.
 
@@ -548,8 +549,11 @@ def decode_media(
     70,560 samples at the paper's settings, which would otherwise be gaps).
 
     A single-modal model's missing modality is decoded from the autoencoder's null latent (that of
-    an all-zero input, which its guidance dropout trains) and then left out.
+    an all-zero input, which its guidance dropout trains) and then left out. `keep` (default: the
+    modalities of `latents`) names the media to return: a2v and v2a samples that carry the given
+    media as it was need not vocode or convert the decoded copy of it.
     """
+    keep = tuple(latents) if keep is None else keep
     some = next(iter(latents.values()))
     batch, clips = some.shape[:2]
     z = {
@@ -557,18 +561,21 @@ def decode_media(
         for m in MODALITIES
     }
     config = pipeline.dataset
-    frames, images = decode_clip_batches(pipeline, z["video"], z["audio"], steps, seed)
-    frames = dissolve_joins(frames, join_frames)  # [B, clips * T, 3, R, R]
-    num_mel_frames = config.mel.num_frames(config.clip_samples)
-    logmel = audio_image_to_logmel(images.flatten(0, 1), num_mel_frames, config.mel)  # [B * clips, M, n]
-    logmel = logmel.unflatten(0, (batch, clips)).transpose(2, 3)  # [B, clips, n, M]
-    logmel = dissolve_joins(logmel, min(join_mel_frames, num_mel_frames // 2)).transpose(1, 2)
-    waves = pipeline.vocoder(vocoder)(logmel.to(pipeline.device)).float().cpu().numpy()
+    num_frames = config.num_frames if "video" in keep else 0
+    frames, images = decode_clip_batches(pipeline, z["video"], z["audio"], steps, seed, num_frames=num_frames)
+    frames = dissolve_joins(frames, join_frames) if num_frames else None  # [B, clips * T, 3, R, R]
+    waves = None
+    if "audio" in keep:
+        num_mel_frames = config.mel.num_frames(config.clip_samples)
+        logmel = audio_image_to_logmel(images.flatten(0, 1), num_mel_frames, config.mel)  # [B * clips, M, n]
+        logmel = logmel.unflatten(0, (batch, clips)).transpose(2, 3)  # [B, clips, n, M]
+        logmel = dissolve_joins(logmel, min(join_mel_frames, num_mel_frames // 2)).transpose(1, 2)
+        waves = pipeline.vocoder(vocoder)(logmel.to(pipeline.device)).float().cpu().numpy()
     total = clips * config.clip_samples
     return [
         SampleMedia(
-            frames=to_uint8_frames(frames[b]) if "video" in latents else None,
-            wave=_stretch(waves[b], total) if "audio" in latents else None,
+            frames=to_uint8_frames(frames[b]) if "video" in keep else None,
+            wave=_stretch(waves[b], total) if waves is not None else None,
         )
         for b in range(batch)
     ]
@@ -581,15 +588,18 @@ def decode_clip_batches(
     steps: int | None = None,
     seed: int = 0,
     clips_per_call: int = DECODE_CLIPS,
+    num_frames: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Perceptual latents z_v, z_a [B, K, ...] of B samples of K clips -> frames [B, K, T, 3, R, R] and
     audio images [B, K, 3, R, R] (fp32, on the CPU), decoded as clip by clip but in a few batches.
+    T = num_frames, by default the dataset's; 0 decodes the audio images alone.
 
     One decoder call takes the same k = clips_per_call // B clip positions of every sample (B * k
     clips; k at least 1). Every clip of sample b starts from sample b's noise of one draw from
     `seed`, which is what a decoder seeded with `seed` for each clip position alone would draw.
     """
-    (B, K), cfg, T = z_v.shape[:2], pipeline.model.cfg, pipeline.dataset.num_frames
+    (B, K), cfg = z_v.shape[:2], pipeline.model.cfg
+    T = pipeline.dataset.num_frames if num_frames is None else num_frames
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     noise = torch.randn(
         B * (1 + T),
@@ -611,6 +621,7 @@ def decode_clip_batches(
             noise=torch.cat(
                 [audio_noise.repeat_interleave(k, 0), frame_noise.repeat_interleave(k, 0).flatten(0, 1)]
             ),
+            num_frames=T,
         )
         frames.append(decoded.frames.float().cpu().unflatten(0, (B, k)))
         images.append(decoded.audio_images.float().cpu().unflatten(0, (B, k)))
@@ -705,9 +716,11 @@ def iterate_samples(
         seed = config.seed + batch_index * clips
         latents = conditioning.latents[rows.start : rows.stop] if conditioning.latents is not None else None
         sampled = sample_clips(dit, config, latents, seed, len(rows), chain)
-        media = decode_media(dit.pipeline, sampled, config.ae_steps, config.vocoder, seed)
+        as_given = given is not None and task.cross_modal and not config.resynthesize
+        keep = tuple(m for m in sampled if not (as_given and m == given.modality))
+        media = decode_media(dit.pipeline, sampled, config.ae_steps, config.vocoder, seed, keep=keep)
         for row, sample_media in zip(rows, media, strict=True):
-            if given is not None and task.cross_modal and not config.resynthesize:
+            if as_given:
                 setattr(sample_media, "wave" if given.modality == "audio" else "frames", given.data)
             yield (
                 row,

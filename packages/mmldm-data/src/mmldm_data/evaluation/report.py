@@ -29,7 +29,7 @@ from mmldm_data.evaluation.sources import (
 )
 from mmldm_data.metrics.fad import BACKENDS
 from mmldm_data.metrics.i3d import default_cache_dir
-from mmldm_data.synthetic import CLASS_SETS, COLOUR_PITCH, synthetic_class_set
+from mmldm_data.synthetic import CLASS_SETS, oracle_class_set, synthetic_class_set
 
 
 def evaluate(
@@ -45,8 +45,8 @@ def evaluate(
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "eval"
     real, generated = sets.real, sets.generated
     # The oracles read the class set the real set was made with (None: not the synthetic set, no oracles).
-    classes = synthetic_class_set(real.root)
-    oracle_classes = classes or COLOUR_PITCH
+    classes = synthetic_class_set(real.root)  # None: not the synthetic set, no oracle metrics
+    oracle_classes = oracle_class_set(real.root)
     wanted = wanted_features(models, classes is not None)
     conditions = read_conditions(generated.root, CLASS_SETS[oracle_classes]) if generated is not None else {}
     notes: list[str] = condition_notes(conditions, generated) if generated is not None else []

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmldm_data.synthetic import COLOUR_PITCH, class_oracles, impact_frames_oracle, onset_times_oracle
+from mmldm_data.synthetic import (
+    CLASS_SETS,
+    COLOUR_PITCH,
+    class_oracles,
+    impact_frames_oracle,
+    onset_times_oracle,
+)
 from mmldm_data.tasks import CROSS_MODAL_TASKS, Task
 
 
@@ -32,6 +38,11 @@ class OracleReading:
     audio_class: int  # -1: silent
     impact_frames: tuple[int, ...]
     onset_frames: tuple[float, ...]  # onset times x fps
+
+    def class_names(self, classes: str) -> tuple[str | None, str | None]:
+        """(video class, audio class) as names of the class set `classes` (None: nothing found)."""
+        name = lambda found: CLASS_SETS[classes][found] if found >= 0 else None
+        return name(self.video_class), name(self.audio_class)
 
 
 def read_oracles(
