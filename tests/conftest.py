@@ -91,6 +91,59 @@ def run_tool(script: str, *args: str, check: bool = True) -> subprocess.Complete
     return result
 
 
+def run_tool_in_process(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`run_tool` without starting an interpreter (seconds with torch and Hydra), for runs that train
+    nothing: tools/<script> as __main__ with these arguments; its exit status, stdout and stderr as the
+    interpreter would give them. What a tool sets for its process (Hydra's global state, the root
+    logger, torch's threads and oneDNN) is put back for the tests that follow."""
+    import contextlib
+    import io
+    import logging
+    import runpy
+    import traceback
+
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    path = REPO_ROOT / "tools" / script
+    stdout, stderr = io.StringIO(), io.StringIO()
+    argv, cwd = sys.argv, Path.cwd()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    returncode = 0
+    try:
+        sys.argv = [str(path), *args]
+        os.chdir(REPO_ROOT)
+        torch.backends.mkldnn.enabled = True  # as a new process starts (plain_single_thread_cpu turns it off)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                runpy.run_path(str(path), run_name="__main__")
+            except SystemExit as exit:
+                if isinstance(exit.code, str):
+                    print(exit.code, file=sys.stderr)
+                returncode = exit.code if isinstance(exit.code, int) else int(exit.code is not None)
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers  # Hydra's logging config replaced them (pytest's among them)
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
+    result = subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
+    if check and returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({returncode}):\n{result.stderr}")
+    return result
+
+
 def load_tool(script: str) -> ModuleType:
     """Import tools/<script> as a module, once per session."""
     name = f"tool_{Path(script).stem}"

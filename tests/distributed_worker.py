@@ -1,9 +1,13 @@
-"""One process of a torchrun (gloo, CPU) run of the shared Trainer, for tests/test_distributed.py.
+"""One process of a torchrun (gloo, CPU) launch of the shared Trainer, for tests/test_distributed.py.
 
     torchrun --nproc_per_node 2 tests/distributed_worker.py SPEC_JSON
 
-SPEC_JSON: {"kind": "toy" | "dit" | "ae", "run_dir": ..., "max_steps": N,
-            "nans": [[rank, optimizer, step], ...], "overrides": [hydra overrides (dit / ae)]}
+SPEC_JSON: {"reports": folder, "runs": [{"kind": "toy" | "dit" | "ae", "run_dir": ..., "max_steps": N,
+            "nans": [[rank, optimizer, step], ...], "overrides": [hydra overrides (dit / ae)]}, ...]}
+
+The runs go one after the other in this process (a Python start with torch is seconds a launch), each as
+a fresh process would: new objects from the config, the global RNGs reseeded from the OS, the counts
+below reset; what a resumed run continues from is on disk.
 
 - toy: the Trainer on the toy task of test_training.py.
 - dit / ae: the whole stage as its tool runs it, `train_dit_from_config` / `train_ae_from_config` on
@@ -13,10 +17,10 @@ Each [rank, optimizer, step] of "nans" makes that optimiser's loss NaN once on t
 step (the Trainer's step counter, which a skipped step does not advance). The task's loss is wrapped
 here; the package code is untouched.
 
-Writes <run_dir>/rank<r>.json: the summary, a SHA-1 per tensor of this rank's final weights (every
-trained module and the EMA), every loss this rank computed ([optimizer, step, value] before any NaN),
-the NaNs injected, and what this rank built of the shared caches: windows it encoded into latent
-caches and media files it verified for the dataset index.
+Writes <reports>/run<i>-rank<r>.json for the i-th run: the summary, a SHA-1 per tensor of this rank's
+final weights (every trained module and the EMA), every loss this rank computed ([optimizer, step, value]
+before any NaN), the NaNs injected, and what this rank built of the shared caches: windows it encoded
+into latent caches and media files it verified for the dataset index.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmldm_ae.engine import latent_cache
@@ -34,11 +40,13 @@ from mmldm_ae.engine.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-TRAINERS: list[Trainer] = []  # the Trainer of this process, once it has trained
+# What the current run did on this rank (emptied before each run).
+TRAINERS: list[Trainer] = []  # the Trainer of this run, once it has trained
 INJECTED: list[list] = []  # [optimizer, step] of each NaN put into this rank's losses
 ENCODED: list[int] = []  # windows this rank encoded into a latent cache, per build
-INDEXED: list[int] = []
-LOSSES: list[list] = []  # media files this rank verified for the dataset index, per index build
+INDEXED: list[int] = []  # media files this rank verified for the dataset index, per index build
+LOSSES: list[list] = []  # [optimizer, step, value] of each loss, before any NaN
+RUN: dict = {}  # the run's "nans" ({(optimizer, step)} on this rank) and "previews" (bool)
 
 
 def record_builds() -> None:
@@ -64,13 +72,13 @@ def record_builds() -> None:
     dataset.build_file_index = counted_index
 
 
-def instrument_trainer(nans: list[tuple[str, int]], previews: bool) -> None:
-    """Wrap the task of every Trainer built from now on: NaN losses at `nans` ([optimizer, step]),
-    no previews unless `previews`; and keep the Trainer once it has trained."""
+def instrument_trainer() -> None:
+    """Wrap the task of every Trainer built from now on: NaN losses at the run's "nans" ([optimizer,
+    step]), no previews unless the run's "previews"; and keep the Trainer once it has trained."""
     init, train = Trainer.__init__, Trainer.train
 
     def instrumented_init(self, task, *args, **kwargs):
-        pending = {tuple(nan) for nan in nans}
+        pending = set(RUN["nans"])
         loss = task.loss
 
         def one_nan(optimizer, batch, step, modules):
@@ -84,7 +92,7 @@ def instrument_trainer(nans: list[tuple[str, int]], previews: bool) -> None:
             return value, numbers
 
         task.loss = one_nan
-        if not previews:
+        if not RUN["previews"]:
             task.log_media = lambda logger, step, run_dir: None
         init(self, task, *args, **kwargs)
 
@@ -131,26 +139,36 @@ def run(kind: str, run_dir: Path, max_steps: int, overrides: list[str]) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    run_dir = Path(spec["run_dir"])
+    reports = Path(spec["reports"])
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     # oneDNN builds a kernel per new convolution shape (seconds on a CPU): the plain kernels are faster here.
     torch.backends.mkldnn.enabled = False
     record_builds()
-    nans = [(optimizer, step) for nan_rank, optimizer, step in spec.get("nans", []) if nan_rank == rank]
-    instrument_trainer(nans, previews=spec["kind"] == "toy")
-    summary = run(spec["kind"], run_dir, spec["max_steps"], spec.get("overrides", []))
-    (trainer,) = TRAINERS
-    report = {
-        "summary": summary,
-        "weights": weight_digests(trainer),
-        "injected": INJECTED,
-        "encoded": ENCODED,
-        "indexed": INDEXED,
-        "losses": LOSSES,
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    instrument_trainer()
+    for index, one in enumerate(spec["runs"]):
+        for record in (TRAINERS, INJECTED, ENCODED, INDEXED, LOSSES):
+            record.clear()
+        RUN["nans"] = {
+            (optimizer, step) for nan_rank, optimizer, step in one.get("nans", []) if nan_rank == rank
+        }
+        RUN["previews"] = one["kind"] == "toy"
+        # As a fresh process starts: what a run must reproduce it seeds or restores itself.
+        torch.seed()
+        np.random.seed()
+        random.seed()
+        summary = run(one["kind"], Path(one["run_dir"]), one["max_steps"], one.get("overrides", []))
+        (trainer,) = TRAINERS
+        report = {
+            "summary": summary,
+            "weights": weight_digests(trainer),
+            "injected": INJECTED,
+            "encoded": ENCODED,
+            "indexed": INDEXED,
+            "losses": LOSSES,
+        }
+        reports.mkdir(parents=True, exist_ok=True)
+        (reports / f"run{index}-rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_tool, preset, run_tool
+from conftest import load_tool, preset, run_tool, run_tool_in_process
 from test_autoencoder import NUM_CLASSES, seeded, small_config
 
 from mmldm_ae.autoencoder import MultiModalAutoencoder
@@ -78,7 +78,7 @@ def test_decoder_sampling_keys_are_validated():
 @pytest.mark.slow
 def test_bench_tool_writes_rows_and_a_recommendation(tiny_ae_run, tmp_path):
     out = tmp_path / "steps.json"
-    result = run_tool(
+    result = run_tool_in_process(
         "bench_decoder_steps.py",
         str(tiny_ae_run),
         "--num-clips=2",
@@ -100,7 +100,7 @@ def test_bench_tool_writes_rows_and_a_recommendation(tiny_ae_run, tmp_path):
     assert report["rows"][2]["unet_evaluations"] == 3
     assert "| dpmsolver++ | 2 | 1 |" in out.with_suffix(".md").read_text()
     assert "Recommended" in result.stdout
-    bad = run_tool("bench_decoder_steps.py", str(tiny_ae_run), "--samplers=euler", check=False)
+    bad = run_tool_in_process("bench_decoder_steps.py", str(tiny_ae_run), "--samplers=euler", check=False)
     assert bad.returncode == 2 and "euler" in bad.stderr
 
 

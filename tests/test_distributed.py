@@ -4,6 +4,8 @@ The toy task of test_training.py, then the tiny DiT and the tiny autoencoder (wi
 trained by their stages' own functions, as `accelerate launch tools/train_*.py` runs them: both ranks
 end with the same weights, a run stopped mid-way and resumed ends bit for bit where an uninterrupted
 one does, a NaN loss on one rank is skipped by both, and the shared caches are built by rank 0 alone.
+A test launches once (torch's start is seconds a process); its runs go in turn, each from what its
+config and the disk hold (tests/distributed_worker.py).
 """
 
 from __future__ import annotations
@@ -19,15 +21,10 @@ from conftest import REPO_ROOT, TINY_AE_DATASET
 pytestmark = pytest.mark.slow
 
 
-def torchrun(kind: str, run_dir: Path, max_steps: int, nans=(), overrides=()) -> list[dict]:
-    """One 2-process run of tests/distributed_worker.py; each rank's report (see there)."""
-    spec = {
-        "kind": kind,
-        "run_dir": str(run_dir),
-        "max_steps": max_steps,
-        "nans": [list(nan) for nan in nans],
-        "overrides": list(overrides),
-    }
+def launch(tmp_path: Path, *runs: dict) -> list[list[dict]]:
+    """The one 2-process launch of a test: tests/distributed_worker.py doing `runs` (see `run`) one after
+    the other; each run's reports of rank 0 and 1 (see there)."""
+    reports = tmp_path / "reports"
     result = subprocess.run(
         [
             sys.executable,
@@ -36,7 +33,7 @@ def torchrun(kind: str, run_dir: Path, max_steps: int, nans=(), overrides=()) ->
             "--nproc_per_node=2",
             "--standalone",
             str(REPO_ROOT / "tests" / "distributed_worker.py"),
-            json.dumps(spec),
+            json.dumps({"reports": str(reports), "runs": list(runs)}),
         ],
         cwd=REPO_ROOT / "tests",
         capture_output=True,
@@ -44,7 +41,22 @@ def torchrun(kind: str, run_dir: Path, max_steps: int, nans=(), overrides=()) ->
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads((run_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [
+        [json.loads((reports / f"run{index}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        for index in range(len(runs))
+    ]
+
+
+def run(kind: str, run_dir: Path, max_steps: int, nans=(), overrides=()) -> dict:
+    """A run of the worker: `kind` trained to `max_steps` in `run_dir` (resumed from there when it holds
+    a checkpoint), with NaN losses at `nans` ([rank, optimizer, step])."""
+    return {
+        "kind": kind,
+        "run_dir": str(run_dir),
+        "max_steps": max_steps,
+        "nans": [list(nan) for nan in nans],
+        "overrides": list(overrides),
+    }
 
 
 def agreed(ranks: list[dict], steps: int, skipped: int) -> dict[str, str]:
@@ -56,12 +68,15 @@ def agreed(ranks: list[dict], steps: int, skipped: int) -> dict[str, str]:
 
 
 def test_two_ranks_agree_resume_exactly_and_skip_a_nan_together(tmp_path):
-    straight = agreed(torchrun("toy", tmp_path / "straight", 6), steps=6, skipped=0)
-
-    torchrun("toy", tmp_path / "split", 3)
-    assert agreed(torchrun("toy", tmp_path / "split", 6), steps=6, skipped=0) == straight
-
-    nan = torchrun("toy", tmp_path / "nan", 6, nans=[(1, "model", 2)])  # rank 1's loss is NaN once
+    straight, _, split, nan = launch(
+        tmp_path,
+        run("toy", tmp_path / "straight", 6),
+        run("toy", tmp_path / "split", 3),
+        run("toy", tmp_path / "split", 6),
+        run("toy", tmp_path / "nan", 6, nans=[(1, "model", 2)]),  # rank 1's loss is NaN once
+    )
+    straight = agreed(straight, steps=6, skipped=0)
+    assert agreed(split, steps=6, skipped=0) == straight
     assert [r["injected"] for r in nan] == [[], [["model", 2]]]
     assert agreed(nan, steps=6, skipped=1) != straight
 
@@ -74,23 +89,21 @@ def check_two_rank_stage(kind: str, overrides: list[str], nans: list, tmp_path: 
     on rank 0 draws from, so a run that builds the cache starts from other weights than one that
     reuses it.)"""
 
-    def launch(run: str, max_steps: int) -> list[dict]:
+    def stage(run_dir: str, max_steps: int) -> dict:
         caches = [
-            f"latent_cache={tmp_path / run / 'latents'}",
-            f"dataset.cache_dir={tmp_path / run / 'index'}",
+            f"latent_cache={tmp_path / run_dir / 'latents'}",
+            f"dataset.cache_dir={tmp_path / run_dir / 'index'}",
         ]
-        return torchrun(kind, tmp_path / run, max_steps, nans, [*overrides, *caches])
+        return run(kind, tmp_path / run_dir, max_steps, nans, [*overrides, *caches])
 
     def built(ranks: list[dict]) -> tuple[list, list]:
         """Windows encoded into the latent cache and files verified for the index, per rank."""
         return [r["encoded"] for r in ranks], [sum(r["indexed"]) for r in ranks]
 
-    straight = launch("straight", 4)
+    straight, first, resumed = launch(tmp_path, stage("straight", 4), stage("split", 2), stage("split", 4))
     weights = agreed(straight, steps=4, skipped=len(nans))
     assert [r["injected"] for r in straight] == [[[o, s] for r, o, s in nans if r == rank] for rank in (0, 1)]
-    first = launch("split", 2)
     agreed(first, steps=2, skipped=sum(step < 2 for _, _, step in nans))
-    resumed = launch("split", 4)
     # Each rank's losses (before any NaN), then the weights: the resumed run continued bit for bit.
     assert [a["losses"] + b["losses"] for a, b in zip(first, resumed, strict=True)] == [
         r["losses"] for r in straight

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, preset, run_tool
+from conftest import REPO_ROOT, preset, run_tool_in_process
 from einops import rearrange
 
 from mmldm_data.config import ConfigError, to_typed
@@ -221,7 +221,7 @@ def test_misspelt_config_key_is_named():
 
 @pytest.mark.slow
 def test_model_card_last_line_is_json_of_all_presets():
-    result = run_tool("model_card.py")
+    result = run_tool_in_process("model_card.py")
     cards = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(cards) == set(SIZES)
     for name, card in cards.items():

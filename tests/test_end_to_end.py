@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import load_tool, run_tool
+from conftest import load_tool, run_tool, run_tool_in_process
 from media_factory import stream_seconds
 
 from mmldm_data.config import ConfigError, to_typed
@@ -68,7 +68,7 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
         model / "dit_long" / "model.safetensors"
     ).is_file()
 
-    second = run_tool("demo.py", f"out={out}", *QUICK)
+    second = run_tool_in_process("demo.py", f"out={out}", *QUICK)  # reuses every stage: nothing trains
     for stage in (
         "synthetic",
         "heldout",
@@ -155,5 +155,5 @@ def test_bad_end_to_end_config_names_the_key():
         to_typed(demo.EndToEndConfig, {"num_clips": 2})
     with pytest.raises(ConfigError, match="nonsense"):
         to_typed(demo.EndToEndConfig, {"nonsense": 1})
-    result = run_tool("demo.py", "sampling.guidance=-1", check=False)
+    result = run_tool_in_process("demo.py", "sampling.guidance=-1", check=False)
     assert result.returncode != 0 and "sampling.guidance" in result.stderr

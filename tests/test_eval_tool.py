@@ -4,7 +4,7 @@ autoencoder round trips (a perfect one in process, a train_ae.py run's through t
 I3D runs at ~1 clip/s on this CPU, so these tests use a handful of clips: FVD monotonicity is
 checked on 4 clips per noise level (paired with the same clean clips), far below the protocol's
 2048 but enough for noise that strong; the other tests evaluate 2 clips per side and share one
-real-feature cache (the one the tool subprocesses use), so the real clips are decoded once.
+real-feature cache (the one the tool runs use), so the real clips are decoded once.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool, run_tool
+from conftest import load_tool, run_tool_in_process
 from media_factory import tone, write_test_video
 
 from mmldm_ae.pipeline import load_reconstructor
@@ -29,7 +29,7 @@ PROTOCOL = EvalProtocol(resolution=64, num_clips=2)
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    """The cache folder conftest gives every test and the tool subprocesses."""
+    """The cache folder conftest gives every test and the tool runs."""
     return tmp_path_factory.getbasetemp() / "mmldm-cache"
 
 
@@ -103,7 +103,7 @@ def test_tool_compares_two_synthetic_folders_offline(synthetic_root: Path, tmp_p
     args = (
         f"--generated {generated} --real {synthetic_root} --num-clips 2 --resolution 64 --out {out}".split()
     )
-    first = run_tool("eval_fvd_fad.py", *args)
+    first = run_tool_in_process("eval_fvd_fad.py", *args)
     report = json.loads(out.read_text())
     for key in ("fvd", "kvd", "fad_aisfx", "av_align", "oracle_class_agreement", "oracle_onset_error_frames"):
         assert isinstance(report[key], float), key
@@ -115,7 +115,7 @@ def test_tool_compares_two_synthetic_folders_offline(synthetic_root: Path, tmp_p
     assert "| fvd |" in table and "| fad_aisfx |" in table and "| av_align |" in table
     assert table in first.stdout and "generated (seed 0)" in first.stderr  # printed, with progress bars
 
-    second = run_tool("eval_fvd_fad.py", *args)
+    second = run_tool_in_process("eval_fvd_fad.py", *args)
     again = json.loads(out.read_text())
     assert again["inputs"]["real"]["features_from_cache"] == [True] and "real (seed 0)" not in second.stderr
     assert again["fvd"] == pytest.approx(report["fvd"])

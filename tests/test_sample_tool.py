@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import REPO_ROOT, run_tool
+from conftest import REPO_ROOT, run_tool_in_process
 from media_factory import stream_seconds
 
 from mmldm_data.config import ConfigError, compose
@@ -106,7 +106,7 @@ def test_a2v_from_an_audio_file_of_another_rate_and_length(runs, tmp_path):
     seconds = np.arange(int(2.5 * 16000)) / 16000
     soundfile.write(song, np.stack([np.sin(2 * np.pi * 440 * seconds)] * 2, axis=1) * 0.3, 16000)
     out = tmp_path / "out"
-    result = run_tool(
+    result = run_tool_in_process(
         "sample.py",
         f"run={runs['joint']}",
         f"long_run={runs['long']}",  # chains the song's two windows
@@ -132,7 +132,7 @@ def test_a2v_from_an_audio_file_of_another_rate_and_length(runs, tmp_path):
 
 @pytest.mark.slow
 def test_config_errors_are_reported_before_any_model_loads(tmp_path):
-    result = run_tool(
+    result = run_tool_in_process(
         "sample.py", f"run={tmp_path / 'no-such-run'}", "task=bogus", "guidance_audio=-1", check=False
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr

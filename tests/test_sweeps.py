@@ -1,13 +1,14 @@
-"""Experiments (issue 7): every config composes, the tiny sweeps run as Hydra multiruns with W&B
-offline and tabulate, collect_results marks a failed run, and bad configs fail before any model."""
+"""Experiments (issue 7): every config composes, the tiny sweeps run as Hydra multiruns (Table 6's with
+W&B offline) and tabulate, collect_results marks a failed run, and bad configs fail before any model."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT, load_tool, run_tool
+from conftest import REPO_ROOT, load_tool, run_tool, run_tool_in_process
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -127,7 +128,7 @@ def test_presets_hold_only_what_differs_from_what_they_inherit(group, option):
 
 @pytest.mark.slow
 def test_cfg_job_prints_the_dataclass_defaults_the_yaml_leaves_out():
-    cfg = OmegaConf.create(run_tool("train_ae.py", "--cfg", "job").stdout)
+    cfg = OmegaConf.create(run_tool_in_process("train_ae.py", "--cfg", "job").stdout)
     assert cfg.train.keep_checkpoints == 2 and cfg.dataset.index_workers == 0 and cfg.ae.unet_init is None
     assert not any("keep_checkpoints" in path.read_text() for path in (CONF / "train").glob("*.yaml"))
     assert "index_workers" not in (CONF / "dataset" / "synthetic.yaml").read_text()
@@ -269,7 +270,7 @@ def test_demo_configs_compose():
 )
 @pytest.mark.slow
 def test_bad_overrides_fail_before_any_model_with_the_key(tool, override, key, tmp_path):
-    result = run_tool(
+    result = run_tool_in_process(
         tool,
         override,
         f"run_dir={tmp_path / 'run'}",
@@ -285,39 +286,52 @@ def test_bad_overrides_fail_before_any_model_with_the_key(tool, override, key, t
 # The tiny sweeps, end to end
 # ---------------------------------------------------------------------------------------------
 
+# Every run: a step, 2 clips evaluated, at 32^2 through a 2-block VAE (the tiny DiT's latents, as conftest's
+# tiny_ae_run): the tables' layout does not depend on the size, and each step and evaluation is cheaper.
 FAST = [
     "train.max_steps=1",
     "train.log_every=1",
     "train.checkpoint_every=1",
     "evaluate.clips=2",
     "evaluate.batch_size=2",
-    "wandb.mode=offline",
     "dataset.window_stride=8",
+    "dataset.resolution=32",
+    "dataset.mel.image_size=32",
+]
+# The autoencoder's runs also: one preview clip, vocoded by Griffin-Lim (HiFi-GAN takes seconds on a CPU).
+FAST_AE = [
+    *FAST,
+    "ae.resolution=32",
+    "ae.vae_downsample=2",
+    "ae.decode_steps=2",
+    "preview_clips=1",
+    "preview_steps=2",
+    "vocoder=griffinlim",
 ]
 
 
 @pytest.fixture(scope="module")
 def tiny_vae(tmp_path_factory) -> Path:
-    """A random tiny KL-VAE folder (64^2 -> 4x16x16), as stage 0 would export it."""
+    """A random 2-block tiny KL-VAE folder (32^2 -> 4x16x16), as stage 0 would export it."""
     from mmldm_ae.vae import build_vae
 
     folder = tmp_path_factory.mktemp("vae") / "vae"
-    build_vae(VAEConfig(preset="tiny")).save_pretrained(folder)
+    build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).save_pretrained(folder)
     return folder
 
 
 def collect(sweep_dir: Path) -> str:
-    result = run_tool("collect_results.py", str(sweep_dir))
+    result = run_tool_in_process("collect_results.py", str(sweep_dir))
     assert (sweep_dir / "results.md").read_text() in result.stdout
     assert (sweep_dir / "results.csv").is_file()
     return result.stdout
 
 
 def sensitivity_sweep_args(sweep: Path, data: Path, vae: Path, cache: Path) -> list[str]:
-    """tools/train_ae.py's tiny Table 6 sweep into `sweep`, at test speed."""
+    """tools/train_ae.py's tiny Table 6 sweep into `sweep`, at test speed, with W&B offline."""
     return [
         *("train_ae.py", "-m", "+sweep=sensitivity_tiny", f"hydra.sweep.dir={sweep}", f"data_root={data}"),
-        *(f"vae.weights={vae}", f"latent_cache={cache}", "ae.decode_steps=2", "preview_steps=2", *FAST),
+        *(f"vae.weights={vae}", f"latent_cache={cache}", "wandb.mode=offline", *FAST_AE),
     ]
 
 
@@ -368,9 +382,7 @@ def test_tiny_ablation_sweep_gives_table_5(tmp_path, synthetic_root, tiny_vae):
         f"data_root={synthetic_root}",
         f"ablation_vae.original={tiny_vae}",
         f"latent_cache={tmp_path / 'vae_latents'}",
-        "ae.decode_steps=2",
-        "preview_steps=2",
-        *FAST,
+        *FAST_AE,
     )
     table = collect(sweep)
     rows = [line.split(" | ")[:2] for line in table.splitlines() if line.startswith("| ")][1:]
@@ -397,9 +409,9 @@ def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sw
         "+sweep=scale_tiny",
         f"hydra.sweep.dir={sweep}",
         f"data_root={synthetic_root}",
-        f"ae_run='{ae_run}'",
+        f"ae_run='{ae_run}'",  # quoted: = and ,
         "evaluate_sampling.steps=2",
-        "evaluate_sampling.ae_steps=2",  # quoted: = and ,
+        "evaluate_sampling.ae_steps=2",
         "evaluate_sampling.vocoder=griffinlim",
         "preview.steps=2",
         "preview.ae_steps=2",
@@ -415,11 +427,13 @@ def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sw
 
 
 @pytest.mark.slow
-def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
+def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae, sensitivity_sweep):
+    # A job with a bad value beside finished runs (the sensitivity sweep's): it fails before any model.
     sweep = tmp_path / "sensitivity"
+    shutil.copytree(sensitivity_sweep, sweep)
     args = sensitivity_sweep_args(sweep, synthetic_root, tiny_vae, tmp_path / "latents")
-    result = run_tool(*args, "ae.w_kl=1e-8,-1", "ae.w_cls=0.1", check=False)
-    assert result.returncode != 0  # Hydra reports the failed job after running the others
+    result = run_tool_in_process(*args, "ae.w_kl=-1", "ae.w_cls=0.1", check=False)
+    assert result.returncode != 0  # Hydra reports the failed job
     failed = next(sweep.glob("*ae.w_kl=-1*"))
     assert "w_kl" in (failed / "failed.txt").read_text()
     table = collect(sweep)
@@ -429,5 +443,5 @@ def test_collect_results_marks_a_failed_run(tmp_path, synthetic_root, tiny_vae):
 
 @pytest.mark.slow
 def test_collect_results_refuses_a_folder_without_runs(tmp_path):
-    result = run_tool("collect_results.py", str(tmp_path), check=False)
+    result = run_tool_in_process("collect_results.py", str(tmp_path), check=False)
     assert result.returncode == 2 and "no runs" in result.stderr

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_tool_in_process
 from scipy.optimize import linear_sum_assignment
 
 from mmldm_data.media import probe_media, read_video
@@ -29,7 +29,6 @@ from mmldm_data.synthetic import (
 )
 from mmldm_data.video import letterbox, to_uint8_frames
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = SyntheticConfig()
 SHAPES = SyntheticConfig(classes=SHAPE_TIMBRE)
 NUM_CLIPS = 60  # 10 per class
@@ -251,12 +250,7 @@ def test_shape_timbre_oracles_through_mp4_and_letterbox(shape_dataset):
 
 
 def _make_synthetic(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_synthetic.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_tool_in_process("make_synthetic.py", *args, check=False)
 
 
 def test_make_synthetic_tool(tmp_path):

@@ -55,7 +55,6 @@ def test_a_run_without_checkpoint_is_trained_there_and_a_found_one_is_kept(tiny_
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("plain_single_thread_cpu")
 def test_tiny_table1_samples_evaluates_and_reuses(
     synthetic_root, tiny_ae_run, tiny_dit_cache, tmp_path, capsys
 ):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, preset, run_tool
+from conftest import REPO_ROOT, preset, run_tool, run_tool_in_process
 
 from mmldm_ae.autoencoder import MultiModalAutoencoder, build_discriminator
 from mmldm_ae.engine.trainer import TrainConfig, Trainer
@@ -123,7 +123,7 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert changed.returncode == 2
     assert "ae.latent_channels: 8 -> 4" in changed.stderr and "Traceback" not in changed.stderr
 
-    no_vae = run_tool(
+    no_vae = run_tool_in_process(  # fails before any model
         "train_ae.py",
         f"data_root={synthetic_root}",
         f"run_dir={tmp_path / 'other'}",
@@ -141,7 +141,7 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert decoded.frames.shape == (2, 16, 3, RESOLUTION, RESOLUTION)
     assert decoded.audio_images.shape == (2, 3, RESOLUTION, RESOLUTION)
 
-    report = run_tool(
+    report = run_tool_in_process(
         "reconstruct.py",
         str(run_dir),
         "--num-clips",

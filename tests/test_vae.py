@@ -8,7 +8,7 @@ import socket
 
 import pytest
 import torch
-from conftest import load_tool, preset, run_tool
+from conftest import load_tool, preset, run_tool_in_process
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
@@ -247,7 +247,7 @@ class _IdentityVAE:
         return z
 
 
-@pytest.mark.slow  # a tool subprocess
+@pytest.mark.slow  # the tool end to end
 def test_vae_oracle_tool(synthetic_root, tmp_path):
     """tools/vae_oracle.py: a lossless VAE reads every class right (the oracle's class ids are not the
     dataset's folder order), a random one runs end to end with its checkpoints, a foreign folder fails."""
@@ -264,11 +264,11 @@ def test_vae_oracle_tool(synthetic_root, tmp_path):
     vae = tiny_vae()
     vae.save_pretrained(tmp_path / "vae")
     save_file(vae.state_dict(), tmp_path / "step.safetensors")
-    result = run_tool("vae_oracle.py", str(tmp_path / "vae"), str(synthetic_root), "--checkpoints",
+    result = run_tool_in_process("vae_oracle.py", str(tmp_path / "vae"), str(synthetic_root), "--checkpoints",
                       str(tmp_path / "step.safetensors"), "--preset", "tiny")  # fmt: skip
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["classes"] == "colour_pitch" and report["windows"] == 12
     assert len(report["video_oracle_accuracy"]) == 2
     assert all(0.0 <= value <= 1.0 for value in report["video_oracle_accuracy"].values())
-    foreign = run_tool("vae_oracle.py", str(tmp_path / "vae"), str(tmp_path), check=False)
+    foreign = run_tool_in_process("vae_oracle.py", str(tmp_path / "vae"), str(tmp_path), check=False)
     assert foreign.returncode == 2 and "not a synthetic dataset folder" in foreign.stderr

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import run_tool
+from conftest import run_tool_in_process
 from safetensors.torch import save_file
 
 from mmldm_data import vocoder as vocoder_module
@@ -204,7 +204,7 @@ def test_audio_roundtrip_tool(tmp_path):
     source = tmp_path / "mix.wav"
     sf.write(source, tone_and_burst_mix(seconds=0.5)[0].numpy(), CFG.sample_rate, subtype="PCM_16")
     out = tmp_path / "out" / "roundtrip.wav"
-    result = run_tool(
+    result = run_tool_in_process(
         "audio_roundtrip.py", str(source), "--vocoder", "griffinlim", "--out", str(out), "--image-size", "64"
     )
     [line] = result.stdout.strip().splitlines()
@@ -220,7 +220,7 @@ def test_audio_roundtrip_tool_rejects_bad_input(tmp_path):
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio at all")
     for path in (tmp_path / "missing.wav", garbage):
-        result = run_tool(
+        result = run_tool_in_process(
             "audio_roundtrip.py",
             str(path),
             "--vocoder",

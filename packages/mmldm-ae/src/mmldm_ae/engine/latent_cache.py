@@ -86,6 +86,9 @@ _NOT_ENCODED = (
     "cache_dir",
     "index_workers",
     "num_classes",
+    # How files are read (whole, kept in memory, or window by window): only a window's first ~25 ms
+    # of sound differ, an artefact of decoding AAC after a seek (mmldm_data.dataset).
+    "keep_decoded",
 )
 
 

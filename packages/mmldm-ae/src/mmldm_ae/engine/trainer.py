@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 from diffusers.training_utils import EMAModel
 from safetensors.torch import save_file, save_model
@@ -296,6 +297,10 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.run_config = run_config or {}
         export_submitit_distributed_env()
+        # Stages that run in one process (the demo: a bf16 VAE, then an fp32 autoencoder) each set their
+        # own precision; Accelerate keeps the first one process-wide unless its state is reset. The
+        # distributed state (PartialState) stays.
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             mixed_precision=config.precision,
             cpu=not torch.cuda.is_available(),  # as processes()
