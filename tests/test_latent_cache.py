@@ -129,7 +129,9 @@ def test_rebuild_reuses_finished_shards(dataset, cache_dir, tmp_path, monkeypatc
     monkeypatch.setattr(vae, "encode", lambda x, **kw: encoded.append(len(x)) or original_encode(x, **kw))
     build_latent_cache(dataset, vae, out_dir, batch_size=4, progress=False, shard_size=SHARD_SIZE)
     after = shard_times(out_dir)
-    assert sum(encoded) == SHARD_SIZE * (16 + 1)  # only the missing shard's frames and audio images
+    # Only the missing shard's windows 5-9 (clip 1 from frame 16, clip 2 from frames 0, 8, 16, clip 3
+    # from 0): their 16 + 32 + 16 distinct frames and 5 audio images.
+    assert sum(encoded) == 64 + SHARD_SIZE
     assert {k: v for k, v in after.items() if k != "shard-00001.safetensors"} == {
         k: v for k, v in before.items() if k != "shard-00001.safetensors"
     }
@@ -139,6 +141,25 @@ def test_rebuild_reuses_finished_shards(dataset, cache_dir, tmp_path, monkeypatc
     build_latent_cache(dataset, other, out_dir, batch_size=8, progress=False, shard_size=SHARD_SIZE)
     assert all(shard_times(out_dir)[k] != after[k] for k in after)
     assert cache_matches(out_dir, dataset.config, other)
+
+
+@pytest.mark.parametrize("flip_p", [0.0, 0.5])
+def test_overlapping_windows_encode_each_frame_once(dataset_config, tmp_path, monkeypatch, flip_p):
+    """18 windows of 16 frames, 3 per 32-frame clip: 192 frames (each orientation with flips) and 18 audio
+    images go through the VAE, not 18 * 16; batches of 4 windows straddle the clips."""
+    config = replace(dataset_config, flip_p=flip_p)
+    vae = tiny_vae()
+    encoded = []
+    original_encode = vae.encode
+    monkeypatch.setattr(vae, "encode", lambda x, **kw: encoded.append(len(x)) or original_encode(x, **kw))
+    out_dir = build_latent_cache(
+        SoundingVideoDataset(config, return_all_frames=True), vae, tmp_path, batch_size=4, progress=False
+    )
+    orientations = 2 if flip_p else 1
+    assert sum(encoded) == orientations * 6 * 32 + 18
+    cache = LatentCacheDataset(out_dir, num_target_frames=16, seed=config.seed)
+    first, second = cache[0]["target_latents"], cache[1]["target_latents"]  # frames 0-15 and 8-23 of clip 0
+    assert torch.equal(first[8:], second[:8])
 
 
 def test_a_torn_shard_is_re_encoded_not_fatal(dataset, cache_dir, tmp_path):

@@ -106,6 +106,20 @@ def test_decoding_only_the_kept_media_gives_the_same_media(tiny_pipeline, plain_
         np.testing.assert_array_equal(video_only.frames, full.frames)
 
 
+def test_the_vocoder_follows_the_pipelines_precision():
+    """bf16 sampling vocodes with bf16 HiFi-GAN weights (3.1x faster on the CPU, tests/test_vocoder.py)."""
+    vae = build_vae(VAEConfig(preset="tiny", block_out_channels=[8, 16]))
+    model = MultiModalAutoencoder(preset("ae", "tiny", resolution=R, vae_downsample=2), num_classes=2)
+    pipeline = AutoencoderPipeline(
+        model, vae, DatasetConfig(data_root="unused", mel=MelConfig(image_size=R)), ["a"]
+    )
+    assert pipeline.vocoder().dtype == torch.float32
+    pipeline.to_dtype(torch.bfloat16)
+    assert pipeline.vocoder().dtype == torch.bfloat16
+    wave = pipeline.vocoder()(torch.full((1, pipeline.mel.n_mels, 4), -5.0))
+    assert wave.dtype == torch.float32
+
+
 # --------------------------------------------------------------------------------------------
 # The background writer
 # --------------------------------------------------------------------------------------------

@@ -393,6 +393,14 @@ def test_previews_come_after_the_checkpoint_of_their_step(tmp_path):
     assert task.media_steps == [(3, True), (6, True)]
 
 
+def test_sample_at_end_false_writes_only_the_periodic_previews(tmp_path):
+    task = ToyGanTask()
+    Trainer(
+        task, NoisyPairs(), config(sample_every=3, max_steps=7, sample_at_end=False), tmp_path / "run"
+    ).train()
+    assert [step for step, _ in task.media_steps] == [3, 6]  # not 7, the last
+
+
 def test_fsdp_is_refused_with_the_launch_config_to_use():
     from accelerate import DistributedType
 

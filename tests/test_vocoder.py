@@ -140,6 +140,23 @@ def test_hifigan_beats_griffinlim_on_transients(vocoded, mix):
     assert pre_onset_rms(vocoded["griffinlim"]) > 3 * pre_onset_rms(vocoded["hifigan"])
 
 
+def test_bf16_hifigan_sounds_like_fp32(vocoded, mix):
+    # What bf16 sampling runs (AutoencoderPipeline.vocoder follows its weights' dtype), 3.1x faster on
+    # the 2-core CPU. Measured: waveform error 0.16% of the signal's power (-28 dB), round-trip log-mel
+    # L1 0.2814 vs 0.2816, the same silence before the bursts.
+    wave, logmel = mix
+    half = load_vocoder("hifigan-universal", CFG, dtype=torch.bfloat16)(logmel)
+    full = vocoded["hifigan"]
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert (half - full).square().mean() < 0.01 * full.square().mean()
+    l1 = {
+        name: (mel_spectrogram(w, CFG) - logmel).abs().mean().item()
+        for name, w in (("bf16", half), ("fp32", full))
+    }
+    assert abs(l1["bf16"] - l1["fp32"]) < 0.01
+    assert pre_onset_rms(half) < 2 * pre_onset_rms(wave)
+
+
 def test_griffinlim_is_deterministic_and_follows_the_input_device(mix):
     _, logmel = mix
     short = logmel[..., :32]

@@ -6,7 +6,7 @@ evaluator's reconstruction metrics use both. `load_autoencoder` rebuilds one fro
 
 Inference precision (`set_inference_precision`): bf16 weights for the frozen autoencoder and VAE
 (the DiT too) by default on CUDA, fp32 on the CPU; the diffusion latents and the schedulers'
-arithmetic stay fp32 either way, and the vocoder runs in fp32.
+arithmetic stay fp32 either way. The vocoder's weights follow (`vocoder`), its waveforms are fp32.
 """
 
 from __future__ import annotations
@@ -118,6 +118,7 @@ class AutoencoderPipeline:
             self._trained_fingerprint = self.fingerprint()
         self.model.to(dtype)
         self.vae.to(dtype)
+        self._vocoders.clear()  # loaded again in `dtype` when next asked for
         return self
 
     def optimize(self, compile: bool = False) -> AutoencoderPipeline:
@@ -195,7 +196,7 @@ class AutoencoderPipeline:
 
     def vocoder(self, name: str = "hifigan-universal"):
         if name not in self._vocoders:
-            self._vocoders[name] = load_vocoder(name, self.mel, self.device)
+            self._vocoders[name] = load_vocoder(name, self.mel, self.device, self.model_dtype)
         return self._vocoders[name]
 
     @torch.no_grad()

@@ -419,7 +419,8 @@ def build_latent_cache(
     horizontally; the windows are read unflipped whatever flip_p draws). Reuses finished shards of
     an earlier build with the same inputs; moves `vae` to `device`. `options` go to
     `ShardedCache.build` (batch_size: 8 and shard_size: 512 unless given); batch_size counts
-    windows, i.e. batch_size * (num_frames + 1) images per step (2 * num_frames + 1 with flips).
+    windows, i.e. at most batch_size * (num_frames + 1) images per step (2 * num_frames + 1 with
+    flips): a frame that an earlier window of the same file holds is not encoded again.
     With `reals`, also each latent's VAE decode as frame_reals [n, T, 3, R, R] (frame_reals_flipped)
     and audio_reals [n, 3, R, R]: the latents as stored (in `dtype`), decoded.
     """
@@ -435,16 +436,38 @@ def build_latent_cache(
         dataset = copy.copy(dataset)
         dataset.config = replace(config, flip_p=0.0)
 
-    def encode(batch: dict) -> dict[str, Tensor]:
-        frames = batch["frames"].to(device)  # [B, T, 3, R, R]
-        encoded = {
-            "frame_latents": vae.encode(frames.flatten(0, 1)).unflatten(0, frames.shape[:2]),
-            "audio_latents": vae.encode(batch["audio_image"].to(device)),  # [B, C, h, w]
+    # Overlapping windows (window_stride < num_frames) share frames: each frame is encoded once. The
+    # windows come file by file, so only the frames of the files of the last batch are kept.
+    known: dict[tuple[str, int], dict[str, Tensor]] = {}  # (file, frame) -> its latents by name
+
+    def encode_frames(frames: Tensor, clip_ids: list[str]) -> dict[str, Tensor]:
+        """frames [B, T, 3, R, R] of windows "<file>@<start>" -> frame_latents(_flipped) [B, T, C, h, w]."""
+        keys = []
+        for clip_id in clip_ids:
+            file, start = clip_id.rsplit("@", 1)
+            keys.extend((file, int(start) + t) for t in range(frames.shape[1]))
+        new: dict[tuple[str, int], int] = {}  # frames not encoded yet -> their first position in keys
+        for position, key in enumerate(keys):
+            if key not in known:
+                new.setdefault(key, position)
+        files = {file for file, _ in keys}
+        for key in [key for key in known if key[0] not in files]:
+            del known[key]
+        if new:
+            pixels = frames.flatten(0, 1)[list(new.values())].to(device)
+            latents = {"frame_latents": vae.encode(pixels)}
+            if flipped:  # as SoundingVideoDataset flips: the model frames, along their width
+                latents["frame_latents_flipped"] = vae.encode(pixels.flip(-1))
+            for i, key in enumerate(new):
+                known[key] = {name: values[i] for name, values in latents.items()}
+        return {
+            name: torch.stack([known[key][name] for key in keys]).unflatten(0, frames.shape[:2])
+            for name in known[keys[0]]
         }
-        if flipped:  # as SoundingVideoDataset flips: the model frames, along their width
-            encoded["frame_latents_flipped"] = vae.encode(frames.flatten(0, 1).flip(-1)).unflatten(
-                0, frames.shape[:2]
-            )
+
+    def encode(batch: dict) -> dict[str, Tensor]:
+        encoded = encode_frames(batch["frames"], batch["clip_id"])
+        encoded["audio_latents"] = vae.encode(batch["audio_image"].to(device))  # [B, C, h, w]
         if reals:  # what the step would decode: the stored latents
             for name in [n for n in encoded if n.endswith("_latents") or n.endswith("_latents_flipped")]:
                 latents = encoded[name].to(dtype).float()

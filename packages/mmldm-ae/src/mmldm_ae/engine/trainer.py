@@ -85,6 +85,7 @@ class TrainConfig:
     # Also how often the host reads the device: skipped steps, signals and train.max_minutes act here.
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
+    sample_at_end: bool = True  # previews of the final weights (off where a caller samples them itself)
     num_workers: int = 0
     seed: int = 0
     max_nonfinite_steps: int = 5  # abort after this many skipped (non-finite) steps in a row
@@ -625,7 +626,7 @@ class Trainer:
             # A stop right after a periodic checkpoint does not write the same step twice.
             done = self._checkpoint_folder(self.state.step)
             final = self.saved if self.saved == done else self.save_checkpoint()
-        if self.stop_signal is None:
+        if self.stop_signal is None and config.sample_at_end:
             self._log_media()
         summary = self._summary(time.perf_counter() - started, last_logs)
         summary["checkpoint"] = str(final)
