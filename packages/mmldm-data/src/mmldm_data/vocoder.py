@@ -300,7 +300,7 @@ def load_vocoder(
     """``hifigan-universal``, ``griffinlim`` or a HiFi-GAN checkpoint path, ready for inference.
 
     `dtype` is HiFi-GAN's weights' (Griffin-Lim always computes in fp32); waveforms come back fp32.
-    bf16 runs 3.1x faster on a 2-core CPU with AVX512-BF16, within -27 dB of fp32 (tests/test_vocoder.py)."""
+    bf16 runs 3.1x faster on a 2-core CPU with AVX512-BF16, within -28 dB of fp32 (tests/test_vocoder.py)."""
     if name_or_path == GRIFFIN_LIM:
         return GriffinLimVocoder(cfg, device)
     if name_or_path == HIFIGAN_UNIVERSAL:
