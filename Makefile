@@ -55,7 +55,7 @@ DIT_RUN ?= outputs/runs/dit-$(DATASET)-$(DIT)
 # A model folder of tools/export_model.py for `make app` / `make browser-check` (`make demo` exports this one).
 MODEL ?= outputs/demo/model
 
-.PHONY: setup test test-fast format lint demo synth-bench shape-check gpu-check bench-gpu sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample table1
+.PHONY: setup test test-fast format lint demo tiny-vae synth-bench shape-check gpu-check bench-gpu sweep-sensitivity-tiny sweep-ablation-tiny sweep-scale-tiny clean data-synthetic train-vae train-ae reconstruct eval train-dit train-dit-long sample table1
 
 setup: $(STAMP)
 
@@ -96,6 +96,18 @@ lint: setup
 # The whole method on CPU (about 15 minutes); a second run reuses every finished stage.
 demo: setup
 	$(PY) tools/demo.py $(ARGS)
+
+# The demo's pretrained stage-0 VAE (assets/tiny_vae): 1,000 steps on 144 clips of each synthetic class
+# set (seed 7, which no demo uses), about 10 minutes on 2 cores.
+TINY_VAE_DATA := outputs/tiny_vae_data
+tiny-vae: setup
+	$(PY) tools/make_synthetic.py --out $(TINY_VAE_DATA)/colour_pitch --num-clips 144 --seed 7 --overwrite --quiet
+	$(PY) tools/make_synthetic.py --out $(TINY_VAE_DATA)/shape_timbre --num-clips 144 --seed 7 --classes shape_timbre --overwrite --quiet
+	rm -rf $(TINY_VAE_DATA)/both && mkdir -p $(TINY_VAE_DATA)/both
+	mv $(TINY_VAE_DATA)/colour_pitch/*/ $(TINY_VAE_DATA)/shape_timbre/*/ $(TINY_VAE_DATA)/both/
+	$(PY) tools/train_vae.py data_root=$(TINY_VAE_DATA)/both run_dir=outputs/runs/tiny_vae train.max_steps=1000 train.sample_every=0
+	rm -rf assets/tiny_vae/config.json assets/tiny_vae/diffusion_pytorch_model.safetensors
+	cp outputs/runs/tiny_vae/vae/config.json outputs/runs/tiny_vae/vae/diffusion_pytorch_model.safetensors assets/tiny_vae/
 
 # Longer training and the quality table (about 60 minutes; not part of the tests).
 synth-bench: setup

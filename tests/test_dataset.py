@@ -53,6 +53,7 @@ def test_item_layout(synthetic_root):
     torch.testing.assert_close(item["target_frames"], item["frames"][positions])
     file_position, start = dataset.windows[5]
     assert item["clip_id"] == f"{dataset.files[file_position].path}@{start}"
+    assert (item["file"], item["start_frame"]) == (dataset.files[file_position].path, start)
     assert item["class_id"] == dataset.file_classes[file_position]
     assert dataset.class_names[item["class_id"]] == dataset.files[file_position].path.split("/")[0]
     # Without return_all_frames only the frames the item holds are converted: the same values.

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import load_tool, run_tool, run_tool_in_process
 from media_factory import stream_seconds
+from omegaconf import OmegaConf
 
 from mmldm_data.config import ConfigError, to_typed
 
@@ -17,6 +19,7 @@ demo = load_tool("demo.py")
 QUICK = [
     "num_clips=6",
     "heldout_clips=6",
+    "vae=null",  # trains the VAE too (the demo's default copies assets/tiny_vae: test_pretrained_vae_stage)
     "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
     "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2']",
     "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
@@ -147,6 +150,33 @@ def test_quality_table_marks_the_bars():
     assert by_label["FVD vs training clips, svg"]["passed"] is False  # 100 is not below the shuffled 80
 
 
+def test_pretrained_vae_stage_copies_the_folder_and_reruns_when_it_changes(tmp_path):
+    from mmldm_ae.vae import VAEConfig, build_vae, load_vae
+
+    source = tmp_path / "pretrained"
+    torch.manual_seed(0)
+    build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).save_pretrained(source)
+    folder = tmp_path / "runs" / "vae"
+    result = demo.run_stage(folder, *demo.pretrained_vae_stage(source))
+    assert result["pretrained"] == str(source) and result["step"] == 0
+    assert (
+        load_vae(folder / "vae", preset="tiny").fingerprint() == load_vae(source, preset="tiny").fingerprint()
+    )
+    assert demo.run_stage(folder, *demo.pretrained_vae_stage(source))["key"] == result["key"]  # reused
+    torch.manual_seed(1)
+    build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).save_pretrained(source)
+    assert demo.run_stage(folder, *demo.pretrained_vae_stage(source))["key"] != result["key"]
+
+
+def test_the_shipped_tiny_vae_loads_as_the_demo_uses_it():
+    from mmldm_ae.vae import load_vae
+
+    default = OmegaConf.load(demo.CONF_DIR / "demo.yaml").vae
+    vae = load_vae(demo.CONF_DIR.parent / default, preset="tiny")  # make demo runs from the repository root
+    assert vae.latent_channels == 4 and vae.downsample == 4
+    assert vae.latent_shape(64) == (4, 16, 16)
+
+
 @pytest.mark.slow
 def test_bad_end_to_end_config_names_the_key():
     with pytest.raises(ConfigError, match="sampling.steps"):
@@ -157,3 +187,5 @@ def test_bad_end_to_end_config_names_the_key():
         to_typed(demo.EndToEndConfig, {"nonsense": 1})
     result = run_tool_in_process("demo.py", "sampling.guidance=-1", check=False)
     assert result.returncode != 0 and "sampling.guidance" in result.stderr
+    with pytest.raises(ConfigError, match="vae: nowhere is not a VAE folder"):
+        to_typed(demo.EndToEndConfig, {"vae": "nowhere"})

@@ -11,7 +11,8 @@
 Stages, each in its own folder under `out`:
     synthetic   training clips; heldout: other clips of the same classes (another seed)
     previews    a contact sheet and one mp4 per class of the training set
-    vae         stage 0: the tiny KL-VAE                     (conf/train_vae.yaml + `train_vae` overrides)
+    vae         stage 0: the tiny KL-VAE: `vae` (a finished VAE folder, assets/tiny_vae by default)
+                as it is, or with vae=null trained here      (conf/train_vae.yaml + `train_vae` overrides)
     ae          stage 1: the multi-modal autoencoder         (conf/train_ae.yaml + `train_ae`)
     dit         stage 2: the DiT for svg / a2v / v2a         (conf/train_dit.yaml + `train_dit`)
     dit_long    the long-generation DiT                      (conf/train_dit_long.yaml + `train_dit_long`)
@@ -49,7 +50,7 @@ from mmldm_ae.engine.trainer import TrainingError
 from mmldm_ae.pipeline import PRECISIONS
 from mmldm_ae.train_ae import train_ae_from_config
 from mmldm_ae.train_vae import train_vae_from_config
-from mmldm_ae.vae import VAELoadError
+from mmldm_ae.vae import VAELoadError, load_vae
 from mmldm_data.audio import audio_image_to_logmel, mel_spectrogram
 from mmldm_data.cli import user_errors
 from mmldm_data.config import ConfigError, DatasetConfig, compose, dataset_config_from, to_typed
@@ -123,6 +124,9 @@ class EndToEndConfig:
     num_clips: int = 48  # training clips, balanced over the classes
     heldout_clips: int = 12
     seed: int = 0
+    # Stage 0 from a pretrained VAE, as the paper starts from SD's: a finished VAE folder
+    # (tools/train_vae.py's <run_dir>/vae), used as it is; null trains one on the training clips.
+    vae: str | None = None
     train_vae: list[str] = field(default_factory=list)  # Hydra overrides of conf/train_vae.yaml
     train_ae: list[str] = field(default_factory=list)  # ... of conf/train_ae.yaml
     train_dit: list[str] = field(default_factory=list)  # ... of conf/train_dit.yaml
@@ -169,6 +173,12 @@ class EndToEndConfig:
         if self.evaluation.real_clips < 2 or self.evaluation.reference_clips < 2:
             problems.append(
                 "evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)"
+            )
+        if self.vae is not None and not (Path(self.vae) / "config.json").is_file():
+            problems.append(
+                f"vae: {self.vae} is not a VAE folder (config.json and diffusion_pytorch_model.safetensors, "
+                "as tools/train_vae.py writes to <run_dir>/vae; a relative path is from the current folder, "
+                "make demo runs in the repository root); vae=null trains one on the training clips"
             )
         ConfigError.raise_if_any(problems, "invalid end-to-end config")
 
@@ -239,6 +249,19 @@ def write_previews(folder: Path, dataset: SoundingVideoDataset) -> dict:
         videos.append(str(video))
     sheet = save_png(contact_sheet(rows, labels), folder / "contact_sheet.png")
     return {"contact_sheet": str(sheet), "videos": videos, "classes": labels}
+
+
+def pretrained_vae_stage(source: Path) -> tuple[dict, Callable[[Path], dict]]:
+    """The settings and work of a vae stage that copies the finished VAE folder `source` to <folder>/vae."""
+
+    def work(folder: Path) -> dict:
+        shutil.copytree(source, folder / "vae")
+        load_vae(folder / "vae", preset="tiny")  # fails here, naming the folder, on weights that do not load
+        return {"step": 0, "pretrained": str(source), "vae": str(folder / "vae")}
+
+    weights = hashlib.sha1((source / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    config = json.loads((source / "config.json").read_text())
+    return {"pretrained": weights, "config": config}, work
 
 
 def train_stage(
@@ -494,12 +517,15 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
 
     runs = out / "runs"
     data_override = [f"data_root={train_root}"]
-    vae = run_stage(
-        runs / "vae",
-        {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
-        train_stage("train_vae", [*data_override, *cfg.train_vae], train_vae_from_config),
-        resumable=True,
-    )
+    if cfg.vae is None:
+        vae = run_stage(
+            runs / "vae",
+            {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
+            train_stage("train_vae", [*data_override, *cfg.train_vae], train_vae_from_config),
+            resumable=True,
+        )
+    else:
+        vae = run_stage(runs / "vae", *pretrained_vae_stage(Path(cfg.vae)))
     ae = run_stage(
         runs / "ae",
         {"vae": vae["key"], "overrides": cfg.train_ae},
@@ -573,7 +599,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
         "quality": rows,
         "reports": evaluated["reports"],
         "training": {
-            name: {key: stage.get(key) for key in ("step", "seconds", "last")}
+            name: {key: stage.get(key) for key in ("step", "seconds", "last", "pretrained")}
             for name, stage in (
                 ("vae", vae),
                 ("ae", ae),
@@ -587,6 +613,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             "num_clips": cfg.num_clips,
             "heldout_clips": cfg.heldout_clips,
             "seed": cfg.seed,
+            "vae": cfg.vae,
             "train_vae": cfg.train_vae,
             "train_ae": cfg.train_ae,
             "train_dit": cfg.train_dit,
@@ -644,7 +671,11 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
         "",
         "| stage | steps | seconds |",
         "|---|---|---|",
-        *[f"| {name} | {stage['step']} | {stage['seconds']} |" for name, stage in training.items()],
+        *[
+            f"| {name} | {stage['pretrained'] and 'pretrained ' + stage['pretrained'] or stage['step']} "
+            f"| {stage['seconds']} |"
+            for name, stage in training.items()
+        ],
         "",
         "## Samples",
         "",

@@ -12,6 +12,8 @@ Each item holds, for a window of `num_frames` frames at `fps` (paper: 16 @ 10 fp
     audio           [N]           the raw mono waveform, N = clip seconds * sample rate
     class_id        int           -1 when the dataset has no classes
     clip_id         str           "<relative path>@<start frame>"
+    file            str           the relative path of the clip's file
+    start_frame     int           the window's first frame in that file
     frames          [T, 3, R, R]  all frames, only with return_all_frames=True
 """
 
@@ -454,6 +456,8 @@ class SoundingVideoDataset(Dataset):
             "audio": audio,
             "class_id": self.file_classes[file_position],
             "clip_id": f"{record.path}@{start}",
+            "file": record.path,
+            "start_frame": start,
         }
         if self.return_all_frames:
             item["frames"] = converted

@@ -440,12 +440,14 @@ def build_latent_cache(
     # windows come file by file, so only the frames of the files of the last batch are kept.
     known: dict[tuple[str, int], dict[str, Tensor]] = {}  # (file, frame) -> its latents by name
 
-    def encode_frames(frames: Tensor, clip_ids: list[str]) -> dict[str, Tensor]:
-        """frames [B, T, 3, R, R] of windows "<file>@<start>" -> frame_latents(_flipped) [B, T, C, h, w]."""
-        keys = []
-        for clip_id in clip_ids:
-            file, start = clip_id.rsplit("@", 1)
-            keys.extend((file, int(start) + t) for t in range(frames.shape[1]))
+    def encode_frames(frames: Tensor, files: list[str], starts: Tensor) -> dict[str, Tensor]:
+        """frames [B, T, 3, R, R] of the windows starting at frame `starts` of `files`
+        -> frame_latents(_flipped) [B, T, C, h, w]."""
+        keys = [
+            (file, int(start) + t)
+            for file, start in zip(files, starts, strict=True)
+            for t in range(frames.shape[1])
+        ]
         new: dict[tuple[str, int], int] = {}  # frames not encoded yet -> their first position in keys
         for position, key in enumerate(keys):
             if key not in known:
@@ -466,7 +468,7 @@ def build_latent_cache(
         }
 
     def encode(batch: dict) -> dict[str, Tensor]:
-        encoded = encode_frames(batch["frames"], batch["clip_id"])
+        encoded = encode_frames(batch["frames"], batch["file"], batch["start_frame"])
         encoded["audio_latents"] = vae.encode(batch["audio_image"].to(device))  # [B, C, h, w]
         if reals:  # what the step would decode: the stored latents
             for name in [n for n in encoded if n.endswith("_latents") or n.endswith("_latents_flipped")]:
