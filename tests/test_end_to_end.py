@@ -39,7 +39,7 @@ QUICK = [
 @pytest.mark.timeout(900)
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     out = tmp_path / "demo"
-    first = run_tool("demo.py", f"out={out}", *QUICK)
+    first = run_tool("demo.py", f"out={out}", f"results_json={tmp_path / 'results.json'}", *QUICK)
     summary = json.loads(first.stdout.strip().splitlines()[-1])
     assert summary["out"] == str(out)
 
@@ -64,6 +64,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert reports["swapped"]["av_align"] is not None
     assert {row["label"] for row in metrics["quality"]} >= {"a2v oracle accuracy", "v2a oracle accuracy"}
     assert "| a2v oracle accuracy |" in (out / "report.md").read_text()
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quality"] == metrics["quality"] and results["training"] == metrics["training"]
     # The demo ends by exporting its model: a folder MMLDMPipeline loads, with both DiTs.
     model = Path(metrics["model"])
     assert model.is_relative_to(out) and (model / "model_index.json").is_file()
@@ -71,7 +73,9 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
         model / "dit_long" / "model.safetensors"
     ).is_file()
 
-    second = run_tool_in_process("demo.py", f"out={out}", *QUICK)  # reuses every stage: nothing trains
+    second = run_tool_in_process(
+        "demo.py", f"out={out}", f"results_json={tmp_path / 'results.json'}", *QUICK
+    )  # reuses every stage: nothing trains
     for stage in (
         "synthetic",
         "heldout",

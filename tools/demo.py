@@ -135,6 +135,8 @@ class EndToEndConfig:
     evaluation: EvaluationPlan = field(default_factory=EvaluationPlan)
     bars: QualityBars = field(default_factory=QualityBars)
     classes: str = COLOUR_PITCH  # synthetic class set: colour_pitch or shape_timbre (conf/shape_check.yaml)
+    # Also write the quality table, stage times and settings here (synth-bench: docs/synth_bench.json)
+    results_json: str | None = None
 
     def validate(self) -> None:
         problems = []
@@ -625,6 +627,11 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
         "minutes": round(minutes, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if cfg.results_json is not None:
+        keep = ("quality", "training", "config", "minutes")
+        results = {"title": cfg.title} | {key: metrics[key] for key in keep}
+        Path(cfg.results_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.results_json).write_text(json.dumps(results, indent=1) + "\n")
     report = report_markdown(cfg.title, out, metrics, table, previews, samples)
     (out / "report.md").write_text(report)
     return metrics | {"table": table}
