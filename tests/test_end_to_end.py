@@ -19,7 +19,7 @@ demo = load_tool("demo.py")
 QUICK = [
     "num_clips=6",
     "heldout_clips=6",
-    "vae=null",  # trains the VAE too (the demo's default copies assets/tiny_vae: test_pretrained_vae_stage)
+    "pretrained_vae=null",  # trains the VAE too (the default copies assets/tiny_vae: tested below)
     "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
     "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2']",
     "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
@@ -175,7 +175,7 @@ def test_pretrained_vae_stage_copies_the_folder_and_reruns_when_it_changes(tmp_p
 def test_the_shipped_tiny_vae_loads_as_the_demo_uses_it():
     from mmldm_ae.vae import load_vae
 
-    default = OmegaConf.load(demo.CONF_DIR / "demo.yaml").vae
+    default = OmegaConf.load(demo.CONF_DIR / "demo.yaml").pretrained_vae
     vae = load_vae(demo.CONF_DIR.parent / default, preset="tiny")  # make demo runs from the repository root
     assert vae.latent_channels == 4 and vae.downsample == 4
     assert vae.latent_shape(64) == (4, 16, 16)
@@ -191,5 +191,5 @@ def test_bad_end_to_end_config_names_the_key():
         to_typed(demo.EndToEndConfig, {"nonsense": 1})
     result = run_tool_in_process("demo.py", "sampling.guidance=-1", check=False)
     assert result.returncode != 0 and "sampling.guidance" in result.stderr
-    with pytest.raises(ConfigError, match="vae: nowhere is not a VAE folder"):
-        to_typed(demo.EndToEndConfig, {"vae": "nowhere"})
+    with pytest.raises(ConfigError, match="pretrained_vae: nowhere is not a VAE folder"):
+        to_typed(demo.EndToEndConfig, {"pretrained_vae": "nowhere"})

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """`make demo` and `make synth-bench`: the whole method on CPU, from synthetic data to evaluated samples.
 
-    python tools/demo.py                              # conf/demo.yaml: about 23 min on 2 cores, outputs/demo/
+    python tools/demo.py                              # conf/demo.yaml: about 13 min on 2 cores, outputs/demo/
     python tools/demo.py --config-name synth_bench    # conf/synth_bench.yaml: longer training,
                                                       # the quality table
     python tools/demo.py --config-name shape_check    # conf/shape_check.yaml: classes that differ
@@ -11,8 +11,8 @@
 Stages, each in its own folder under `out`:
     synthetic   training clips; heldout: other clips of the same classes (another seed)
     previews    a contact sheet and one mp4 per class of the training set
-    vae         stage 0: the tiny KL-VAE: `vae` (a finished VAE folder, assets/tiny_vae by default)
-                as it is, or with vae=null trained here      (conf/train_vae.yaml + `train_vae` overrides)
+    vae         stage 0: the tiny KL-VAE: `pretrained_vae` (a VAE folder, assets/tiny_vae) as it is,
+                or with pretrained_vae=null trained here     (conf/train_vae.yaml + `train_vae` overrides)
     ae          stage 1: the multi-modal autoencoder         (conf/train_ae.yaml + `train_ae`)
     dit         stage 2: the DiT for svg / a2v / v2a         (conf/train_dit.yaml + `train_dit`)
     dit_long    the long-generation DiT                      (conf/train_dit_long.yaml + `train_dit_long`)
@@ -126,7 +126,7 @@ class EndToEndConfig:
     seed: int = 0
     # Stage 0 from a pretrained VAE, as the paper starts from SD's: a finished VAE folder
     # (tools/train_vae.py's <run_dir>/vae), used as it is; null trains one on the training clips.
-    vae: str | None = None
+    pretrained_vae: str | None = None
     train_vae: list[str] = field(default_factory=list)  # Hydra overrides of conf/train_vae.yaml
     train_ae: list[str] = field(default_factory=list)  # ... of conf/train_ae.yaml
     train_dit: list[str] = field(default_factory=list)  # ... of conf/train_dit.yaml
@@ -176,11 +176,12 @@ class EndToEndConfig:
             problems.append(
                 "evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)"
             )
-        if self.vae is not None and not (Path(self.vae) / "config.json").is_file():
+        if self.pretrained_vae is not None and not (Path(self.pretrained_vae) / "config.json").is_file():
             problems.append(
-                f"vae: {self.vae} is not a VAE folder (config.json and diffusion_pytorch_model.safetensors, "
-                "as tools/train_vae.py writes to <run_dir>/vae; a relative path is from the current folder, "
-                "make demo runs in the repository root); vae=null trains one on the training clips"
+                f"pretrained_vae: {self.pretrained_vae} is not a VAE folder (config.json and "
+                "diffusion_pytorch_model.safetensors, as tools/train_vae.py writes to <run_dir>/vae; a "
+                "relative path is from the current folder, make demo runs in the repository root); "
+                "pretrained_vae=null trains one on the training clips"
             )
         ConfigError.raise_if_any(problems, "invalid end-to-end config")
 
@@ -519,7 +520,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
 
     runs = out / "runs"
     data_override = [f"data_root={train_root}"]
-    if cfg.vae is None:
+    if cfg.pretrained_vae is None:
         vae = run_stage(
             runs / "vae",
             {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
@@ -527,7 +528,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             resumable=True,
         )
     else:
-        vae = run_stage(runs / "vae", *pretrained_vae_stage(Path(cfg.vae)))
+        vae = run_stage(runs / "vae", *pretrained_vae_stage(Path(cfg.pretrained_vae)))
     ae = run_stage(
         runs / "ae",
         {"vae": vae["key"], "overrides": cfg.train_ae},
@@ -615,7 +616,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             "num_clips": cfg.num_clips,
             "heldout_clips": cfg.heldout_clips,
             "seed": cfg.seed,
-            "vae": cfg.vae,
+            "pretrained_vae": cfg.pretrained_vae,
             "train_vae": cfg.train_vae,
             "train_ae": cfg.train_ae,
             "train_dit": cfg.train_dit,
