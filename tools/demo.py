@@ -176,7 +176,10 @@ class EndToEndConfig:
             problems.append(
                 "evaluation.real_clips and evaluation.reference_clips must be >= 2 (FVD needs two clips)"
             )
-        if self.pretrained_vae is not None and not (Path(self.pretrained_vae) / "config.json").is_file():
+        vae_files = ("config.json", "diffusion_pytorch_model.safetensors")
+        if self.pretrained_vae is not None and not all(
+            (Path(self.pretrained_vae) / name).is_file() for name in vae_files
+        ):
             problems.append(
                 f"pretrained_vae: {self.pretrained_vae} is not a VAE folder (config.json and "
                 "diffusion_pytorch_model.safetensors, as tools/train_vae.py writes to <run_dir>/vae; a "
