@@ -157,7 +157,8 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     metrics = json.loads(report.stdout.strip().splitlines()[-1])
     assert metrics["clips"] == 2 and metrics["psnr"] > 0 and metrics["logmel_l1"] >= 0
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
-    assert {"video_oracle_accuracy", "audio_oracle_accuracy"} <= metrics.keys()
+    assert {"video_oracle_accuracy", "audio_oracle_accuracy", "onset_error_frames"} <= metrics.keys()
+    assert metrics["onset_error_frames_input"] <= 1.0  # the clips' own bounces meet their sounds
     assert len(list((tmp_path / "recon").glob("clip*.mp4"))) == 2
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from mmldm_data.evaluation import ClipBatch
 from mmldm_data.media import write_video
 from mmldm_data.metrics.frechet import frechet_distance
 from mmldm_data.metrics.i3d import I3D, i3d_features
-from mmldm_data.metrics.oracle import read_oracles
+from mmldm_data.metrics.oracle import onset_errors, read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.synthetic import oracle_class_set
 from mmldm_data.video import to_uint8_frames
@@ -274,7 +274,10 @@ def reconstruction_metrics(
 
     With `oracle_vocoder` (synthetic data only), also the fraction of clips whose decoded frames,
     and whose decoded sound through that vocoder, the synthetic oracles read as the clip's class:
-    what a DiT on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy).
+    what a DiT on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy); and the
+    median onset error (frames) of the decoded frames' impacts against the input clip's own sound
+    onsets, beside the same for the input frames: how closely the decoded motion keeps the clip's
+    timing (onset_error_frames / onset_error_frames_input).
     With `i3d`, also rFVD: the Frechet distance of the decoded clips' I3D features to the inputs'
     (`real_features` [len(indices), 400] when already computed, else computed here).
     """
@@ -283,6 +286,7 @@ def reconstruction_metrics(
     floor = lambda logmel: logmel.clamp(min=IMAGE_FLOOR_LOGMEL)
     squared_errors, logmel_errors, correct, labelled = [], [], 0, 0
     oracle_hits: dict[str, list[bool]] = {"video": [], "audio": []}
+    timing: dict[str, list[float]] = {"decoded": [], "input": []}  # |onset - nearest impact|, frames
     features: dict[str, list[np.ndarray]] = {"decoded": [], "input": []}
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     decode_seconds = 0.0
@@ -310,12 +314,17 @@ def reconstruction_metrics(
             labelled += int(known.sum())
         if oracle_vocoder is not None:
             truth = [dataset.class_names[c] if c >= 0 else None for c in batch["class_id"].tolist()]
-            for (frames, wave), name in zip(
-                pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder), truth, strict=True
-            ):
+            inputs = zip(map(to_uint8_frames, batch["frames"]), batch["audio"].numpy(), strict=True)
+            media = pipeline.to_media(decoded.audio_images, decoded.frames, oracle_vocoder)
+            for (frames, wave), (input_frames, input_wave), name in zip(media, inputs, truth, strict=True):
                 reading = read_oracles(frames, wave, config.fps, config.mel.sample_rate, oracle_classes)
                 for modality, found in zip(oracle_hits, reading.class_names(oracle_classes), strict=True):
                     oracle_hits[modality].append(name is not None and found == name)
+                given = read_oracles(
+                    input_frames, input_wave.reshape(-1), config.fps, config.mel.sample_rate, oracle_classes
+                )
+                timing["input"] += onset_errors(given)
+                timing["decoded"] += onset_errors(replace(given, impact_frames=reading.impact_frames))
     mse = torch.cat(squared_errors)
     metrics = {
         "clips": len(indices),
@@ -329,6 +338,11 @@ def reconstruction_metrics(
         metrics["rfvd"] = frechet_distance(np.concatenate(features["decoded"]), real)
     if oracle_vocoder is not None:
         metrics |= {f"{m}_oracle_accuracy": float(np.mean(hits)) for m, hits in oracle_hits.items()}
+        median = lambda errors: float(np.median(errors)) if errors else None
+        metrics |= {
+            "onset_error_frames": median(timing["decoded"]),
+            "onset_error_frames_input": median(timing["input"]),
+        }
     return metrics
 
 
