@@ -159,6 +159,7 @@ def test_train_ae_tool_trains_resumes_and_checks_configs(synthetic_root, vae_fol
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
     assert {"video_oracle_accuracy", "audio_oracle_accuracy", "onset_error_frames"} <= metrics.keys()
     assert metrics["onset_error_frames_input"] <= 1.0  # the clips' own bounces meet their sounds
+    assert 0.0 < metrics["position_error_static"] < 0.5 and "position_error" in metrics
     assert len(list((tmp_path / "recon").glob("clip*.mp4"))) == 2
 
 

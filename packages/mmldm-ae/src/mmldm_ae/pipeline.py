@@ -43,7 +43,7 @@ from mmldm_data.metrics.frechet import frechet_distance
 from mmldm_data.metrics.i3d import I3D, i3d_features
 from mmldm_data.metrics.oracle import onset_errors, read_oracles
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
-from mmldm_data.synthetic import oracle_class_set
+from mmldm_data.synthetic import object_centres_oracle, oracle_class_set
 from mmldm_data.video import to_uint8_frames
 from mmldm_data.vocoder import load_vocoder
 
@@ -254,6 +254,12 @@ def write_reconstructions(
     return Reconstructions(videos=videos, sheet=sheet)
 
 
+def _centre_distances(centres: np.ndarray, other: np.ndarray) -> list[float]:
+    """|other - centres| per frame and axis where both are known (centres [T, 2]; NaN: no object)."""
+    gap = np.abs(other - centres)
+    return gap[~np.isnan(gap)].tolist()
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     pipeline: AutoencoderPipeline,
@@ -277,7 +283,9 @@ def reconstruction_metrics(
     what a DiT on this autoencoder can reach at best (video_oracle / audio_oracle_accuracy); and the
     median onset error (frames) of the decoded frames' impacts against the input clip's own sound
     onsets, beside the same for the input frames: how closely the decoded motion keeps the clip's
-    timing (onset_error_frames / onset_error_frames_input).
+    timing (onset_error_frames / onset_error_frames_input); and the mean distance (fractions of the
+    frame, per axis) of the decoded object's centre from the input's, frame by frame, beside that of
+    an object held still at the input's mean place (position_error / position_error_static).
     With `i3d`, also rFVD: the Frechet distance of the decoded clips' I3D features to the inputs'
     (`real_features` [len(indices), 400] when already computed, else computed here).
     """
@@ -287,6 +295,7 @@ def reconstruction_metrics(
     squared_errors, logmel_errors, correct, labelled = [], [], 0, 0
     oracle_hits: dict[str, list[bool]] = {"video": [], "audio": []}
     timing: dict[str, list[float]] = {"decoded": [], "input": []}  # |onset - nearest impact|, frames
+    position: dict[str, list[float]] = {"decoded": [], "static": []}  # |centre - input's|, per frame and axis
     features: dict[str, list[np.ndarray]] = {"decoded": [], "input": []}
     generator = torch.Generator(pipeline.device).manual_seed(seed)
     decode_seconds = 0.0
@@ -325,6 +334,10 @@ def reconstruction_metrics(
                 )
                 timing["input"] += onset_errors(given)
                 timing["decoded"] += onset_errors(replace(given, impact_frames=reading.impact_frames))
+                centres = object_centres_oracle(input_frames)  # NaN where the oracle finds no object
+                known = centres[~np.isnan(centres).any(axis=1)]
+                position["decoded"] += _centre_distances(centres, object_centres_oracle(frames))
+                position["static"] += _centre_distances(known, known.mean(axis=0)) if len(known) else []
     mse = torch.cat(squared_errors)
     metrics = {
         "clips": len(indices),
@@ -342,6 +355,11 @@ def reconstruction_metrics(
         metrics |= {
             "onset_error_frames": median(timing["decoded"]),
             "onset_error_frames_input": median(timing["input"]),
+        }
+        mean = lambda distances: float(np.mean(distances)) if distances else None
+        metrics |= {
+            "position_error": mean(position["decoded"]),
+            "position_error_static": mean(position["static"]),
         }
     return metrics
 

@@ -551,20 +551,28 @@ def class_oracles(classes: str) -> tuple[Callable[[np.ndarray], int], Callable[[
     return video_class_oracle, audio_class_oracle
 
 
+def object_centres_oracle(frames: np.ndarray) -> np.ndarray:
+    """The object's weighted centroid (x, y) per frame [T, 2], fractions of the frame (y points down);
+    NaN in frames without a coloured object."""
+    weights, _ = _object_weights(frames)
+    height, width = weights.shape[1:]
+    mass = weights.sum(axis=(1, 2))  # [T]
+    rows, columns = (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centres = np.stack(
+            [np.einsum("thw,w->t", weights, columns) / mass, np.einsum("thw,h->t", weights, rows) / mass],
+            axis=1,
+        )
+    return np.where((mass > 1.0)[:, None], centres, np.nan)
+
+
 def impact_frames_oracle(frames: np.ndarray) -> list[int]:
     """Frames where the object is at a lowest point near the floor (a local maximum of its row).
 
     Works from the object's weighted centroid row, so it is indifferent to resolution, letterbox
     padding and mild noise. Impacts in the first and last frame are not reported (no neighbour).
     """
-    weights, _ = _object_weights(frames)
-    height = weights.shape[1]
-    mass = weights.sum(axis=(1, 2))  # [T]
-    rows = (np.arange(height) + 0.5) / height
-    with np.errstate(invalid="ignore", divide="ignore"):
-        depth = np.where(
-            mass > 1.0, np.einsum("thw,h->t", weights, rows) / mass, np.nan
-        )  # [T], down is larger
+    depth = object_centres_oracle(frames)[:, 1]  # [T], down is larger
     if np.isnan(depth).all():
         return []
     lowest, highest = np.nanmax(depth), np.nanmin(depth)
