@@ -76,9 +76,6 @@ class AEConfig:
     # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies
     # (the authors' code: 1.0).
     frame_index_scale: float = 1000.0
-    # A learned embedding per time slot of the video encoder (content frame, key frames), so its
-    # temporal attention can tell the key frames apart (the authors' has none: False).
-    key_frame_embedding: bool = False
     # Local diffusers folder of an SD-1.x UNet (or a whole pipeline with a unet/ subfolder).
     unet_init: str | None = None
 

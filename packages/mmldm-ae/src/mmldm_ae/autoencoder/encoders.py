@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers.models.embeddings import get_timestep_embedding
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
@@ -47,9 +46,6 @@ class PerceptualEncoder(nn.Module):
     ("channels", audio); after the 3-D body only time position 0 is kept, so the posterior is read
     at the content frame's slot. The audio encoder's time axis has length 1, so its convs are
     2-D in effect: they use temporal kernel 1 rather than carrying weights that never see data.
-    With `slots` (video), a learned embedding per time position is added after the first conv:
-    the temporal attention has no positions of its own, so without it the content slot reads the
-    key frames as an unordered set.
     """
 
     def __init__(
@@ -64,7 +60,6 @@ class PerceptualEncoder(nn.Module):
         content: str,
         temporal: bool,
         dropout: float = 0.0,
-        slots: int | None = None,
     ):
         super().__init__()
         if content not in ("frame", "channels"):
@@ -75,12 +70,6 @@ class PerceptualEncoder(nn.Module):
         axes = ("space", "time") if temporal else ("space",)
         stem_channels = in_channels * (2 if content == "channels" else 1)
         self.conv_in = conv(stem_channels, channels, temporal_kernel=kt)
-        self.slot_embed = None
-        if slots:  # starts as a sin-cos embedding of the slot index (DiT's positions), then trains
-            table = get_timestep_embedding(
-                torch.arange(slots), channels, flip_sin_to_cos=True, downscale_freq_shift=0
-            )
-            self.slot_embed = nn.Parameter(rearrange(table, "t c -> c t 1 1").clone())
         self.body, width = residual_levels(
             channels,
             channel_mult,
@@ -107,6 +96,5 @@ class PerceptualEncoder(nn.Module):
     def forward(self, x: Tensor) -> DiagonalGaussian:  # [B, T, C, L, L] -> posterior over [B, C', l, l]
         content = repeat(self.content, "c h w -> b 1 c h w", b=x.shape[0])
         x = torch.cat([content, x], dim=1 if self.content_mode == "frame" else 2)
-        h = self.conv_in(rearrange(x, "b t c h w -> b c t h w"))
-        h = self.body(h if self.slot_embed is None else h + self.slot_embed)
+        h = self.body(self.conv_in(rearrange(x, "b t c h w -> b c t h w")))
         return DiagonalGaussian(self.mean_head(h)[:, :, 0], self.logvar_head(h)[:, :, 0])

@@ -133,12 +133,7 @@ class MultiModalAutoencoder(nn.Module):
             head_dim=cfg.encoder_head_dim,
             dropout=cfg.dropout,
         )
-        self.video_encoder = encoder(
-            channel_mult=cfg.video_encoder_mult,
-            content="frame",
-            temporal=True,
-            slots=1 + cfg.num_key_frames if cfg.key_frame_embedding else None,
-        )
+        self.video_encoder = encoder(channel_mult=cfg.video_encoder_mult, content="frame", temporal=True)
         self.audio_encoder = encoder(channel_mult=cfg.audio_encoder_mult, content="channels", temporal=False)
 
         # Semantic space: z -> [B, D, s, s]; heads over it.
