@@ -140,7 +140,7 @@ def test_quality_table_marks_the_bars():
         by_label["v2a oracle accuracy"]["value"] is None and by_label["v2a oracle accuracy"]["passed"] is None
     )
     assert "| a2v oracle accuracy | 0.5 | n/a | >= 0.8 | **no** |" in table
-    ceiling = by_label["a2v: given sound read right after the autoencoder (ceiling)"]
+    ceiling = by_label["a2v: given sound read right as decoded with the sample"]
     assert ceiling["value"] == 1.0 and ceiling["bar"] is None and ceiling["passed"] is None
     assert by_label["FVD vs training clips, svg"]["passed"] is None  # no shuffled set: no bar
 

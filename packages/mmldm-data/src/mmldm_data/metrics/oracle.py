@@ -8,9 +8,9 @@ its motion and the sound onsets from its audio. From them:
   * a2v / v2a accuracy: audio-to-video samples whose video class, video-to-audio samples whose audio
     class, equals the class of the conditioning clip;
   * a2v / v2a given accuracy: samples whose given modality, as decoded from its latent, still reads
-    as the conditioning class (the autoencoder's ceiling on the accuracy: the DiT only sees
-    that latent); a2v / v2a agreement: samples whose generated modality matches the given one as
-    decoded (what the DiT did with the latent it was given);
+    as the conditioning class (what the DiT was given; not a strict ceiling, since the decoder also
+    reads the generated modality's semantic tokens); a2v / v2a agreement: samples whose generated
+    modality matches the given one as decoded (what the DiT did with the latent it was given);
   * onset error: median over sound onsets of |onset - nearest impact|, in frames.
 An oracle that finds nothing (no coloured object, silence) answers class -1, which never matches.
 """
