@@ -575,33 +575,3 @@ def test_decoder_guidance_is_eq_9_with_the_authors_values_less_one(model, monkey
     monkeypatch.setattr(autoencoder_model, "guided_eps", None)  # s = 0 never calls it
     for x, y in zip(decode(0.0, 0.0), unguided, strict=True):
         assert torch.equal(x, y)
-
-
-def test_shared_frame_noise_gives_a_clips_frames_one_draw_in_training_and_decoding(model):
-    """With ae.shared_frame_noise the frame index is all that tells a clip's frames apart: one noise
-    and timestep per clip in training, one initial noise per clip in decoding. At initialisation the
-    frame-index path is zero, so the decoded frames of a clip are then equal (and differ without it)."""
-    shared = MultiModalAutoencoder(small_config(shared_frame_noise=True), NUM_CLASSES)
-    shared.load_state_dict(model.state_dict())
-    like = torch.zeros(1)
-    draws = shared.training_draws(3, 2, like, seeded())
-    frames_t, frames_noise = draws.timesteps[3:].view(3, 2), draws.noise[3:].view(3, 2, -1)
-    assert (frames_t[:, 0] == frames_t[:, 1]).all() and torch.equal(frames_noise[:, 0], frames_noise[:, 1])
-    assert not torch.equal(frames_noise[0, 0], frames_noise[1, 0])  # clips still differ
-    independent = model.training_draws(3, 2, like, seeded()).noise[3:].view(3, 2, -1)
-    assert not torch.equal(independent[:, 0], independent[:, 1])
-
-    cfg = model.cfg
-    z_v = torch.randn(
-        2, cfg.latent_channels, cfg.video_latent_size, cfg.video_latent_size, generator=seeded(1)
-    )
-    z_a = torch.randn(
-        2, cfg.latent_channels, cfg.audio_latent_size, cfg.audio_latent_size, generator=seeded(2)
-    )
-    decode = lambda m: m.decode(
-        z_v, z_a, num_frames=3, steps=2, generator=seeded(3), class_id=torch.tensor([0, 1])
-    )[0]
-    frames = decode(shared)
-    assert torch.equal(frames[:, 0], frames[:, 1]) and torch.equal(frames[:, 1], frames[:, 2])
-    assert not torch.equal(frames[0, 0], frames[1, 0])
-    assert not torch.equal(*decode(model)[0, :2])

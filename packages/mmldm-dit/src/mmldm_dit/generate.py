@@ -610,8 +610,6 @@ def decode_clip_batches(
         device=pipeline.device,
     )
     audio_noise, frame_noise = noise[:B], noise[B:].unflatten(0, (B, T))  # items [audio images; frames]
-    if cfg.shared_frame_noise:  # as MultiModalAutoencoder.decode draws it: one noise for a clip's frames
-        frame_noise = frame_noise[:, :1].expand_as(frame_noise)
     per_call = max(1, clips_per_call // B)
     frames, images = [], []
     for start in range(0, K, per_call):

@@ -76,9 +76,6 @@ class AEConfig:
     # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies
     # (the authors' code: 1.0).
     frame_index_scale: float = 1000.0
-    # The frames of a clip share one noise draw and one timestep in training, and one initial noise in
-    # decoding, so that what tells them apart is the frame index alone (the authors: independent, False).
-    shared_frame_noise: bool = False
     # Local diffusers folder of an SD-1.x UNet (or a whole pipeline with a unet/ subfolder).
     unet_init: str | None = None
 

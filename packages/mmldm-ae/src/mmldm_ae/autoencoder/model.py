@@ -450,14 +450,9 @@ class MultiModalAutoencoder(nn.Module):
             random_normal((clips, cfg.latent_channels, size, size), like, generator)
             for size in (cfg.video_latent_size, cfg.audio_latent_size)
         )
-        per_clip = 1 if cfg.shared_frame_noise else frames
-        items = clips * (1 + per_clip)
+        items = clips * (1 + frames)
         timesteps = sample_timesteps(self.train_scheduler, items, like.device, generator)
         noise = random_normal((items, cfg.vae_channels, cfg.latent_size, cfg.latent_size), like, generator)
-        if cfg.shared_frame_noise:  # [B audio; B clips] -> [B audio; B*T frames]
-            timesteps, noise = (
-                torch.cat([x[:clips], x[clips:].repeat_interleave(frames, 0)]) for x in (timesteps, noise)
-            )
         return TrainingDraws(keep_audio, keep_video, eps_video, eps_audio, timesteps, noise)
 
     def _sample_latents(
@@ -561,9 +556,6 @@ class MultiModalAutoencoder(nn.Module):
         shape = (B * (1 + num_frames), cfg.vae_channels, cfg.latent_size, cfg.latent_size)
         if noise is not None and tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {shape}")
-        if noise is None and cfg.shared_frame_noise:  # one draw per clip, repeated over its frames
-            drawn = torch.randn((2 * B, *shape[1:]), generator=generator, device=where)
-            noise = torch.cat([drawn[:B], drawn[B:].repeat_interleave(num_frames, 0)])
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=where)
         x = x.to(device, torch.float32)
         for index, (t, t_device) in enumerate(denoising_steps(device, scheduler)):
