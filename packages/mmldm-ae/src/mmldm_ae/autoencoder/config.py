@@ -76,7 +76,6 @@ class AEConfig:
     # which leaves it almost constant over [0, 1); scaling by 1000 spreads it over all frequencies
     # (the authors' code: 1.0).
     frame_index_scale: float = 1000.0
-    frame_index_in_time_embedding: bool = False  # experiment: the frame index also joins the time embedding
     # Local diffusers folder of an SD-1.x UNet (or a whole pipeline with a unet/ subfolder).
     unet_init: str | None = None
 

@@ -291,8 +291,9 @@ class MultiModalAutoencoder(nn.Module):
         in [0, 1)."""
         frames = frame_index.shape[1]
         per_frame = partial(repeat, pattern="b ... -> (b t) ...", t=frames)
-        index_embedding = self.frame_index_embed(rearrange(frame_index, "b t -> (b t)"))
-        video_features = self.video_features(per_frame(z_v), index_embedding)
+        video_features = self.video_features(
+            per_frame(z_v), self.frame_index_embed(rearrange(frame_index, "b t -> (b t)"))
+        )
         features = [torch.cat(pair) for pair in zip(self.audio_features(z_a), video_features, strict=True)]
         class_tokens = self._class_tokens(class_id) if self.cfg.class_embedding else None
         audio_context = self._context(AUDIO, keep_audio_prompt, class_tokens, s_v)
@@ -301,10 +302,7 @@ class MultiModalAutoencoder(nn.Module):
         content = None
         if self.cfg.content_embedding:
             pool = partial(pool_content, pooling=self.cfg.content_pooling)
-            video_content = per_frame(self.video_content(pool(z_v)))
-            if self.cfg.frame_index_in_time_embedding:
-                video_content = video_content + index_embedding
-            content = torch.cat([self.audio_content(pool(z_a)), video_content])
+            content = torch.cat([self.audio_content(pool(z_a)), per_frame(self.video_content(pool(z_v)))])
         return DecoderConditions(features, context, content)
 
     # ----------------------------------------------------------------- training
