@@ -7,8 +7,9 @@ For each clip: an mp4 with the input on the left, the reconstruction on the righ
 reconstructed sound (through the vocoder), and a contact sheet of frames and spectrograms. Ends
 with one JSON line: PSNR of the decoded frames, log-mel L1 of the decoded audio, the
 classification head's accuracy on these clips, and with --oracles (synthetic data) how often the
-oracles read the decoded frames and sound as the clip's class and how far the decoded bounces lie
-from the clip's own sound onsets (median, frames; the input frames' figure beside it).
+oracles read the decoded frames and sound as the clip's class, how far the decoded bounces lie
+from the clip's own sound onsets (median, frames; the input frames' figure beside it) and how far
+the decoded object lies from the input's, frame by frame (beside an object held still).
 """
 
 from __future__ import annotations
