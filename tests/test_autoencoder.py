@@ -112,6 +112,10 @@ def test_config_errors_name_the_bad_value():
         preset("ae", "tiny", w_klx=1.0)
     with pytest.raises(ConfigError, match="ae/huge"):
         preset("ae", "huge")
+    with pytest.raises(ConfigError, match=r"ae.latent_channels \(8\) over ae.num_key_frames \(3\)"):
+        preset("ae", "tiny", video_latent="key_frames", num_key_frames=3)
+    with pytest.raises(ConfigError, match="ae.video_latent must be one of"):
+        preset("ae", "tiny", video_latent="frames")
 
 
 def test_paper_preset_shapes_on_meta_device():
@@ -479,6 +483,30 @@ def test_ablation_toggles_build_and_train(vae, toggle):
         )
     else:
         assert encoder_grad.abs().sum() > 0
+
+
+def test_key_frame_latent_gives_each_frame_its_key_frames_maps(vae):
+    """ae.video_latent=key_frames: z_v holds one map per key frame; a frame at a key frame's index
+    reads exactly that map, one between two reads their interpolation; it trains end to end."""
+    K = 4
+    cfg = small_config(adversarial=False, video_latent="key_frames", num_key_frames=K)
+    torch.manual_seed(0)
+    model = MultiModalAutoencoder(cfg, NUM_CLASSES).eval()
+    batch = make_batch(cfg)
+    z_v, _ = model.encode(batch["key_latents"], batch["audio_latents"])
+    assert z_v.shape == (2, cfg.latent_channels, cfg.video_latent_size, cfg.video_latent_size)
+    maps = z_v.unflatten(1, (K, cfg.frame_latent_channels))
+    index = torch.tensor([[0, 4, 6, 15]]).expand(2, 4) / 16
+    read = model._frame_latents(z_v, index).unflatten(0, (2, 4))
+    torch.testing.assert_close(read[:, 0], maps[:, 0])
+    torch.testing.assert_close(read[:, 1], maps[:, 1])
+    torch.testing.assert_close(read[:, 2], (maps[:, 1] + maps[:, 2]) / 2)
+    torch.testing.assert_close(read[:, 3], maps[:, 3])  # past the last key frame: held
+    assert model.video_features.blocks[0].in_layers[0].num_channels == cfg.frame_latent_channels
+
+    losses = model.train().training_losses(batch, vae, generator=seeded(0))
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"]) and model.video_encoder.conv_in.weight.grad.abs().sum() > 0
 
 
 def test_semantic_losses_reach_the_encoders_by_default(model, vae):

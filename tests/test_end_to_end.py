@@ -15,15 +15,16 @@ from mmldm_data.config import ConfigError, to_typed
 
 demo = load_tool("demo.py")
 
-# Every stage at a handful of steps: checks the wiring, not the quality.
+# Every stage at a handful of steps, with the demo's key-frame latent (conf/demo.yaml): checks the wiring,
+# not the quality.
 QUICK = [
     "num_clips=6",
     "heldout_clips=6",
     "pretrained_vae=null",  # trains the VAE too (the default copies assets/tiny_vae: tested below)
     "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
-    "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2']",
-    "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
-    "train_dit_long=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim']",
+    "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2','ae.video_latent=key_frames','ae.num_key_frames=8','ae.latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
+    "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
+    "train_dit_long=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
     "sampling.steps=2",
     "sampling.ae_steps=2",
     "sampling.long_clips=2",

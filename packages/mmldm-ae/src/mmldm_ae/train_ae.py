@@ -144,6 +144,12 @@ def check_compatible(dataset: DatasetConfig, vae_config: VAEConfig, ae: AEConfig
             f"ae.num_key_frames ({ae.num_key_frames}) must equal the number of "
             f"dataset.key_frame_indices ({len(dataset.key_frame_indices)})"
         )
+    evenly = [k * dataset.num_frames // ae.num_key_frames for k in range(ae.num_key_frames)]
+    if ae.video_latent == "key_frames" and dataset.key_frame_indices != evenly:
+        problems.append(
+            f"ae.video_latent=key_frames reads key frame k at frame k * num_frames / num_key_frames: set "
+            f"dataset.key_frame_indices={evenly} (got {dataset.key_frame_indices})"
+        )
     if ae.num_target_frames != dataset.num_target_frames:
         problems.append(
             f"ae.num_target_frames ({ae.num_target_frames}) must equal dataset.num_target_frames "

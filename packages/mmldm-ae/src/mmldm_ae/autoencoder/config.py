@@ -15,6 +15,7 @@ from mmldm_data.config import ConfigError
 #################################################################################
 
 CONTENT_POOLINGS = ("flatten", "avg")  # the authors' code, the paper's text
+VIDEO_LATENTS = ("clip", "key_frames")
 
 
 @dataclass
@@ -43,6 +44,12 @@ class AEConfig:
 
     # Perceptual latents (KL posteriors).
     latent_channels: int = 16
+    # What z_v's channels hold: "clip", one map for the whole clip, read at the encoder's content
+    # frame (the authors'); "key_frames", latent_channels / num_key_frames channels per key frame,
+    # and frame t decoded from the two key frames around it, interpolated at t. With "clip" a small
+    # autoencoder keeps the object's appearance but not where it is at each frame (README, "Does it
+    # learn?"): the key frames must lie evenly from frame 0, num_frames / num_key_frames apart.
+    video_latent: str = "clip"
     # Log-variance the posteriors start at (LDM: 0, unit variance). With w_kl ~ 1e-8 the variance
     # is effectively free, but at unit variance the first thousands of steps decode latents that
     # are about half noise; a short CPU run learns much faster from nearly deterministic latents.
@@ -127,6 +134,11 @@ class AEConfig:
     @property
     def video_latent_size(self) -> int:
         return self.latent_size // 2 ** (len(self.video_encoder_mult) - 1)
+
+    @property
+    def frame_latent_channels(self) -> int:
+        """Channels of z_v that one decoded frame reads (`video_latent`)."""
+        return self.latent_channels // (self.num_key_frames if self.video_latent == "key_frames" else 1)
 
     @property
     def audio_latent_size(self) -> int:
@@ -215,6 +227,13 @@ class AEConfig:
         if self.content_pooling not in CONTENT_POOLINGS:
             problems.append(
                 f"ae.content_pooling must be one of {CONTENT_POOLINGS}, got {self.content_pooling!r}"
+            )
+        if self.video_latent not in VIDEO_LATENTS:
+            problems.append(f"ae.video_latent must be one of {VIDEO_LATENTS}, got {self.video_latent!r}")
+        elif self.video_latent == "key_frames" and self.latent_channels % self.num_key_frames:
+            problems.append(
+                f"ae.video_latent=key_frames splits ae.latent_channels ({self.latent_channels}) over "
+                f"ae.num_key_frames ({self.num_key_frames}): make it a multiple"
             )
         if self.decode_sampler not in SAMPLERS:
             problems.append(f"ae.decode_sampler must be one of {SAMPLERS}, got {self.decode_sampler!r}")

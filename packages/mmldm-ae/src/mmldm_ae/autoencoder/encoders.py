@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from einops import rearrange, repeat
@@ -46,6 +47,8 @@ class PerceptualEncoder(nn.Module):
     ("channels", audio); after the 3-D body only time position 0 is kept, so the posterior is read
     at the content frame's slot. The audio encoder's time axis has length 1, so its convs are
     2-D in effect: they use temporal kernel 1 rather than carrying weights that never see data.
+    With `per_key_frame` (video, `ae.video_latent=key_frames`) the heads instead make
+    out_channels / K channels at each of the K key frames' slots, stacked on channels.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class PerceptualEncoder(nn.Module):
         content: str,
         temporal: bool,
         dropout: float = 0.0,
+        per_key_frame: int | None = None,
     ):
         super().__init__()
         if content not in ("frame", "channels"):
@@ -79,10 +83,11 @@ class PerceptualEncoder(nn.Module):
             temporal_kernel=kt,
             dropout=dropout,
         )
-        self.mean_head = self._head(width, out_channels, kt)
-        self.logvar_head = self._head(
-            width, out_channels, kt
-        )  # last conv zero-initialised: start at unit variance
+        self.per_key_frame = per_key_frame
+        head_channels = out_channels // per_key_frame if per_key_frame else out_channels
+        self.mean_head = self._head(width, head_channels, kt)
+        # last conv zero-initialised: start at unit variance
+        self.logvar_head = self._head(width, head_channels, kt)
 
     @staticmethod
     def _head(width: int, out_channels: int, kt: int) -> nn.Sequential:
@@ -97,4 +102,7 @@ class PerceptualEncoder(nn.Module):
         content = repeat(self.content, "c h w -> b 1 c h w", b=x.shape[0])
         x = torch.cat([content, x], dim=1 if self.content_mode == "frame" else 2)
         h = self.body(self.conv_in(rearrange(x, "b t c h w -> b c t h w")))
+        if self.per_key_frame:  # slot 0 is the content frame
+            read = partial(rearrange, pattern="b c t h w -> b (t c) h w")
+            return DiagonalGaussian(read(self.mean_head(h)[:, :, 1:]), read(self.logvar_head(h)[:, :, 1:]))
         return DiagonalGaussian(self.mean_head(h)[:, :, 0], self.logvar_head(h)[:, :, 0])

@@ -133,7 +133,12 @@ class MultiModalAutoencoder(nn.Module):
             head_dim=cfg.encoder_head_dim,
             dropout=cfg.dropout,
         )
-        self.video_encoder = encoder(channel_mult=cfg.video_encoder_mult, content="frame", temporal=True)
+        self.video_encoder = encoder(
+            channel_mult=cfg.video_encoder_mult,
+            content="frame",
+            temporal=True,
+            per_key_frame=cfg.num_key_frames if cfg.video_latent == "key_frames" else None,
+        )
         self.audio_encoder = encoder(channel_mult=cfg.audio_encoder_mult, content="channels", temporal=False)
 
         # Semantic space: z -> [B, D, s, s]; heads over it.
@@ -156,7 +161,7 @@ class MultiModalAutoencoder(nn.Module):
         channels, sizes = self.decoder.injection_channels, self.decoder.injection_sizes
         self.frame_index_embed = FrameIndexEmbedder(cfg.unet_channels[0], E, cfg.frame_index_scale)
         self.video_features = FeatureGenerator(
-            cfg.latent_channels, cfg.video_latent_size, channels, sizes, E, cfg.dropout
+            cfg.frame_latent_channels, cfg.video_latent_size, channels, sizes, E, cfg.dropout
         )
         self.audio_features = FeatureGenerator(
             cfg.latent_channels, cfg.audio_latent_size, channels, sizes, None, cfg.dropout
@@ -291,9 +296,8 @@ class MultiModalAutoencoder(nn.Module):
         in [0, 1)."""
         frames = frame_index.shape[1]
         per_frame = partial(repeat, pattern="b ... -> (b t) ...", t=frames)
-        video_features = self.video_features(
-            per_frame(z_v), self.frame_index_embed(rearrange(frame_index, "b t -> (b t)"))
-        )
+        index_embedding = self.frame_index_embed(rearrange(frame_index, "b t -> (b t)"))
+        video_features = self.video_features(self._frame_latents(z_v, frame_index), index_embedding)
         features = [torch.cat(pair) for pair in zip(self.audio_features(z_a), video_features, strict=True)]
         class_tokens = self._class_tokens(class_id) if self.cfg.class_embedding else None
         audio_context = self._context(AUDIO, keep_audio_prompt, class_tokens, s_v)
@@ -304,6 +308,23 @@ class MultiModalAutoencoder(nn.Module):
             pool = partial(pool_content, pooling=self.cfg.content_pooling)
             content = torch.cat([self.audio_content(pool(z_a)), per_frame(self.video_content(pool(z_v)))])
         return DecoderConditions(features, context, content)
+
+    def _frame_latents(self, z_v: Tensor, frame_index: Tensor) -> Tensor:
+        """z_v [B, C', l, l] -> what each frame's feature generator reads [B*T, C'/K or C', l, l]:
+        the whole of z_v ("clip"), or the maps of the key frames around each frame's index
+        interpolated linearly at it, key frame k at index k / K ("key_frames")."""
+        frames = frame_index.shape[1]
+        if self.cfg.video_latent == "clip":
+            return repeat(z_v, "b ... -> (b t) ...", t=frames)
+        K = self.cfg.num_key_frames
+        maps = rearrange(z_v, "b (k c) h w -> b k c h w", k=K)
+        position = (frame_index * K).clamp(0, K - 1)
+        before = position.floor().long()
+        after = (before + 1).clamp(max=K - 1)
+        weight = (position - before)[..., None, None, None].to(z_v.dtype)
+        pick = partial(torch.take_along_dim, maps, dim=1)
+        earlier, later = (pick(i[..., None, None, None]) for i in (before, after))
+        return rearrange((1 - weight) * earlier + weight * later, "b t c h w -> (b t) c h w")
 
     # ----------------------------------------------------------------- training
 
