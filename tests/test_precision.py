@@ -16,6 +16,7 @@ from conftest import preset
 from test_autoencoder import NUM_CLASSES, seeded, small_config
 from test_dit import as_if_trained
 
+import mmldm_ae.pipeline as pipeline
 from mmldm_ae.autoencoder import MultiModalAutoencoder
 from mmldm_ae.engine.diffusion import SAMPLERS
 from mmldm_ae.engine.perf import HostSyncCounter
@@ -105,8 +106,12 @@ def test_bf16_decoding_agrees_with_fp32(autoencoder):
         assert relative_error(val, ref) < BF16_TOLERANCE
 
 
-def test_inference_precision_by_device():
-    assert set_inference_precision(None, "cpu") == torch.float32
-    assert set_inference_precision("bf16", "cpu") == torch.bfloat16
+def test_inference_precision_by_device(monkeypatch, caplog):
+    for native, default in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(pipeline, "native_bf16", lambda device, native=native: native)
+        assert set_inference_precision(None, "cpu") == default
+    monkeypatch.setattr(pipeline, "native_bf16", lambda device: False)
+    assert set_inference_precision("bf16", "cpu") == torch.bfloat16  # asked for: kept, with a warning
+    assert "no native kernels" in caplog.text
     with pytest.raises(ConfigError, match="precision"):
         set_inference_precision("fp16", "cpu")

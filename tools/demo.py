@@ -96,7 +96,9 @@ class SamplingPlan:
     ae_steps: int = 25  # DDIM steps of the autoencoder's decoder
     guidance: float = 3.0  # paper Eq. 9 s, both modalities
     vocoder: str = "hifigan-universal"
-    precision: str = "fp32"  # of the DiT, the autoencoder and the VAE while sampling: fp32 or bf16
+    # of the DiT, the autoencoder and the VAE while sampling: fp32, bf16, or null: bf16 where it runs
+    # natively (CUDA, CPUs with AVX512-BF16 / AMX), fp32 elsewhere (mmldm_ae.pipeline.native_bf16)
+    precision: str | None = None
 
 
 @dataclass
@@ -162,8 +164,8 @@ class EndToEndConfig:
                 problems.append(f"sampling.{name} must be >= 1, got {getattr(plan, name)}")
         if plan.guidance < 0:
             problems.append(f"sampling.guidance must be >= 0, got {plan.guidance}")
-        if plan.precision not in PRECISIONS:
-            problems.append(f"sampling.precision must be fp32 or bf16, got {plan.precision!r}")
+        if plan.precision not in (*PRECISIONS, None):
+            problems.append(f"sampling.precision must be fp32, bf16 or null, got {plan.precision!r}")
         for name in ("svg_agreement", "a2v_accuracy", "v2a_accuracy"):
             value = getattr(self.bars, name)
             if value is not None and not 0.0 <= value <= 1.0:
