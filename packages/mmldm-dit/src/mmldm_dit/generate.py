@@ -302,13 +302,18 @@ def conditioning_from_items(
     dit: TrainedDiT, items: list[dict], modality: str, sources: list[str]
 ) -> Conditioning:
     """Conditioning on clips outside the latent cache (e.g. held-out windows of a dataset): items of
-    `SoundingVideoDataset`, encoded by the DiT's autoencoder."""
+    `SoundingVideoDataset`, encoded by the DiT's autoencoder. Items with all their frames
+    (return_all_frames) give the autoencoder its own key frames, whatever the dataset's settings."""
+    key_frame_indices = dit.pipeline.dataset.key_frame_indices
     latents = []
     for start in range(0, len(items), ENCODE_BATCH):
         batch = items[start : start + ENCODE_BATCH]
+        key_frames = [
+            item["frames"][key_frame_indices] if "frames" in item else item["key_frames"] for item in batch
+        ]
         z_v, z_a = dit.pipeline.encode_clips(
             {
-                "key_frames": torch.stack([item["key_frames"] for item in batch]),
+                "key_frames": torch.stack(key_frames),
                 "audio_image": torch.stack([item["audio_image"] for item in batch]),
             }
         )
