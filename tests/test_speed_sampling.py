@@ -65,8 +65,10 @@ def test_batched_clip_decoding_equals_clip_by_clip(tiny_pipeline, clips_per_call
         alone = tiny_pipeline.decode_clips(
             z_v[:, clip], z_a[:, clip], steps=2, generator=torch.Generator().manual_seed(7)
         )
-        torch.testing.assert_close(frames[:, clip], alone.frames, atol=1e-5, rtol=0)
-        torch.testing.assert_close(images[:, clip], alone.audio_images, atol=1e-5, rtol=0)
+        # oneDNN blocks a convolution by its batch size, so the last bits differ with it (1.2e-5 on an
+        # AVX2-only CPU); another clip's noise or latent would differ by tenths.
+        torch.testing.assert_close(frames[:, clip], alone.frames, atol=1e-4, rtol=0)
+        torch.testing.assert_close(images[:, clip], alone.audio_images, atol=1e-4, rtol=0)
 
 
 def test_decoder_calls_are_bounded_and_batched(tiny_pipeline, monkeypatch, plain_single_thread_cpu):
