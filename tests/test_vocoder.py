@@ -50,11 +50,11 @@ def tone_and_burst_mix(seconds: float = 1.6, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(mix).float()[None]
 
 
-def pre_onset_rms(wave: torch.Tensor) -> float:
+def pre_onset_rms(wave: torch.Tensor, onsets: tuple[float, ...] = ONSETS) -> float:
     """RMS over the 10 ms before each burst onset, where the input holds only the noise floor."""
     segments = [
         wave[0, round((onset - 0.012) * CFG.sample_rate) : round((onset - 0.002) * CFG.sample_rate)]
-        for onset in ONSETS
+        for onset in onsets
     ]
     return torch.cat(segments).square().mean().sqrt().item()
 
@@ -140,13 +140,16 @@ def test_hifigan_beats_griffinlim_on_transients(vocoded, mix):
     assert pre_onset_rms(vocoded["griffinlim"]) > 3 * pre_onset_rms(vocoded["hifigan"])
 
 
-def test_bf16_hifigan_sounds_like_fp32(vocoded, mix):
+def test_bf16_hifigan_sounds_like_fp32(universal):
     # What bf16 sampling runs (AutoencoderPipeline.vocoder follows its weights' dtype), 3.1x faster on
-    # the 2-core CPU. Measured: waveform error 0.16% of the signal's power (-28 dB), round-trip log-mel
-    # L1 0.2814 vs 0.2816, the same silence before the bursts.
-    wave, logmel = mix
+    # a CPU with native bf16. Measured on the whole mix: waveform error 0.16% of the signal's power
+    # (-28 dB), round-trip log-mel L1 0.2814 vs 0.2816, the same silence before the bursts. The mix's
+    # first 0.85 s (one tone, the first burst): on an AVX2-only CPU bf16 convolutions take a slow path
+    # (the whole mix took 105 s there).
+    wave = tone_and_burst_mix(seconds=0.85)
+    logmel = mel_spectrogram(wave, CFG)
     half = load_vocoder("hifigan-universal", CFG, dtype=torch.bfloat16)(logmel)
-    full = vocoded["hifigan"]
+    full = universal(logmel)
     assert half.dtype == torch.float32 and half.shape == full.shape
     assert (half - full).square().mean() < 0.01 * full.square().mean()
     l1 = {
@@ -154,7 +157,7 @@ def test_bf16_hifigan_sounds_like_fp32(vocoded, mix):
         for name, w in (("bf16", half), ("fp32", full))
     }
     assert abs(l1["bf16"] - l1["fp32"]) < 0.01
-    assert pre_onset_rms(half) < 2 * pre_onset_rms(wave)
+    assert pre_onset_rms(half, ONSETS[:1]) < 2 * pre_onset_rms(wave, ONSETS[:1])
 
 
 def test_griffinlim_is_deterministic_and_follows_the_input_device(mix):
