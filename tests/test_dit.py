@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, preset, run_tool_in_process
 from einops import rearrange
 
 from mmldm_data.config import ConfigError, to_typed
-from mmldm_dit.dit import DiTConfig, MMDiT, sincos_position_embedding
+from mmldm_dit.dit import DiTConfig, MMDiT, cross_modal_time_bias, sincos_position_embedding
 
 PAPER_PARAMS = {"S": 131e6, "B": 384e6, "L": 1543e6}  # paper Table 4
 SIZES = sorted(path.stem for path in (REPO_ROOT / "conf" / "dit").glob("*.yaml"))
@@ -60,7 +60,7 @@ def test_paper_token_layout_is_context_eos_audio_eos_video():
     with torch.device("meta"):
         model = MMDiT(preset("dit", "XL"))
     assert model.cfg.sequence_length == 399
-    assert model.token_slices() == {
+    assert model.cfg.token_slices() == {
         "context": slice(0, 77),
         "eos_audio": slice(77, 78),
         "audio": slice(78, 142),
@@ -73,7 +73,7 @@ def test_tokens_are_placed_in_order_with_their_embeddings():
     model = MMDiT(preset("dit", "tiny"))
     x_a, x_v, _ = tiny_inputs()
     tokens = model.tokens({"audio": x_a, "video": x_v}, {"audio": x_a, "video": x_v}, None)
-    slices = model.token_slices()
+    slices = model.cfg.token_slices()
     assert tokens.shape == (2, 90, 96)
     assert [s.stop - s.start for s in slices.values()] == [8, 1, 16, 1, 64]
     embedders = model.tokens.modalities
@@ -103,6 +103,81 @@ def test_patchified_output_round_trips_the_latent_grid():
     assert eps_a.shape == x_a.shape and eps_v.shape == x_v.shape
     patches = rearrange(x_v, "b c (h p) (w q) -> b (h w) (p q c)", p=2, q=2)
     torch.testing.assert_close(model.unpatchify(patches, "video"), x_v)
+
+
+# The synthetic benchmark's layout (conf/synth_bench.yaml): z_v of 8 key frames x 2 channels, one token
+# per key frame, z_a 16 x 4 x 4 at patch 1.
+KEY_FRAMES = dict(audio_latent_channels=16, video_latent_channels=16, video_key_frames=8, video_patch_size=8)
+
+
+@pytest.mark.parametrize("video_patch_size", [8, 2])
+def test_key_frame_tokens_are_frame_after_frame_and_round_trip(video_patch_size):
+    cfg = preset("dit", "tiny", **{**KEY_FRAMES, "video_patch_size": video_patch_size})
+    model = MMDiT(cfg)
+    side = 8 // video_patch_size
+    assert cfg.num_tokens("video") == 8 * side**2
+    assert cfg.sequence_length == 8 + 1 + 16 + 1 + 8 * side**2
+    x_v = torch.randn(2, 16, 8, 8)
+    embedder = model.tokens.modalities["video"]
+    tokens = embedder.patches(embedder.patch_embed, x_v, 1)
+    for frame in (0, 5):  # key frame k: channels 2k, 2k + 1, tokens k N ... (k + 1) N - 1
+        torch.testing.assert_close(
+            tokens[:, frame * side**2 : (frame + 1) * side**2],
+            embedder.patch_embed(x_v[:, 2 * frame : 2 * frame + 2]),
+        )
+    patches = rearrange(
+        x_v, "b (k c) (h p) (w q) -> b (k h w) (p q c)", k=8, p=video_patch_size, q=video_patch_size
+    )
+    torch.testing.assert_close(model.unpatchify(patches, "video"), x_v)
+    x_a = torch.randn(2, 16, 4, 4)
+    t = torch.tensor([10, 900])
+    eps_a, eps_v = as_if_trained(model)(x_a, x_v, t, cond_a=x_a)
+    assert eps_a.shape == x_a.shape and eps_v.shape == x_v.shape
+
+
+def test_previous_clip_tokens_pair_each_key_frame_with_its_previous_one():
+    model = as_if_trained(MMDiT(preset("dit", "tiny", **KEY_FRAMES, previous_clip_depth=2)))
+    previous, current = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
+    embedder = model.previous_encoder.tokens.modalities["video"]
+    tokens = embedder.patches(embedder.patch_embed, torch.cat([previous, current], dim=1), 2)
+    frame_4 = torch.cat([previous[:, 8:10], current[:, 8:10]], dim=1)
+    torch.testing.assert_close(tokens[:, 4:5], embedder.patch_embed(frame_4))
+    eps_a, eps_v = model(torch.randn(2, 16, 4, 4), current, torch.tensor([5, 500]), prev_v=previous)
+    assert eps_v.shape == current.shape
+
+
+def test_audio_and_video_tokens_share_one_time_axis():
+    cfg = preset("dit", "tiny", **KEY_FRAMES)
+    model = MMDiT(cfg)
+    embedders = model.tokens.modalities
+    # Audio grid column j covers key frames 2j .. 2j + 2 of the clip: its centre is 2j + 1.
+    audio_times = embedders["audio"].token_times(cfg, "audio", 4)
+    assert audio_times.view(4, 4).tolist() == [[1.0, 3.0, 5.0, 7.0]] * 4
+    assert embedders["video"].token_times(cfg, "video", 1).tolist() == [float(k) for k in range(8)]
+    # The same time gets the same time embedding in both modalities: the audio token of column 1 (time
+    # 3) and video key frame 3 differ only by their grid positions' sin-cos.
+    audio_time = embedders["audio"].pos_embed[0, 1] - sincos_position_embedding(96, 4)[1]
+    video_time = embedders["video"].pos_embed[0, 3] - sincos_position_embedding(96, 1)[0]
+    torch.testing.assert_close(audio_time, video_time)
+
+
+def test_time_bias_joins_audio_and_video_tokens_by_their_time_apart():
+    cfg = preset("dit", "tiny", **KEY_FRAMES)
+    bias = cross_modal_time_bias(cfg)[0]  # [H, L, L]
+    slices = cfg.token_slices()
+    audio, video = slices["audio"], slices["video"]
+    assert bias.shape == (4, 34, 34)
+    torch.testing.assert_close(bias, bias.transpose(1, 2))
+    assert bias[0].abs().max() == 0  # one global head
+    # Within a modality and to the context / EOS tokens: no bias.
+    assert bias[:, audio, audio].abs().max() == 0 and bias[:, video, video].abs().max() == 0
+    assert bias[:, : audio.start].abs().max() == 0
+    # Audio column 1 (time 3) to key frames 3, 2 and 0: 0, then ever more negative, more so in later heads.
+    column_1 = audio.start + 1
+    row = bias[:, column_1, video]
+    assert (row[:, 3] == 0).all() and (row[1:, 2] < 0).all() and (row[1:, 0] < row[1:, 2]).all()
+    assert (row[2, :] <= row[1, :]).all() and (row[3, :] <= row[2, :]).all()
+    assert cross_modal_time_bias(preset("dit", "tiny")) is None  # the paper's layout: none
 
 
 def test_adaln_zero_blocks_are_identity_and_output_is_zero_at_init():
@@ -200,6 +275,8 @@ def test_every_size_takes_the_latents_of_its_autoencoder(name):
     ("overrides", "key"),
     [
         ({"patch_size": 3}, "dit.patch_size"),
+        ({"video_patch_size": 3}, "dit.video_patch_size"),
+        ({"video_key_frames": 3}, "dit.video_key_frames"),
         ({"num_heads": 5}, "dit.num_heads"),
         ({"modalities": ["sound"]}, "dit.modalities"),
         ({"previous_clip_depth": 9}, "dit.previous_clip_depth"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_AE_DATASET, preset, run_tool
+from conftest import REPO_ROOT, TINY_AE_DATASET, preset, run_tool, run_tool_in_process
 
 from mmldm_ae.engine.latent_cache import LatentCacheError
 from mmldm_ae.engine.trainer import TrainConfig, Trainer
@@ -164,6 +164,15 @@ def test_train_dit_tool_trains_resumes_and_checks_configs(
 
     second = run_tool("train_dit.py", *common, "train.max_steps=2")
     assert "resumed from" in second.stderr and json.loads(second.stdout.strip().splitlines()[-1])["step"] == 2
+
+    # The conditioning probe reads the run against its cache: each loss row with the true condition and
+    # with another clip's of the same class.
+    probe = run_tool_in_process(
+        "probe_conditioning.py", str(run_dir), "--windows", "8", "--per-class", "1", "--steps", "2"
+    )
+    gain = json.loads(probe.stdout.strip().splitlines()[-1])["loss_gain"]
+    assert len(gain) == 6 and {"joint", "given", "other"} == set(gain[0]["v2a"])
+    assert "(another clip's)" in probe.stdout
 
     changed = run_tool("train_dit.py", *common, "train.max_steps=3", "dit.depth=2", check=False)
     assert (

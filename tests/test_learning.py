@@ -6,6 +6,11 @@ and fall to chance when the path that carries the information is cut, so a pass 
   training latents of the generated modality. Cut: the given latent never reaches the model, neither
   through the zero-initialised condition embedding nor on the noised trajectory the sampler keeps the
   given modality on.
+* DiT timing: on latents whose class and one event time are shared by the pair (the event a pattern in
+  one column of z_a, the mel's time axis, and in the two key frames of z_v at that time), the tiny DiT
+  with key-frame tokens (conf/synth_bench.yaml's layout) puts a2v / v2a events where the given latent
+  has its own. Cut: trained without the cross-modal time bias, in the same steps it places them
+  worse by a stated margin (on the synthetic benchmark's latents it learnt no timing at all).
 * Autoencoder: its classification head (`predict_class`) reads the class of held-out synthetic clips
   (other seeds than training's) after a short training through the model's own loss. Cut: the clip's
   latents never reach the semantic projectors.
@@ -21,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import preset
+from einops import rearrange
 from torch import Tensor
 
 import mmldm_dit.sampling as sampling
@@ -33,7 +39,7 @@ from mmldm_data.config import DatasetConfig
 from mmldm_data.synthetic import SyntheticConfig, render_clip
 from mmldm_data.video import to_model_frames
 from mmldm_dit.dit import MMDiT
-from mmldm_dit.sampling import dit_training_loss, sample
+from mmldm_dit.sampling import DiTLossConfig, dit_training_loss, sample
 
 NUM_CLASSES = 6  # as the synthetic set
 CHANCE = 1 / NUM_CLASSES
@@ -147,6 +153,112 @@ def test_dit_is_at_chance_when_the_given_latent_cannot_reach_it(trained_dit, mon
     )
     accuracy = cross_modal_accuracy(trained_dit)
     assert max(accuracy.values()) <= CHANCE + CUT_TOLERANCE, (accuracy, f"chance {CHANCE:.3f}")
+
+
+#################################################################################
+#           DiT timing: a2v / v2a put the event at the given latent's time         #
+#################################################################################
+
+EVENT_COLUMNS = 4  # z_a's time columns; event in column e <-> key frames 2e, 2e + 1 of z_v
+EVENT_STEPS = 300  # full-batch AdamW steps at lr 1e-3, a2v / v2a on 30% of the rows each: ~16 s
+EVENT_CHANCE = 1 / EVENT_COLUMNS
+EVENT_MARGIN = 0.5  # with the time bias: event accuracy >= chance + this (48 samples per task)
+BIAS_MARGIN = 0.25  # without it: a2v / v2a accuracy lower, on the task it helps most, by at least this
+
+
+@dataclass
+class EventLatents:
+    z_a: Tensor  # [N, 16, 4, 4]
+    z_v: Tensor  # [N, 16, 8, 8]: 8 key frames x 2 channels
+    event: Tensor  # [N] column of the event
+
+
+class EventWorld:
+    """Class prototypes plus one event pattern per modality, placed at a random time per pair."""
+
+    def __init__(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.prototypes = (
+            torch.randn(NUM_CLASSES, 16, 4, 4, generator=generator),
+            torch.randn(NUM_CLASSES, 16, 8, 8, generator=generator),
+        )
+        self.audio_event = 2 * torch.randn(16, 4, generator=generator)  # one column: channels x rows
+        self.video_event = 2 * torch.randn(4, 8, 8, generator=generator)  # two key frames of 2 channels
+
+    def draw(self, per_class: int, seed: int) -> EventLatents:
+        generator = torch.Generator().manual_seed(seed)
+        class_id = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
+        event = torch.randint(EVENT_COLUMNS, class_id.shape, generator=generator)
+        z_a, z_v = (
+            p[class_id] + LATENT_NOISE * torch.randn(p[class_id].shape, generator=generator)
+            for p in self.prototypes
+        )
+        for row, column in enumerate(event.tolist()):
+            z_a[row, :, :, column] += self.audio_event
+            z_v[row, 4 * column : 4 * column + 4] += self.video_event
+        return EventLatents(z_a, z_v, event)
+
+    def read(self, z_a: Tensor | None = None, z_v: Tensor | None = None) -> Tensor:
+        """The event column of each latent: where its event pattern correlates most."""
+        if z_a is not None:
+            return torch.einsum("bchw,ch->bw", z_a, self.audio_event).argmax(1)
+        frames = rearrange(z_v, "b (e c) h w -> b e c h w", e=EVENT_COLUMNS)
+        return torch.einsum("bechw,chw->be", frames, self.video_event).argmax(1)
+
+
+def event_accuracy(time_bias: bool) -> dict[str, float]:
+    """Train the tiny DiT with key-frame tokens (with or without its time bias); a2v / v2a event accuracy
+    on fresh pairs."""
+    world = EventWorld()
+    train, given = world.draw(per_class=8, seed=1), world.draw(per_class=8, seed=2)
+    scale = {"audio": train.z_a.std(), "video": train.z_v.std()}  # unit variance, as LatentStats
+    cfg = preset(
+        "dit",
+        "tiny",
+        audio_latent_channels=16,
+        video_latent_channels=16,
+        video_key_frames=8,
+        video_patch_size=8,
+        hidden_size=64,
+        depth=2,
+        context_tokens=1,
+        context_dim=16,
+    )
+    torch.manual_seed(0)
+    model = MMDiT(cfg)
+    if not time_bias:
+        model.time_bias = None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = build_train_scheduler(cfg.schedule)
+    generator = torch.Generator().manual_seed(0)
+    tasks = DiTLossConfig(a2v=0.3, v2a=0.3)
+    for _ in range(EVENT_STEPS):
+        z_a, z_v = train.z_a / scale["audio"], train.z_v / scale["video"]
+        loss = dit_training_loss(model, z_a, z_v, scheduler, generator, tasks)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    common = dict(guidance_audio=GUIDANCE, guidance_video=GUIDANCE, steps=SAMPLE_STEPS)
+    _, z_v = sample(model, "a2v", cond_a=given.z_a / scale["audio"], **common)
+    z_a, _ = sample(model, "v2a", cond_v=given.z_v / scale["video"], **common)
+    hits = {"a2v": world.read(z_v=z_v) == given.event, "v2a": world.read(z_a=z_a) == given.event}
+    return {task: round(h.float().mean().item(), 3) for task, h in hits.items()}
+
+
+@pytest.fixture(scope="module")
+def event_accuracies() -> dict[bool, dict[str, float]]:
+    return {bias: event_accuracy(bias) for bias in (True, False)}
+
+
+def test_dit_places_the_given_event_in_time_after_a_short_training(event_accuracies):
+    accuracy = event_accuracies[True]
+    assert min(accuracy.values()) >= EVENT_CHANCE + EVENT_MARGIN, (accuracy, f"chance {EVENT_CHANCE}")
+
+
+def test_dit_places_events_worse_without_the_time_bias(event_accuracies):
+    gaps = {task: event_accuracies[True][task] - event_accuracies[False][task] for task in ("a2v", "v2a")}
+    assert max(gaps.values()) >= BIAS_MARGIN, event_accuracies
 
 
 #################################################################################

@@ -1,4 +1,4 @@
-"""Inference precision and the sampling loops' host syncs (issue 14 item 1).
+"""Inference and training precision and the sampling loops' host syncs (issue 14 item 1).
 
 bf16 weights must give the samples of fp32 weights within a stated tolerance, and neither the DiT's
 sampling loop nor the signal decoder's may read a value back from the device per step (counted on
@@ -20,6 +20,7 @@ import mmldm_ae.pipeline as pipeline
 from mmldm_ae.autoencoder import MultiModalAutoencoder
 from mmldm_ae.engine.diffusion import SAMPLERS
 from mmldm_ae.engine.perf import HostSyncCounter
+from mmldm_ae.engine.trainer import runtime_precision
 from mmldm_ae.pipeline import set_inference_precision
 from mmldm_data.config import ConfigError
 from mmldm_dit.dit import MMDiT
@@ -115,3 +116,11 @@ def test_inference_precision_by_device(monkeypatch, caplog):
     assert "no native kernels" in caplog.text
     with pytest.raises(ConfigError, match="precision"):
         set_inference_precision("fp16", "cpu")
+
+
+def test_bf16_training_runs_in_fp32_on_a_cpu_without_bf16_kernels(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, expected in ((False, "no"), (True, "bf16")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert runtime_precision("bf16") == expected
+        assert runtime_precision("no") == "no" and runtime_precision("fp16") == "fp16"

@@ -7,7 +7,9 @@
 Reads the run's own latent cache (training windows) and measures, without decoding anything:
   * loss gain: per noise level t, how much the generated modality's loss falls when the other
     modality's clean latent is given as the condition (a2v: the video's loss; v2a: the audio's). A
-    model that ignores its condition gains 0%;
+    model that ignores its condition gains 0%. Beside it, the loss given the latent of another clip
+    of the same class: as low as with the true one when the model takes only the class from its
+    condition, not the clip's own timing (docs/design.md#key-frame-tokens);
   * latent-space accuracy: a2v / v2a samples for `--per-class` windows of every class, read as the
     class of the nearest class centroid of the real (standardised) latents, at each `--guidance`,
     and with the condition embedding cut (zeroed weights: only the noised given latent reaches the
@@ -56,6 +58,7 @@ class Latents:
             "video": dit.standardise("video", torch.stack([v for _, v in raw]).float()),
         }
         self.classes = torch.tensor(cache.index["class_ids"])
+        self.files = torch.tensor([file for file, _ in cache.index["windows"]])
         self.class_names = cache.class_names
         self.centroids = {
             m: torch.stack([z[self.classes == k].flatten(1).mean(0) for k in range(len(self.class_names))])
@@ -65,6 +68,20 @@ class Latents:
     def read(self, modality: str, z: Tensor) -> Tensor:
         """Class of the nearest centroid [B]."""
         return torch.cdist(z.flatten(1).float(), self.centroids[modality]).argmin(1)
+
+    def other_clip(self, rows: Tensor, generator: torch.Generator) -> Tensor:
+        """For each window, a window of another clip of the same class (of its own clip, at another
+        start, where the class has one clip only)."""
+        others = []
+        for row in rows.tolist():
+            same_class = self.classes == self.classes[row]
+            other_clip = same_class & (self.files != self.files[row])
+            pool = other_clip if other_clip.any() else same_class & (torch.arange(len(same_class)) != row)
+            if not pool.any():
+                raise LatentCacheError(f"class {self.class_names[self.classes[row]]} has one window only")
+            same = torch.nonzero(pool)[:, 0]
+            others.append(same[torch.randint(len(same), (1,), generator=generator)].item())
+        return torch.tensor(others)
 
     def picks(self, per_class: int) -> Tensor:
         """`per_class` windows of every class, evenly spread."""
@@ -83,12 +100,14 @@ def outputs_loss(model, noisy: dict, target: dict, t: Tensor, **condition: Tenso
 
 @torch.no_grad()
 def loss_gain(dit: TrainedDiT, latents: Latents, windows: int, seed: int) -> list[dict]:
-    """Per noise level: the generated modality's loss joint vs given the other's clean latent."""
+    """Per noise level: the generated modality's loss joint vs given the other's clean latent, and given
+    that of another clip of the same class."""
     model = dit.model
     scheduler = build_train_scheduler(model.cfg.schedule)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(latents.classes), generator=generator)[:windows]
     z = {m: latents.z[m][rows] for m in ("audio", "video")}
+    other_rows = latents.other_clip(rows, generator)
     results = []
     for level in NOISE_LEVELS:
         t = torch.full((len(rows),), level)
@@ -100,7 +119,14 @@ def loss_gain(dit: TrainedDiT, latents: Latents, windows: int, seed: int) -> lis
         row = {"t": level}
         for task, (given, generated) in CONDITIONED.items():
             conditioned = outputs_loss(model, noisy, target, t, **{f"cond_{given[0]}": z[given]})
-            row[task] = {"joint": joint[generated], "given": conditioned[generated]}
+            other = outputs_loss(
+                model, noisy, target, t, **{f"cond_{given[0]}": latents.z[given][other_rows]}
+            )
+            row[task] = {
+                "joint": joint[generated],
+                "given": conditioned[generated],
+                "other": other[generated],
+            }
         results.append(row)
     return results
 
@@ -211,11 +237,15 @@ def main() -> int:
         print(f"{args.run}: {dit.model.cfg.schedule.prediction_type} prediction", file=sys.stderr)
 
         gain = loss_gain(dit, latents, args.windows, args.seed)
-        print("\n| t | a2v: video loss, joint -> audio given | v2a: audio loss, joint -> video given |")
+        print(
+            "\n| t | a2v: video loss, joint -> audio given (another clip's) "
+            "| v2a: audio loss, joint -> video given (another clip's) |"
+        )
         print("|---|---|---|")
         for row in gain:
             cells = [
-                f"{row[task]['joint']:.4f} -> {row[task]['given']:.4f} ({change(row[task])})"
+                f"{row[task]['joint']:.4f} -> {row[task]['given']:.4f} ({change(row[task])}) "
+                f"({row[task]['other']:.4f})"
                 for task in CONDITIONED
             ]
             print(f"| {row['t']} | {cells[0]} | {cells[1]} |")

@@ -150,10 +150,16 @@ class AutoencoderPipeline:
     @torch.no_grad()
     def encode_clips(self, batch: dict) -> tuple[Tensor, Tensor]:
         """Pixel batch (key_frames, audio_image) -> perceptual latents z_v, z_a (posterior modes)."""
-        dtype = next(self.vae.parameters()).dtype
-        key_frames = batch["key_frames"].to(self.device, dtype)
-        key_latents = self.vae.encode(key_frames.flatten(0, 1)).unflatten(0, key_frames.shape[:2])
-        audio_latents = self.vae.encode(batch["audio_image"].to(self.device, dtype))
+        key_frames = batch["key_frames"]
+        key_latents = self.vae_encode(key_frames.flatten(0, 1)).unflatten(0, key_frames.shape[:2])
+        return self.encode_latents(key_latents, self.vae_encode(batch["audio_image"]))
+
+    def vae_encode(self, images: Tensor) -> Tensor:
+        """Images [N, 3, R, R] in [-1, 1] -> VAE latents [N, C, L, L]."""
+        return self.vae.encode(images.to(self.device, next(self.vae.parameters()).dtype))
+
+    def encode_latents(self, key_latents: Tensor, audio_latents: Tensor) -> tuple[Tensor, Tensor]:
+        """VAE latents of the key frames [B, K, C, L, L] and audio image [B, C, L, L] -> z_v, z_a."""
         z_v, z_a = self.model.encode(key_latents.to(self.model_dtype), audio_latents.to(self.model_dtype))
         return z_v.float(), z_a.float()
 

@@ -25,7 +25,14 @@ from mmldm_ae.autoencoder.semantic import ContrastiveBank
 from mmldm_ae.engine.latent_cache import LatentCacheDataset, auto_cache_dir, build_latent_cache
 from mmldm_ae.engine.logger import WandbConfig, WandbLogger
 from mmldm_ae.engine.sweeps import EvalPlan, ExperimentConfig, check_sweep_overrides, write_results
-from mmldm_ae.engine.trainer import TrainConfig, Trainer, TrainingTask, compile_static, processes
+from mmldm_ae.engine.trainer import (
+    TrainConfig,
+    Trainer,
+    TrainingTask,
+    compile_static,
+    processes,
+    runtime_precision,
+)
 from mmldm_ae.pipeline import (
     AutoencoderPipeline,
     AutoencoderReconstructor,
@@ -222,7 +229,7 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
         # Training reads key and target frames only; the cache above and the previews need every frame.
         training_data = copy.copy(pixels)
         training_data.return_all_frames = False
-    if train_config.precision == "bf16":
+    if runtime_precision(train_config.precision) == "bf16":
         # Frozen: bf16 weights halve its memory and traffic; autocast computes in bf16 anyway.
         vae = vae.to(torch.bfloat16)
 

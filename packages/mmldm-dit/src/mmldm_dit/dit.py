@@ -36,7 +36,11 @@ from functools import partial
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
+from diffusers.models.embeddings import (
+    get_1d_sincos_pos_embed_from_grid,
+    get_2d_sincos_pos_embed,
+    get_timestep_embedding,
+)
 from einops import rearrange
 from timm.layers import Attention, Mlp, PatchEmbed
 from torch import Tensor, nn
@@ -67,6 +71,14 @@ class DiTConfig:
     video_latent_channels: int = 16
     video_latent_size: int = 16
     patch_size: int = 1  # p: each token is a p x p patch of a latent grid (paper: 1)
+    # z_v's layout (ae.video_latent): 0, one map for the clip (the paper's); K, K key frames of
+    # video_latent_channels / K channels each (ae.video_latent=key_frames, frame-major). With K, every
+    # key frame is its own grid of video tokens, audio and video tokens carry a 1-D sin-cos of their
+    # time (key frame; column of the audio grid, the mel's time axis), and attention between an audio
+    # and a video token is biased by their time apart (`cross_modal_time_bias`): without the bias the
+    # tiny DiT took its condition's class and none of its timing (docs/design.md#deviations, 35).
+    video_key_frames: int = 0
+    video_patch_size: int | None = None  # the video grid's p; None: patch_size
     hidden_size: int = 1152
     depth: int = 28
     num_heads: int = 16
@@ -91,12 +103,29 @@ class DiTConfig:
             return self.audio_latent_channels, self.audio_latent_size, self.audio_latent_size
         return self.video_latent_channels, self.video_latent_size, self.video_latent_size
 
+    def patch(self, modality: str) -> int:
+        return self.video_patch_size or self.patch_size if modality == "video" else self.patch_size
+
+    def frames(self, modality: str) -> int:
+        """Grids of tokens the modality's latent makes: its key frames (video) or 1."""
+        return self.video_key_frames if modality == "video" and self.video_key_frames else 1
+
     def num_tokens(self, modality: str) -> int:
-        return (self.latent_shape(modality)[1] // self.patch_size) ** 2
+        return self.frames(modality) * (self.latent_shape(modality)[1] // self.patch(modality)) ** 2
 
     @property
     def sequence_length(self) -> int:
         return self.context_tokens + sum(1 + self.num_tokens(m) for m in self.ordered_modalities)
+
+    def token_slices(self) -> dict[str, slice]:
+        """Where each part sits in the sequence: context, eos_<m> and <m> for each modality."""
+        slices = {"context": slice(0, self.context_tokens)}
+        start = self.context_tokens
+        for m in self.ordered_modalities:
+            slices[f"eos_{m}"] = slice(start, start + 1)
+            slices[m] = slice(start + 1, start + 1 + self.num_tokens(m))
+            start = slices[m].stop
+        return slices
 
     @property
     def ordered_modalities(self) -> tuple[str, ...]:
@@ -118,17 +147,28 @@ class DiTConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"dit.{name} must be >= 1, got {getattr(self, name)}")
-        if self.patch_size < 1:
-            problems.append(f"dit.patch_size must be >= 1, got {self.patch_size}")
+        if self.patch_size < 1 or (self.video_patch_size is not None and self.video_patch_size < 1):
+            problems.append(
+                f"dit.patch_size={self.patch_size} and dit.video_patch_size={self.video_patch_size} "
+                "must be >= 1 (video_patch_size may be null)"
+            )
         else:
             for modality in self.ordered_modalities:
-                side = self.latent_shape(modality)[1]
-                if side % self.patch_size:
+                side, patch = self.latent_shape(modality)[1], self.patch(modality)
+                key = "video_patch_size" if modality == "video" and self.video_patch_size else "patch_size"
+                if side % patch:
                     problems.append(
-                        f"dit.patch_size={self.patch_size} does not divide the {modality} latent grid "
+                        f"dit.{key}={patch} does not divide the {modality} latent grid "
                         f"{side}x{side} (dit.{modality}_latent_size); "
                         "pick a patch size that divides every grid"
                     )
+        if self.video_key_frames < 0 or (
+            self.video_key_frames and self.video_latent_channels % self.video_key_frames
+        ):
+            problems.append(
+                f"dit.video_key_frames={self.video_key_frames} must be 0 (one map for the clip) or split "
+                f"dit.video_latent_channels={self.video_latent_channels} evenly (ae.num_key_frames)"
+            )
         if self.num_heads < 1 or self.hidden_size % self.num_heads:
             problems.append(f"dit.num_heads={self.num_heads} must divide dit.hidden_size={self.hidden_size}")
         if self.hidden_size % 4:
@@ -200,38 +240,58 @@ def sincos_position_embedding(hidden_size: int, grid_side: int) -> Tensor:
     return get_2d_sincos_pos_embed(hidden_size, grid_side, base_size=grid_side, output_type="pt").float()
 
 
-class ModalityEmbedder(nn.Module):
-    """One modality's latent -> [EOS ; its tokens], with an optional zero-initialised condition input."""
+def time_embedding(hidden_size: int, times: Tensor) -> Tensor:
+    """1-D sin-cos of times [N] (in key frames from the clip's start): [N, D]."""
+    return get_1d_sincos_pos_embed_from_grid(hidden_size, times, output_type="pt").float()
 
-    def __init__(
-        self,
-        in_channels: int,
-        latent_size: int,
-        patch_size: int,
-        hidden_size: int,
-        condition_channels: int | None,
-    ):
+
+class ModalityEmbedder(nn.Module):
+    """One modality's latent -> [EOS ; its tokens], with an optional zero-initialised condition input.
+
+    A latent of F key frames (DiTConfig.video_key_frames, channels frame-major) makes F grids of N
+    tokens, frame after frame.
+    """
+
+    def __init__(self, cfg: DiTConfig, modality: str, channel_factor: int, with_conditions: bool):
         super().__init__()
-        self.patch_embed = PatchEmbed(latent_size, patch_size, in_channels, hidden_size, bias=True)
+        channels, side, _ = cfg.latent_shape(modality)
+        patch, self.frames, self.channel_factor = cfg.patch(modality), cfg.frames(modality), channel_factor
+        per_frame = channels // self.frames
+        hidden = cfg.hidden_size
+        self.patch_embed = PatchEmbed(side, patch, channel_factor * per_frame, hidden, bias=True)
         # The paper's zero convolution: a second patch embedding whose weights start at zero.
         self.condition_embed = (
-            PatchEmbed(latent_size, patch_size, condition_channels, hidden_size, bias=True)
-            if condition_channels
-            else None
+            PatchEmbed(side, patch, per_frame, hidden, bias=True) if with_conditions else None
         )
-        grid_side = latent_size // patch_size
+        grid = side // patch
+        position = sincos_position_embedding(hidden, grid).repeat(self.frames, 1)  # [F*N, D]
+        if cfg.video_key_frames:
+            position = position + time_embedding(hidden, self.token_times(cfg, modality, grid))
         # Saved with the weights (like DiT's frozen parameter) so meta-device builds can load it.
-        self.register_buffer("pos_embed", sincos_position_embedding(hidden_size, grid_side)[None])
+        self.register_buffer("pos_embed", position[None])
         # One vector per token, as the authors' mod_embed_*: it marks the modality and can also learn
         # positional detail on top of the fixed sin-cos grid.
-        self.modality_embed = nn.Parameter(torch.randn(1, grid_side**2, hidden_size) * 0.01)
-        self.eos = nn.Parameter(torch.randn(1, 1, hidden_size))
+        self.modality_embed = nn.Parameter(torch.randn(1, self.frames * grid**2, hidden) * 0.01)
+        self.eos = nn.Parameter(torch.randn(1, 1, hidden))
+
+    @staticmethod
+    def token_times(cfg: DiTConfig, modality: str, grid: int) -> Tensor:
+        """Each token's time in key frames: its key frame (video), the centre of its grid column (audio)."""
+        if modality == "video":
+            return torch.arange(cfg.video_key_frames).repeat_interleave(grid**2).double()
+        column = torch.arange(grid**2) % grid
+        return (column + 0.5).double() * cfg.video_key_frames / grid
+
+    def patches(self, embed: PatchEmbed, x: Tensor, factor: int) -> Tensor:
+        # [B, factor*F*C, S, S] (factor latents stacked on channels) -> [B, F*N, D]
+        frames = rearrange(x, "b (f k c) h w -> (b k) (f c) h w", f=factor, k=self.frames)
+        return rearrange(embed(frames), "(b k) n d -> b (k n) d", k=self.frames)
 
     def forward(self, x: Tensor, condition: Tensor | None) -> Tensor:
-        # x: [B, C, S, S] -> [B, 1 + N, D]
-        tokens = self.patch_embed(x) + self.pos_embed + self.modality_embed
+        # x: [B, C, S, S] -> [B, 1 + F*N, D]
+        tokens = self.patches(self.patch_embed, x, self.channel_factor) + self.pos_embed + self.modality_embed
         if self.condition_embed is not None:
-            tokens = tokens + self.condition_embed(condition)
+            tokens = tokens + self.patches(self.condition_embed, condition, 1)
         return torch.cat([self.eos.expand(x.shape[0], -1, -1), tokens], dim=1)
 
 
@@ -242,16 +302,7 @@ class TokenEmbedder(nn.Module):
         super().__init__()
         self.context = ContextEmbedder(cfg.context_tokens, cfg.context_dim, cfg.hidden_size)
         self.modalities = nn.ModuleDict(
-            {
-                m: ModalityEmbedder(
-                    channel_factor * cfg.latent_shape(m)[0],
-                    cfg.latent_shape(m)[1],
-                    cfg.patch_size,
-                    cfg.hidden_size,
-                    cfg.latent_shape(m)[0] if with_conditions else None,
-                )
-                for m in cfg.ordered_modalities
-            }
+            {m: ModalityEmbedder(cfg, m, channel_factor, with_conditions) for m in cfg.ordered_modalities}
         )
 
     def forward(
@@ -269,12 +320,12 @@ class TokenEmbedder(nn.Module):
 #################################################################################
 
 
-def run_block(block: nn.Module, x: Tensor, c: Tensor, checkpointed: bool) -> Tensor:
-    """block(x, c); `checkpointed` (train.gradient_checkpointing) recomputes the block's activations in
-    the backward pass instead of keeping them."""
+def run_block(block: nn.Module, x: Tensor, c: Tensor, bias: Tensor | None, checkpointed: bool) -> Tensor:
+    """block(x, c, bias); `checkpointed` (train.gradient_checkpointing) recomputes the block's activations
+    in the backward pass instead of keeping them."""
     if checkpointed and torch.is_grad_enabled():
-        return checkpoint(block, x, c, use_reentrant=False)
-    return block(x, c)
+        return checkpoint(block, x, c, bias, use_reentrant=False)
+    return block(x, c, bias)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
@@ -296,12 +347,13 @@ class DiTBlock(nn.Module):
         )
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        # x: [B, L, D], c: [B, D]
+    def forward(self, x: Tensor, c: Tensor, bias: Tensor | None = None) -> Tensor:
+        # x: [B, L, D], c: [B, D], bias: [1, H, L, L] added to the attention logits
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        attn_mask = None if bias is None else bias.to(x.dtype)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), attn_mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -321,6 +373,27 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
+def cross_modal_time_bias(cfg: DiTConfig) -> Tensor | None:
+    """[1, H, L, L] attention-logit bias between an audio and a video token: -slope_h * (time apart)^2, in
+    key frames; slopes 0 (head 0, global) and, over the other heads, 1/4 ... 4 geometrically (ever more
+    local, as ALiBi's). 0 for every other pair; None without key-frame tokens (dit.video_key_frames=0)."""
+    if not cfg.video_key_frames or not cfg.joint:
+        return None
+    slices = cfg.token_slices()
+    times = torch.zeros(cfg.sequence_length, dtype=torch.float64)
+    is_modality = {}
+    for m in cfg.ordered_modalities:
+        grid = cfg.latent_shape(m)[1] // cfg.patch(m)
+        times[slices[m]] = ModalityEmbedder.token_times(cfg, m, grid)
+        is_modality[m] = torch.zeros(cfg.sequence_length, dtype=torch.bool)
+        is_modality[m][slices[m]] = True
+    audio, video = is_modality["audio"], is_modality["video"]
+    cross = (audio[:, None] & video[None, :]) | (video[:, None] & audio[None, :])
+    slopes = torch.cat([torch.zeros(1), torch.logspace(-1, 1, cfg.num_heads - 1, base=4)]).double()
+    apart = (times[:, None] - times[None, :]).pow(2)
+    return torch.where(cross, -slopes[:, None, None] * apart, 0.0)[None].float()
+
+
 class MMDiT(nn.Module):
     """Joint (or single-modal) epsilon model over perceptual latents, with cross-modal and previous-clip
     conditions."""
@@ -336,11 +409,12 @@ class MMDiT(nn.Module):
         )
         self.final_layers = nn.ModuleDict(
             {
-                m: FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.latent_shape(m)[0])
+                m: FinalLayer(cfg.hidden_size, cfg.patch(m), cfg.latent_shape(m)[0] // cfg.frames(m))
                 for m in cfg.ordered_modalities
             }
         )
         self.previous_encoder = PreviousClipEncoder(cfg) if cfg.previous_clip_depth else None
+        self.register_buffer("time_bias", cross_modal_time_bias(cfg), persistent=False)
         self.gradient_checkpointing = False
         self.initialize_weights()
 
@@ -393,21 +467,11 @@ class MMDiT(nn.Module):
         extra = list(self.previous_encoder.blocks) if self.previous_encoder is not None else []
         return list(self.blocks) + extra
 
-    def token_slices(self) -> dict[str, slice]:
-        """Where each part sits in the sequence: context, eos_<m> and <m> for each modality."""
-        slices = {"context": slice(0, self.cfg.context_tokens)}
-        start = self.cfg.context_tokens
-        for m in self.cfg.ordered_modalities:
-            slices[f"eos_{m}"] = slice(start, start + 1)
-            slices[m] = slice(start + 1, start + 1 + self.cfg.num_tokens(m))
-            start = slices[m].stop
-        return slices
-
     def unpatchify(self, x: Tensor, modality: str) -> Tensor:
-        # [B, N, p*p*C] -> [B, C, S, S]
-        p = self.cfg.patch_size
+        # [B, F*N, p*p*C/F] -> [B, C, S, S]
+        p, frames = self.cfg.patch(modality), self.cfg.frames(modality)
         side = self.cfg.latent_shape(modality)[1] // p
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, w=side, p=p, q=p)
+        return rearrange(x, "b (k h w) (p q c) -> b (k c) (h p) (w q)", k=frames, h=side, w=side, p=p, q=p)
 
     def _latents(
         self, what: str, audio: Tensor | None, video: Tensor | None, like: Tensor | None
@@ -472,13 +536,13 @@ class MMDiT(nn.Module):
         residuals: list[Tensor] = []
         if self.previous_encoder is not None:
             previous = self._latents("prev", prev_a, prev_v, like=some_latent)
-            residuals = self.previous_encoder(latents, previous, c, drop_context)
+            residuals = self.previous_encoder(latents, previous, c, drop_context, self.time_bias)
         for index, block in enumerate(self.blocks):
-            x = run_block(block, x, c, self.gradient_checkpointing)
+            x = run_block(block, x, c, self.time_bias, self.gradient_checkpointing)
             if index < len(residuals):
                 x = x + residuals[index]
 
-        slices = self.token_slices()
+        slices = self.cfg.token_slices()
         eps = {m: self.unpatchify(layer(x[:, slices[m]], c), m) for m, layer in self.final_layers.items()}
         return eps.get("audio"), eps.get("video")
 
@@ -505,13 +569,18 @@ class PreviousClipEncoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(
-        self, latents: dict[str, Tensor], previous: dict[str, Tensor], c: Tensor, drop_context: Tensor | None
+        self,
+        latents: dict[str, Tensor],
+        previous: dict[str, Tensor],
+        c: Tensor,
+        drop_context: Tensor | None,
+        time_bias: Tensor | None,
     ) -> list[Tensor]:
         stacked = {m: torch.cat([previous[m], latents[m]], dim=1) for m in latents}
         x = self.tokens(stacked, None, drop_context)
         residuals = []
         for block, out in zip(self.blocks, self.outputs, strict=True):
-            x = run_block(block, x, c, self.gradient_checkpointing)
+            x = run_block(block, x, c, time_bias, self.gradient_checkpointing)
             residuals.append(out(x))  # [B, L, D]
         return residuals
 

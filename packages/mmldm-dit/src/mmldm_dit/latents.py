@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mmldm_ae.engine.latent_cache import (
     INDEX_FILE,
+    FrameEncoder,
     LatentCacheError,
     Shard,
     ShardedCache,
@@ -81,9 +82,15 @@ def build_dit_latent_cache(
     """
     options = {"batch_size": 8, "shard_size": 1024, **options}
     ae = pipeline.model.cfg
+    # Overlapping windows share key frames: each is VAE-encoded once (pipeline.encode_clips, per window).
+    key_frames = FrameEncoder({"key_latents": pipeline.vae_encode})
+    key_frame_indices = torch.tensor(dataset.config.key_frame_indices)
 
     def encode(batch: dict) -> dict[str, Tensor]:
-        z_v, z_a = pipeline.encode_clips(batch)  # [B, Cv, Sv, Sv], [B, Ca, Sa, Sa]
+        indices = batch["start_frame"][:, None] + key_frame_indices
+        key_latents = key_frames(batch["key_frames"], batch["file"], indices)["key_latents"]
+        audio_latents = pipeline.vae_encode(batch["audio_image"])
+        z_v, z_a = pipeline.encode_latents(key_latents, audio_latents)  # [B, Cv, Sv, Sv], [B, Ca, Sa, Sa]
         return {"z_a": z_a, "z_v": z_v}
 
     header = {

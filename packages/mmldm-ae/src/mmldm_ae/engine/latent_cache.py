@@ -403,6 +403,36 @@ VAE_LATENTS = ShardedCache(
 )
 
 
+class FrameEncoder:
+    """Encodes the frames of windows, each frame of a file once: overlapping windows (window_stride <
+    num_frames) share frames. The windows come file by file, so only the frames of the files of the
+    last call are kept."""
+
+    def __init__(self, encoders: dict[str, Callable[[Tensor], Tensor]]):
+        self.encoders = encoders  # name -> (pixels [N, 3, R, R] -> latents [N, ...])
+        self.known: dict[tuple[str, int], dict[str, Tensor]] = {}  # (file, frame) -> its latents by name
+
+    def __call__(self, frames: Tensor, files: list[str], indices: Tensor) -> dict[str, Tensor]:
+        """frames [B, T, 3, R, R], the frames `indices` [B, T] of `files` -> {name: [B, T, ...]}."""
+        keys = [(file, int(i)) for file, row in zip(files, indices, strict=True) for i in row]
+        new: dict[tuple[str, int], int] = {}  # frames not encoded yet -> their first position in keys
+        for position, key in enumerate(keys):
+            if key not in self.known:
+                new.setdefault(key, position)
+        current = {file for file, _ in keys}
+        for key in [key for key in self.known if key[0] not in current]:
+            del self.known[key]
+        if new:
+            pixels = frames.flatten(0, 1)[list(new.values())]
+            latents = {name: encode(pixels) for name, encode in self.encoders.items()}
+            for i, key in enumerate(new):
+                self.known[key] = {name: values[i] for name, values in latents.items()}
+        return {
+            name: torch.stack([self.known[key][name] for key in keys]).unflatten(0, frames.shape[:2])
+            for name in self.encoders
+        }
+
+
 def build_latent_cache(
     dataset: SoundingVideoDataset,
     vae: KLVAE,
@@ -436,39 +466,15 @@ def build_latent_cache(
         dataset = copy.copy(dataset)
         dataset.config = replace(config, flip_p=0.0)
 
-    # Overlapping windows (window_stride < num_frames) share frames: each frame is encoded once. The
-    # windows come file by file, so only the frames of the files of the last batch are kept.
-    known: dict[tuple[str, int], dict[str, Tensor]] = {}  # (file, frame) -> its latents by name
-
-    def encode_frames(frames: Tensor, files: list[str], starts: Tensor) -> dict[str, Tensor]:
-        """frames [B, T, 3, R, R] of the windows starting at frame `starts` of `files`
-        -> frame_latents(_flipped) [B, T, C, h, w]."""
-        keys = [
-            (file, int(start) + t)
-            for file, start in zip(files, starts, strict=True)
-            for t in range(frames.shape[1])
-        ]
-        new: dict[tuple[str, int], int] = {}  # frames not encoded yet -> their first position in keys
-        for position, key in enumerate(keys):
-            if key not in known:
-                new.setdefault(key, position)
-        files = {file for file, _ in keys}
-        for key in [key for key in known if key[0] not in files]:
-            del known[key]
-        if new:
-            pixels = frames.flatten(0, 1)[list(new.values())].to(device)
-            latents = {"frame_latents": vae.encode(pixels)}
-            if flipped:  # as SoundingVideoDataset flips: the model frames, along their width
-                latents["frame_latents_flipped"] = vae.encode(pixels.flip(-1))
-            for i, key in enumerate(new):
-                known[key] = {name: values[i] for name, values in latents.items()}
-        return {
-            name: torch.stack([known[key][name] for key in keys]).unflatten(0, frames.shape[:2])
-            for name in known[keys[0]]
-        }
+    encoders = {"frame_latents": lambda pixels: vae.encode(pixels.to(device))}
+    if flipped:  # as SoundingVideoDataset flips: the model frames, along their width
+        encoders["frame_latents_flipped"] = lambda pixels: vae.encode(pixels.to(device).flip(-1))
+    encode_frames = FrameEncoder(encoders)
 
     def encode(batch: dict) -> dict[str, Tensor]:
-        encoded = encode_frames(batch["frames"], batch["file"], batch["start_frame"])
+        frames = batch["frames"]
+        indices = batch["start_frame"][:, None] + torch.arange(frames.shape[1])
+        encoded = encode_frames(frames, batch["file"], indices)
         encoded["audio_latents"] = vae.encode(batch["audio_image"].to(device))  # [B, C, h, w]
         if reals:  # what the step would decode: the stored latents
             for name in [n for n in encoded if n.endswith("_latents") or n.endswith("_latents_flipped")]:

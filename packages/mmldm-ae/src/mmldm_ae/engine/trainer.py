@@ -283,6 +283,19 @@ class StepHealth:
         return values[0], values[1], values[2], values[3:]
 
 
+def runtime_precision(precision: str) -> str:
+    """train.precision as this machine runs it: bf16 becomes fp32 ("no") on a CPU without bf16 kernels
+    (AVX512-BF16 / AMX), where bf16 convolutions take a plain loop: a tiny VAE step took 35 s there
+    instead of about 1 s."""
+    if (
+        precision == "bf16"
+        and not torch.cuda.is_available()
+        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return "no"
+    return precision
+
+
 class Trainer:
     def __init__(
         self,
@@ -302,8 +315,15 @@ class Trainer:
         # own precision; Accelerate keeps the first one process-wide unless its state is reset. The
         # distributed state (PartialState) stays.
         AcceleratorState._reset_state()
+        precision = runtime_precision(config.precision)
+        if precision != config.precision:
+            print(
+                f"train.precision={config.precision}: this CPU has no bf16 kernels (its bf16 "
+                "convolutions run ~10x slower than fp32); training in fp32",
+                file=sys.stderr,
+            )
         self.accelerator = Accelerator(
-            mixed_precision=config.precision,
+            mixed_precision=precision,
             cpu=not torch.cuda.is_available(),  # as processes()
             step_scheduler_with_optimizer=False,
             # Gradients live in DDP's communication buckets: no second copy of every gradient.
