@@ -238,3 +238,13 @@ def tiny_model_folder(tiny_ae_run, tmp_path_factory) -> Path:
     )
     pipe = MMLDMPipeline(dit, info={"vae_preset": "tiny"})
     return pipe.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_folder(tmp_path_factory) -> Path:
+    """A random 2-block tiny KL-VAE folder (32^2 -> 4x16x16), as stage 0 would export it."""
+    from mmldm_ae.vae import VAEConfig, build_vae
+
+    folder = tmp_path_factory.mktemp("vae") / "vae"
+    build_vae(VAEConfig(preset="tiny", block_out_channels=[16, 32])).save_pretrained(folder)
+    return folder

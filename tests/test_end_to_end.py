@@ -74,6 +74,18 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
         model / "dit_long" / "model.safetensors"
     ).is_file()
 
+    # The FVD floor of its VAE, on the demo's own folders.
+    floor = run_tool_in_process(
+        "vae_fvd.py",
+        str(out / "runs" / "vae" / "vae"),
+        str(out / "heldout"),
+        str(out / "synthetic"),
+        *("--clips", "2", "--real-clips", "3", "--out", str(tmp_path / "vae_fvd")),
+    )
+    sets = json.loads(floor.stdout.strip().splitlines()[-1])["sets"]
+    assert set(sets) == {"real", "shuffled", "vae"} and all(s["generated_clips"] == 2 for s in sets.values())
+    assert len(list((tmp_path / "vae_fvd" / "vae").glob("*.mp4"))) == 2
+
     second = run_tool_in_process(
         "demo.py", f"out={out}", f"results_json={tmp_path / 'results.json'}", *QUICK
     )  # reuses every stage: nothing trains
