@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import torch
-from demo import EvaluationPlan, evaluate_sets, synthetic_dataset_config, write_references
 from tqdm import tqdm
 
 from mmldm_ae.vae import VAELoadError, load_vae
@@ -31,6 +30,11 @@ from mmldm_data.evaluation import EvaluationError
 from mmldm_data.media import read_video, write_video
 from mmldm_data.video import to_uint8_frames
 from mmldm_dit.config import register_schemas
+
+# tools/demo.py makes the benchmark's references and evaluates them; this tool reuses both (its folder is on
+# the path when run as a script, not when run in-process by the tests).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo import EvaluationPlan, evaluate_sets, synthetic_dataset_config, write_references  # noqa: E402
 
 
 @torch.no_grad()
