@@ -97,7 +97,7 @@ class SamplingPlan:
     guidance: float = 3.0  # paper Eq. 9 s, both modalities
     vocoder: str = "hifigan-universal"
     # of the DiT, the autoencoder and the VAE while sampling: fp32, bf16, or null: bf16 where it runs
-    # natively (CUDA, CPUs with AVX512-BF16 / AMX), fp32 elsewhere (mmldm_ae.pipeline.native_bf16)
+    # natively (CUDA, CPUs with AVX512-BF16 / AMX), fp32 elsewhere (mmldm_ae.engine.trainer.native_bf16)
     precision: str | None = None
 
 

@@ -27,7 +27,7 @@ from torch.utils.data import default_collate
 
 from mmldm_ae.autoencoder import AEConfig, MultiModalAutoencoder
 from mmldm_ae.engine.checkpoint import load_ema_weights, load_module_weights, resolve_checkpoint
-from mmldm_ae.engine.trainer import compile_static
+from mmldm_ae.engine.trainer import compile_static, native_bf16
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
 from mmldm_data.audio import (
     IMAGE_FLOOR_LOGMEL,
@@ -65,12 +65,6 @@ def pixels_to_latents(vae: KLVAE, batch: dict) -> dict:
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp32")
-
-
-def native_bf16(device: str | torch.device) -> bool:
-    """Whether bf16 runs natively: CUDA, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX).
-    Elsewhere PyTorch falls back to a plain loop for bf16 convolutions, about 10x slower than fp32."""
-    return torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def set_inference_precision(precision: str | None, device: str | torch.device) -> torch.dtype:

@@ -104,7 +104,7 @@ class DiTConfig:
         return self.video_latent_channels, self.video_latent_size, self.video_latent_size
 
     def patch(self, modality: str) -> int:
-        return self.video_patch_size or self.patch_size if modality == "video" else self.patch_size
+        return (self.video_patch_size or self.patch_size) if modality == "video" else self.patch_size
 
     def frames(self, modality: str) -> int:
         """Grids of tokens the modality's latent makes: its key frames (video) or 1."""

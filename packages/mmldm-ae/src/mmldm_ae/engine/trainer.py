@@ -283,17 +283,17 @@ class StepHealth:
         return values[0], values[1], values[2], values[3:]
 
 
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether bf16 runs natively: CUDA, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16, AMX).
+    Elsewhere PyTorch falls back to a plain loop for bf16 convolutions, about 10x slower than fp32."""
+    return torch.device(device).type == "cuda" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def runtime_precision(precision: str) -> str:
-    """train.precision as this machine runs it: bf16 becomes fp32 ("no") on a CPU without bf16 kernels
-    (AVX512-BF16 / AMX), where bf16 convolutions take a plain loop: a tiny VAE step took 35 s there
-    instead of about 1 s."""
-    if (
-        precision == "bf16"
-        and not torch.cuda.is_available()
-        and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
-        return "no"
-    return precision
+    """train.precision as this machine runs it: bf16 becomes fp32 ("no") where bf16 is not native
+    (`native_bf16`): a tiny VAE step took 35 s in bf16 on such a CPU instead of about 1 s."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # as the Accelerator below
+    return "no" if precision == "bf16" and not native_bf16(device) else precision
 
 
 class Trainer:
