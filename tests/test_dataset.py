@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_tool
+from conftest import run_tool_in_process
 from media_factory import tone, truncate, write_test_video
 
 from mmldm_data.config import ConfigError, DatasetConfig, compose, dataset_config_from, to_typed
@@ -218,7 +218,7 @@ EXPECTED_SKIPS = {
 
 @pytest.mark.slow
 def test_inspect_dataset_counts_good_and_broken_files(mixed_root):
-    result = run_tool(
+    result = run_tool_in_process(
         "inspect_dataset.py", "dataset=synthetic", f"data_root={mixed_root}", "dataset.resolution=32"
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -256,7 +256,7 @@ def test_folder_without_usable_clip_is_a_clear_error(tmp_path):
     (tmp_path / "cls" / "broken.mp4").write_bytes(b"not a video")
     with pytest.raises(DatasetError, match=rf"no usable clip in '{tmp_path}'.*1 unreadable"):
         SoundingVideoDataset(synthetic_config(tmp_path))
-    result = run_tool("inspect_dataset.py", f"data_root={tmp_path}", check=False)
+    result = run_tool_in_process("inspect_dataset.py", f"data_root={tmp_path}", check=False)
     assert result.returncode == 2 and "no usable clip" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -20,7 +20,7 @@ demo = load_tool("demo.py")
 QUICK = [
     "num_clips=6",
     "heldout_clips=6",
-    "pretrained_vae=null",  # trains the VAE too (the default copies assets/tiny_vae: tested below)
+    "finetune_vae=true",  # trains assets/tiny_vae further (copying it as it is: tested below)
     "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
     "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2','ae.video_latent=key_frames','ae.num_key_frames=8','ae.latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
     "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
@@ -64,7 +64,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert reports["real"]["oracle_onset_error_frames"] <= 1.0
     assert reports["swapped"]["av_align"] is not None
     assert {row["label"] for row in metrics["quality"]} >= {"a2v oracle accuracy", "v2a oracle accuracy"}
-    assert "| a2v oracle accuracy |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| a2v oracle accuracy |" in report and "| vae | 2 from assets/tiny_vae |" in report
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["quality"] == metrics["quality"] and results["training"] == metrics["training"]
     # The demo ends by exporting its model: a folder MMLDMPipeline loads, with both DiTs.
@@ -206,3 +207,5 @@ def test_bad_end_to_end_config_names_the_key():
     assert result.returncode != 0 and "sampling.guidance" in result.stderr
     with pytest.raises(ConfigError, match="pretrained_vae: nowhere is not a VAE folder"):
         to_typed(demo.EndToEndConfig, {"pretrained_vae": "nowhere"})
+    with pytest.raises(ConfigError, match="finetune_vae=true needs a pretrained_vae"):
+        to_typed(demo.EndToEndConfig, {"finetune_vae": True})

@@ -11,26 +11,25 @@ from pathlib import Path
 import pytest
 from conftest import run_tool, run_tool_in_process
 
-# Every run: a step, 2 clips evaluated, at 32^2 through a 2-block VAE (the tiny DiT's latents, as conftest's
-# tiny_ae_run): the tables' layout does not depend on the size, and each step and evaluation is cheaper.
+# Every run: a step, no previews, 2 clips evaluated, at 32^2 through a 2-block VAE (the tiny DiT's latents,
+# as conftest's tiny_ae_run): the tables' layout does not depend on the size, and each run is cheaper.
 FAST = [
     "train.max_steps=1",
     "train.log_every=1",
     "train.checkpoint_every=1",
+    "train.sample_at_end=false",
     "evaluate.clips=2",
     "evaluate.batch_size=2",
     "dataset.window_stride=8",
     "dataset.resolution=32",
     "dataset.mel.image_size=32",
 ]
-# The autoencoder's runs also: one preview clip, vocoded by Griffin-Lim (HiFi-GAN takes seconds on a CPU).
+# The autoencoder's runs also: round trips vocoded by Griffin-Lim (HiFi-GAN takes seconds a clip on a CPU).
 FAST_AE = [
     *FAST,
     "ae.resolution=32",
     "ae.vae_downsample=2",
     "ae.decode_steps=2",
-    "preview_clips=1",
-    "preview_steps=2",
     "vocoder=griffinlim",
 ]
 
@@ -100,9 +99,6 @@ def test_tiny_scale_sweep_gives_table_4(tmp_path, synthetic_root, sensitivity_sw
         "evaluate_sampling.steps=2",
         "evaluate_sampling.ae_steps=2",
         "evaluate_sampling.vocoder=griffinlim",
-        "preview.steps=2",
-        "preview.ae_steps=2",
-        "preview.vocoder=griffinlim",
         *FAST,
     )
     table = collect(sweep)

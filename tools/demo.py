@@ -12,7 +12,8 @@ Stages, each in its own folder under `out`:
     synthetic   training clips; heldout: other clips of the same classes (another seed)
     previews    a contact sheet and one mp4 per class of the training set
     vae         stage 0: the tiny KL-VAE: `pretrained_vae` (a VAE folder, assets/tiny_vae) as it is,
-                or with pretrained_vae=null trained here     (conf/train_vae.yaml + `train_vae` overrides)
+                fine-tuned on the training clips (finetune_vae=true), or with pretrained_vae=null
+                trained here                                 (conf/train_vae.yaml + `train_vae` overrides)
     ae          stage 1: the multi-modal autoencoder         (conf/train_ae.yaml + `train_ae`)
     dit         stage 2: the DiT for svg / a2v / v2a         (conf/train_dit.yaml + `train_dit`)
     dit_long    the long-generation DiT                      (conf/train_dit_long.yaml + `train_dit_long`)
@@ -55,7 +56,7 @@ from mmldm_data.audio import audio_image_to_logmel, mel_spectrogram
 from mmldm_data.cli import user_errors
 from mmldm_data.config import ConfigError, DatasetConfig, compose, dataset_config_from, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_data.evaluation import EvalProtocol, EvalSets, EvaluationError, evaluate, load_models
+from mmldm_data.evaluation import EvaluationError, evaluate_sets, write_references
 from mmldm_data.media import read_audio, read_video, write_video
 from mmldm_data.preview import contact_sheet, save_png, spectrogram_rgb
 from mmldm_data.synthetic import (
@@ -78,7 +79,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SAMPLED_TASKS = (Task.svg, Task.a2v, Task.v2a, Task.long)
 # Long samples are left out of the evaluation: the evaluator reads one window per file, too few for FVD.
 EVALUATED_TASKS = tuple(task for task in SAMPLED_TASKS if not task.needs_long_model)
-REFERENCE_SETS = ("real", "shuffled", "swapped")  # held-out clips; frames shuffled; sound of another clip
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -129,6 +129,9 @@ class EndToEndConfig:
     # Stage 0 from a pretrained VAE, as the paper starts from SD's: a finished VAE folder
     # (tools/train_vae.py's <run_dir>/vae), used as it is; null trains one on the training clips.
     pretrained_vae: str | None = None
+    # true: fine-tune `pretrained_vae` on the training clips (from its weights, with `train_vae`) instead
+    # of using it as it is; synth-bench does, for its decoded frames' FVD (docs/design.md#vae-fine-tuning)
+    finetune_vae: bool = False
     train_vae: list[str] = field(default_factory=list)  # Hydra overrides of conf/train_vae.yaml
     train_ae: list[str] = field(default_factory=list)  # ... of conf/train_ae.yaml
     train_dit: list[str] = field(default_factory=list)  # ... of conf/train_dit.yaml
@@ -188,6 +191,8 @@ class EndToEndConfig:
                 "relative path is from the current folder, make demo runs in the repository root); "
                 "pretrained_vae=null trains one on the training clips"
             )
+        if self.finetune_vae and self.pretrained_vae is None:
+            problems.append("finetune_vae=true needs a pretrained_vae to fine-tune (a VAE folder)")
         ConfigError.raise_if_any(problems, "invalid end-to-end config")
 
 
@@ -272,6 +277,15 @@ def pretrained_vae_stage(source: Path) -> tuple[dict, Callable[[Path], dict]]:
     return {"pretrained": weights, "config": config}, work
 
 
+def stage_steps(stage: dict) -> str:
+    """A training stage's steps for the report: as trained, pretrained as it is, or fine-tuned from one."""
+    if not stage.get("pretrained"):
+        return str(stage["step"])
+    if stage["step"] == 0:
+        return f"pretrained {stage['pretrained']}"
+    return f"{stage['step']} from {stage['pretrained']}"
+
+
 def train_stage(
     config_name: str, overrides: list[str], train: Callable[[object], dict]
 ) -> Callable[[Path], dict]:
@@ -354,53 +368,6 @@ def write_samples(
         "contact_sheet": str(sheet),
         "spectrograms": [str(folder / f"spectrogram_{task}.png") for task in SAMPLED_TASKS],
     }
-
-
-def write_references(folder: Path, heldout: SoundingVideoDataset, count: int, seed: int) -> dict[str, Path]:
-    """Held-out windows as mp4s three ways: as they are, frames shuffled in time, sound of the next clip."""
-    rng = np.random.default_rng(seed)
-    picks = np.linspace(0, len(heldout) - 1, min(count, len(heldout))).round().astype(int)
-    items = [heldout[int(i)] for i in picks]
-    config = heldout.config
-    folders = {name: folder / name for name in REFERENCE_SETS}
-    for path in folders.values():
-        path.mkdir(parents=True, exist_ok=True)
-    for index, item in enumerate(items):
-        frames = to_uint8_frames(item["frames"])
-        audio = item["audio"].numpy()
-        other = items[(index + 1) % len(items)]["audio"].numpy()
-        variants = {
-            "real": (frames, audio),
-            "shuffled": (frames[rng.permutation(len(frames))], audio),
-            "swapped": (frames, other),
-        }
-        for name, (video, sound) in variants.items():
-            write_video(
-                folders[name] / f"{name}_{index:04d}.mp4", video, config.fps, sound, config.mel.sample_rate
-            )
-    return folders
-
-
-def evaluate_sets(folder: Path, real_root: Path, sets: dict[str, Path], plan: EvaluationPlan) -> dict:
-    """The evaluator's report for every set against the training clips, as {set: metrics}."""
-    protocol = EvalProtocol(resolution=64, num_clips=plan.real_clips, fad_backends=("aisfx",))
-    models = load_models(protocol, "cuda" if torch.cuda.is_available() else "cpu")
-    reports = {}
-    for name, generated in sets.items():
-        print(f"[evaluation] {name}", file=sys.stderr, flush=True)
-        report = evaluate(
-            EvalSets.scan(real_root, protocol, generated),
-            protocol,
-            models,
-            seeds=[0],
-            cache_dir=folder / "cache",
-            batch_size=plan.batch_size,
-        )
-        reports[name] = {
-            key: value for key, value in report.items() if key not in ("per_seed", "protocol", "inputs")
-        }
-    (folder / "reports.json").write_text(json.dumps(reports, indent=1))
-    return reports
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,15 +493,21 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
 
     runs = out / "runs"
     data_override = [f"data_root={train_root}"]
-    if cfg.pretrained_vae is None:
+    if cfg.pretrained_vae is not None and not cfg.finetune_vae:
+        vae = run_stage(runs / "vae", *pretrained_vae_stage(Path(cfg.pretrained_vae)))
+    else:
+        vae_settings = {"data": data["synthetic"]["key"], "overrides": cfg.train_vae}
+        start = []
+        if cfg.pretrained_vae is not None:
+            vae_settings["pretrained"] = pretrained_vae_stage(Path(cfg.pretrained_vae))[0]
+            start = [f"vae.weights={cfg.pretrained_vae}"]
+        train = train_stage("train_vae", [*data_override, *start, *cfg.train_vae], train_vae_from_config)
         vae = run_stage(
             runs / "vae",
-            {"data": data["synthetic"]["key"], "overrides": cfg.train_vae},
-            train_stage("train_vae", [*data_override, *cfg.train_vae], train_vae_from_config),
+            vae_settings,
+            lambda folder: train(folder) | {"pretrained": cfg.pretrained_vae},
             resumable=True,
         )
-    else:
-        vae = run_stage(runs / "vae", *pretrained_vae_stage(Path(cfg.pretrained_vae)))
     ae = run_stage(
         runs / "ae",
         {"vae": vae["key"], "overrides": cfg.train_ae},
@@ -591,7 +564,11 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             folder / "references", heldout, cfg.evaluation.reference_clips, cfg.seed
         )
         sets = {task: out / "samples" / task for task in EVALUATED_TASKS} | references
-        return {"reports": evaluate_sets(folder, train_root, sets, cfg.evaluation)}
+        return {
+            "reports": evaluate_sets(
+                folder, train_root, sets, cfg.evaluation.real_clips, cfg.evaluation.batch_size
+            )
+        }
 
     evaluated = run_stage(
         out / "evaluation", {"samples": samples["key"], "plan": asdict(cfg.evaluation)}, evaluation
@@ -623,6 +600,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
             "heldout_clips": cfg.heldout_clips,
             "seed": cfg.seed,
             "pretrained_vae": cfg.pretrained_vae,
+            "finetune_vae": cfg.finetune_vae,
             "train_vae": cfg.train_vae,
             "train_ae": cfg.train_ae,
             "train_dit": cfg.train_dit,
@@ -685,11 +663,7 @@ def report_markdown(title: str, out: Path, metrics: dict, table: str, previews: 
         "",
         "| stage | steps | seconds |",
         "|---|---|---|",
-        *[
-            f"| {name} | {stage['pretrained'] and 'pretrained ' + stage['pretrained'] or stage['step']} "
-            f"| {stage['seconds']} |"
-            for name, stage in training.items()
-        ],
+        *[f"| {name} | {stage_steps(stage)} | {stage['seconds']} |" for name, stage in training.items()],
         "",
         "## Samples",
         "",

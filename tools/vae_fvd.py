@@ -25,16 +25,14 @@ from tqdm import tqdm
 
 from mmldm_ae.vae import VAELoadError, load_vae
 from mmldm_data.cli import user_errors
+from mmldm_data.config import compose, dataset_config_from
 from mmldm_data.dataset import SoundingVideoDataset
-from mmldm_data.evaluation import EvaluationError
+from mmldm_data.evaluation import EvaluationError, evaluate_sets, write_references
 from mmldm_data.media import read_video, write_video
 from mmldm_data.video import to_uint8_frames
 from mmldm_dit.config import register_schemas
 
-# tools/demo.py makes the benchmark's references and evaluates them; this tool reuses both (its folder is on
-# the path when run as a script, not when run in-process by the tests).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo import EvaluationPlan, evaluate_sets, synthetic_dataset_config, write_references  # noqa: E402
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @torch.no_grad()
@@ -69,7 +67,8 @@ def main() -> int:
         register_schemas()
         torch.manual_seed(args.seed)
         vae = load_vae(args.vae, preset=args.preset).eval()
-        heldout = SoundingVideoDataset(synthetic_dataset_config(args.heldout), return_all_frames=True)
+        heldout_config = compose(CONF_DIR, "data", ["dataset=synthetic", f"data_root={args.heldout}"])
+        heldout = SoundingVideoDataset(dataset_config_from(heldout_config), return_all_frames=True)
         references = write_references(args.out / "references", heldout, args.clips, args.seed)
         config = heldout.config
         sets = {
@@ -79,8 +78,7 @@ def main() -> int:
                 vae, references["real"], args.out / "vae", config.fps, config.mel.sample_rate
             ),
         }
-        plan = EvaluationPlan(real_clips=args.real_clips, reference_clips=args.clips)
-        reports = evaluate_sets(args.out / "evaluation", args.real, sets, plan)
+        reports = evaluate_sets(args.out / "evaluation", args.real, sets, args.real_clips)
     rows = {name: {key: reports[name][key] for key in ("fvd", "kvd", "generated_clips")} for name in sets}
     print(f"\n| held-out windows ({args.clips}) | FVD | KVD |\n|---|---|---|")
     labels = {"real": "as they are", "shuffled": "frames shuffled in time", "vae": f"through {args.vae}"}

@@ -262,11 +262,14 @@ def build_ae_training(cfg: DictConfig) -> AETraining:
     return AETraining(trainer, pipeline, pixels, run_dir)
 
 
-def evaluate_autoencoder(run_dir: Path, plan: EvalPlan, dataset: DatasetConfig) -> dict[str, Any]:
+def evaluate_autoencoder(
+    run_dir: Path, plan: EvalPlan, dataset: DatasetConfig, vocoder: str
+) -> dict[str, Any]:
     """rFVD / rKVD / rFAD (paper Table 5) of `plan.clips` real windows round-tripped through the run's
-    autoencoder, with AV-Align and, on the synthetic set, the oracle readings of the reconstructions."""
+    autoencoder (sound through `vocoder`), with AV-Align and, on the synthetic set, the oracle readings
+    of the reconstructions."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reconstructor = AutoencoderReconstructor(load_autoencoder(run_dir, device=device))
+    reconstructor = AutoencoderReconstructor(load_autoencoder(run_dir, device=device), vocoder=vocoder)
     protocol = plan.protocol(dataset.fps, dataset.num_frames)
     sets = EvalSets.scan(dataset.data_root, protocol, reconstructor=reconstructor)
     report = evaluate(
@@ -287,7 +290,7 @@ def train_ae_from_config(cfg: DictConfig) -> dict[str, Any]:
     summary = training.trainer.train()
     summary |= {"samples": str(training.run_dir / "samples"), "is_main": training.trainer.is_main}
     if plan.clips and training.trainer.is_main:
-        metrics = evaluate_autoencoder(training.run_dir, plan, training.pipeline.dataset)
+        metrics = evaluate_autoencoder(training.run_dir, plan, training.pipeline.dataset, cfg.vocoder)
         write_results(
             training.run_dir,
             experiment,
