@@ -130,7 +130,7 @@ class EndToEndConfig:
     # (tools/train_vae.py's <run_dir>/vae), used as it is; null trains one on the training clips.
     pretrained_vae: str | None = None
     # true: fine-tune `pretrained_vae` on the training clips (from its weights, with `train_vae`) instead
-    # of using it as it is; synth-bench does, for its decoded frames' FVD (docs/design.md#vae-fine-tuning)
+    # of using it as it is (measured for synth-bench, not adopted: docs/design.md#vae-fine-tuning)
     finetune_vae: bool = False
     train_vae: list[str] = field(default_factory=list)  # Hydra overrides of conf/train_vae.yaml
     train_ae: list[str] = field(default_factory=list)  # ... of conf/train_ae.yaml
@@ -272,9 +272,13 @@ def pretrained_vae_stage(source: Path) -> tuple[dict, Callable[[Path], dict]]:
         load_vae(folder / "vae", preset="tiny")  # fails here, naming the folder, on weights that do not load
         return {"step": 0, "pretrained": str(source), "vae": str(folder / "vae")}
 
+    return pretrained_vae_settings(source), work
+
+
+def pretrained_vae_settings(source: Path) -> dict:
+    """What a stage built on the VAE folder `source` depends on: its weights' hash and its config."""
     weights = hashlib.sha1((source / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
-    config = json.loads((source / "config.json").read_text())
-    return {"pretrained": weights, "config": config}, work
+    return {"pretrained": weights, "config": json.loads((source / "config.json").read_text())}
 
 
 def stage_steps(stage: dict) -> str:
@@ -499,7 +503,7 @@ def run_end_to_end(cfg: EndToEndConfig) -> dict:
         vae_settings = {"data": data["synthetic"]["key"], "overrides": cfg.train_vae}
         start = []
         if cfg.pretrained_vae is not None:
-            vae_settings["pretrained"] = pretrained_vae_stage(Path(cfg.pretrained_vae))[0]
+            vae_settings["pretrained"] = pretrained_vae_settings(Path(cfg.pretrained_vae))
             start = [f"vae.weights={cfg.pretrained_vae}"]
         train = train_stage("train_vae", [*data_override, *start, *cfg.train_vae], train_vae_from_config)
         vae = run_stage(
