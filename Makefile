@@ -74,9 +74,11 @@ $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$
 	touch $@
 
 # Tests run in TEST_WORKERS processes of one torch thread each (pytest-xdist), a test file per
-# worker at a time so that its module fixtures are built once; TEST_WORKERS=0 runs them in this process.
+# worker at a time so that its module fixtures are built once, the longest files first (in
+# tests/conftest.py; xdist would otherwise start with the files of most tests, which are quick, and end
+# on the long ones); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST := $(PY) -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 # Everything (CI's command); prints the 20 slowest tests.
 test: setup

@@ -21,18 +21,18 @@ QUICK = [
     "num_clips=6",
     "heldout_clips=6",
     "finetune_vae=true",  # trains assets/tiny_vae further (copying it as it is: tested below)
-    "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1']",
-    "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','preview_clips=1','preview_steps=2','ae.video_latent=key_frames','ae.num_key_frames=8','ae.latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
-    "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
-    "train_dit_long=['train=dit_tiny','train.max_steps=2','train.log_every=1','preview.steps=2','preview.ae_steps=2','preview.vocoder=griffinlim','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
+    "train_vae=['train=vae_tiny','train.max_steps=2','train.log_every=1','train.sample_at_end=false']",
+    "train_ae=['train=ae_tiny','train.max_steps=2','train.log_every=1','dataset.window_stride=8','train.sample_at_end=false','ae.video_latent=key_frames','ae.num_key_frames=8','ae.latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
+    "train_dit=['train=dit_tiny','train.max_steps=2','train.log_every=1','train.sample_at_end=false','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
+    "train_dit_long=['train=dit_tiny','train.max_steps=2','train.log_every=1','train.sample_at_end=false','dit.video_latent_channels=16','dit.audio_latent_channels=16','dataset.key_frame_indices=[0,2,4,6,8,10,12,14]']",
     "sampling.steps=2",
     "sampling.ae_steps=2",
     "sampling.long_clips=2",
     "sampling.per_class=1",
     "sampling.svg_samples=2",
     "sampling.vocoder=griffinlim",
-    "evaluation.real_clips=6",
-    "evaluation.reference_clips=3",
+    "evaluation.real_clips=3",
+    "evaluation.reference_clips=2",
 ]
 
 

@@ -31,6 +31,7 @@ from torch import Tensor
 
 import mmldm_dit.sampling as sampling
 from mmldm_ae.autoencoder import MultiModalAutoencoder
+from mmldm_ae.autoencoder.encoders import DiagonalGaussian
 from mmldm_ae.engine.diffusion import build_train_scheduler, q_sample
 from mmldm_ae.pipeline import pixels_to_latents
 from mmldm_ae.vae import KLVAE, VAEConfig, build_vae
@@ -291,6 +292,25 @@ def clip_batch(vae: KLVAE, seeds: range) -> dict[str, Tensor]:
     return pixels_to_latents(vae, pixels)
 
 
+class FrozenEncoderMemo:
+    """A frozen encoder's posterior of each input row, computed once: the training below sees the same 72
+    clips (or, dropped by guidance dropout, zeros) again and again. Rows are independent (GroupNorm,
+    no batch statistics), so this is the encoder's output."""
+
+    def __init__(self, forward):
+        self.forward, self.rows = forward, {}
+
+    def __call__(self, x: Tensor) -> DiagonalGaussian:
+        keys = [row.numpy().tobytes() for row in x]
+        missing = [i for i, key in enumerate(keys) if key not in self.rows]
+        if missing:
+            posterior = self.forward(x[missing])
+            for row, i in enumerate(missing):
+                self.rows[keys[i]] = posterior.mean[row], posterior.logvar[row]
+        means, logvars = zip(*(self.rows[key] for key in keys), strict=True)
+        return DiagonalGaussian(torch.stack(means), torch.stack(logvars))
+
+
 @dataclass
 class TrainedHead:
     model: MultiModalAutoencoder
@@ -317,6 +337,8 @@ def trained_head() -> TrainedHead:
     generator = torch.Generator().manual_seed(0)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(model.decoder, "forward", lambda x_t, timesteps, cond: torch.zeros_like(x_t))
+        for encoder in (model.video_encoder, model.audio_encoder):
+            patch.setattr(encoder, "forward", FrozenEncoderMemo(encoder.forward))
         for _ in range(AE_STEPS):
             rows = torch.randperm(len(train["class_id"]), generator=generator)[:AE_BATCH]
             losses = model.training_losses({k: v[rows] for k, v in train.items()}, vae, generator=generator)

@@ -144,10 +144,10 @@ def test_bf16_hifigan_sounds_like_fp32(universal):
     # What bf16 sampling runs (AutoencoderPipeline.vocoder follows its weights' dtype), 3.1x faster on
     # a CPU with native bf16. Measured on the whole mix: waveform error 0.16% of the signal's power
     # (-28 dB), round-trip log-mel L1 0.2814 vs 0.2816, the same silence before the bursts. Here
-    # 0.45-0.85 s of the mix (a tone's tail, the silence, the first burst): on an AVX2-only CPU bf16
-    # convolutions take a slow path (the whole mix took 105 s there, its first 0.85 s 52-57 s).
-    start = 0.45
-    wave = tone_and_burst_mix(seconds=0.85)[:, round(start * CFG.sample_rate) :]
+    # 0.52-0.78 s of the mix (a tone's tail, the silence, the first burst): on an AVX2-only CPU bf16
+    # convolutions take a slow path (the whole mix took 105 s there, 0.45-0.85 s 36 s in a test run).
+    start = 0.52
+    wave = tone_and_burst_mix(seconds=0.78)[:, round(start * CFG.sample_rate) :]
     logmel = mel_spectrogram(wave, CFG)
     half = load_vocoder("hifigan-universal", CFG, dtype=torch.bfloat16)(logmel)
     full = universal(logmel)

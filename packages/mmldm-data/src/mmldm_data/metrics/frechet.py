@@ -40,17 +40,26 @@ def frechet_distance(x: ArrayLike, y: ArrayLike) -> float:
 
     x: [N, D], y: [M, D]; S are unbiased (1/(N-1)) covariances. The cross term is the trace form of
     Tr(sqrtm(S_x S_y)) computed on a symmetric PSD matrix, so it stays real and stable when the
-    covariances are singular (N <= D).
+    covariances are singular (N <= D). With fewer clips than dimensions it is the nuclear norm of
+    X_c Y_c^T / sqrt((N-1)(M-1)) (centred features; the same nonzero eigenvalues), an [N, M] SVD
+    instead of two [D, D] eigendecompositions.
     """
     x, y = _check_pair(x, y)
     mean_x, mean_y = x.mean(axis=0), y.mean(axis=0)
-    cov_x, cov_y = np.cov(x, rowvar=False, ddof=1), np.cov(y, rowvar=False, ddof=1)
-    sqrt_cov_x = _symmetric_sqrt(cov_x)
-    product = sqrt_cov_x @ cov_y @ sqrt_cov_x
-    product_eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
-    cross_trace = np.sqrt(np.clip(product_eigenvalues, 0.0, None)).sum()
-    distance = np.sum((mean_x - mean_y) ** 2) + np.trace(cov_x) + np.trace(cov_y) - 2.0 * cross_trace
-    return float(distance)
+    centred_x, centred_y = x - mean_x, y - mean_y
+    n, m, dim = len(x), len(y), x.shape[1]
+    trace_x = np.square(centred_x).sum() / (n - 1)
+    trace_y = np.square(centred_y).sum() / (m - 1)
+    if min(n, m) < dim:
+        singular = np.linalg.svd(centred_x @ centred_y.T, compute_uv=False)
+        cross_trace = singular.sum() / np.sqrt((n - 1) * (m - 1))
+    else:
+        cov_x, cov_y = centred_x.T @ centred_x / (n - 1), centred_y.T @ centred_y / (m - 1)
+        sqrt_cov_x = _symmetric_sqrt(cov_x)
+        product = sqrt_cov_x @ cov_y @ sqrt_cov_x
+        product_eigenvalues = np.linalg.eigvalsh((product + product.T) / 2)
+        cross_trace = np.sqrt(np.clip(product_eigenvalues, 0.0, None)).sum()
+    return float(np.sum((mean_x - mean_y) ** 2) + trace_x + trace_y - 2.0 * cross_trace)
 
 
 def polynomial_mmd(x: ArrayLike, y: ArrayLike, degree: int = 3) -> float:
