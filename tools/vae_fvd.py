@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from mmldm_ae.vae import VAELoadError, load_vae
 from mmldm_data.cli import user_errors
-from mmldm_data.config import compose, dataset_config_from
+from mmldm_data.config import preset
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvaluationError, evaluate_sets, write_references
 from mmldm_data.media import read_video, write_video
@@ -67,8 +67,8 @@ def main() -> int:
         register_schemas()
         torch.manual_seed(args.seed)
         vae = load_vae(args.vae, preset=args.preset).eval()
-        heldout_config = compose(CONF_DIR, "data", ["dataset=synthetic", f"data_root={args.heldout}"])
-        heldout = SoundingVideoDataset(dataset_config_from(heldout_config), return_all_frames=True)
+        heldout_config = preset(CONF_DIR, "dataset", "synthetic", data_root=str(args.heldout))
+        heldout = SoundingVideoDataset(heldout_config, return_all_frames=True)
         references = write_references(args.out / "references", heldout, args.clips, args.seed)
         config = heldout.config
         sets = {
