@@ -59,6 +59,10 @@ MODEL ?= outputs/demo/model
 
 setup: $(STAMP)
 
+# No wheel cache: PyPI's torch pulls ~3 GB of CUDA wheels, and a cached copy beside the installed one
+# has filled a CI machine's disk (pip: "No space left on device").
+PIP_INSTALL := $(PY) -m pip install -q --disable-pip-version-check --no-cache-dir
+
 # Re-installs only when a requirements file or a package definition changes, so a second
 # `make setup` takes a moment.
 $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$(PACKAGES))
@@ -66,10 +70,10 @@ $(STAMP): requirements.txt requirements-nodeps.txt $(addsuffix /pyproject.toml,$
 	  echo "make setup: needs Python 3.11 or newer; $(PYTHON) is $$($(PYTHON) --version 2>/dev/null || echo "not found")." \
 	       "Install one and run: make setup PYTHON=python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(if $(TORCH_INDEX),$(PY) -m pip install -q --disable-pip-version-check --index-url $(TORCH_INDEX) $(TORCH_PINS))
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
+	$(if $(TORCH_INDEX),$(PIP_INSTALL) --index-url $(TORCH_INDEX) $(TORCH_PINS))
+	$(PIP_INSTALL) -r requirements.txt
+	$(PIP_INSTALL) --no-deps -r requirements-nodeps.txt
+	$(PIP_INSTALL) --no-deps --no-build-isolation $(addprefix -e ,$(PACKAGES))
 	$(PY) tools/check_env.py
 	touch $@
 

@@ -1,5 +1,9 @@
 """After `make setup`: which torch was installed and whether it can use this machine's GPU.
 
+Also imports librosa's feature module once, which compiles its numba kernels into librosa's own cache
+(about 14 s on a 2-core CPU): otherwise the first tool or test to import it pays that, and a test run
+pays it in each of its workers at once.
+
 Warns (exit 0) when the machine has an NVIDIA driver but torch sees no GPU: the usual cause is a
 torch build for a newer CUDA than the driver supports, and the tools would then train on the CPU.
 """
@@ -21,6 +25,8 @@ def nvidia_driver() -> str | None:
 
 
 def main() -> None:
+    import librosa.feature  # noqa: F401  (see the module docstring)
+
     cuda = torch.cuda.is_available()
     built_for = torch.version.cuda or "CPU only"
     gpus = (
