@@ -83,7 +83,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--reference-seeds", type=int, default=2, help="noise seeds of the reference")
     parser.add_argument("--tolerance", type=float, default=0.1)
     parser.add_argument("--vocoder", default="hifigan-universal")
-    parser.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA, fp32 elsewhere")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="default: bf16 where native (CUDA, AMX CPUs), else fp32"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(

@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--precision", choices=PRECISIONS, help="--recon's weights (default: bf16 on CUDA, fp32 elsewhere)"
+        "--precision", choices=PRECISIONS, help="--recon's weights (default: bf16 where native, else fp32)"
     )
     parser.add_argument("--cache-dir", type=Path, help="real-set feature cache (default <cache>/eval)")
     return parser.parse_known_args(argv)

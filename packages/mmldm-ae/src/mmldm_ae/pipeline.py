@@ -459,5 +459,5 @@ def _resize_frames(frames: Tensor, size: int) -> Tensor:
 def load_reconstructor(
     checkpoint: str | Path, device: str | torch.device = "cpu", precision: str | None = None
 ) -> AutoencoderReconstructor:
-    """Entry point the evaluator's --recon uses; precision None: bf16 on CUDA, fp32 elsewhere."""
+    """Entry point the evaluator's --recon uses; precision None: as set_inference_precision."""
     return AutoencoderReconstructor(load_autoencoder(checkpoint, device=device, precision=precision))

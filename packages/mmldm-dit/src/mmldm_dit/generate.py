@@ -108,7 +108,8 @@ class SampleConfig:
     ae_steps: int | None = None  # DDIM steps of the autoencoder's decoder (null: its ae.decode_steps)
     vocoder: str = "hifigan-universal"
     use_ema: bool = True
-    # bf16 | fp32 weights of the DiT, the autoencoder and the VAE; null: bf16 on CUDA, fp32 elsewhere
+    # bf16 | fp32 weights of the DiT, the autoencoder and the VAE; null: bf16 where native (CUDA,
+    # AMX CPUs), else fp32
     precision: str | None = None
     # torch.compile the DiT and the decoder UNet (static shapes: compiled at the first batch, then no
     # recompiles between steps or batches of the same size; minutes on a GPU, see `compile_for_sampling`)

@@ -173,8 +173,9 @@ class MMLDMPipeline:
     ) -> MMLDMPipeline:
         """A model folder of `save_pretrained` / tools/export_model.py, or a tools/train_dit.py run
         (then `from_runs`). dtype: torch.float32 / torch.bfloat16 or "fp32" / "bf16"; None: bf16
-        on CUDA, fp32 elsewhere. compile: the DiTs and the decoder UNet torch.compiled for static
-        shapes (`mmldm_dit.generate.compile_for_sampling`: the first sample of each shape compiles)."""
+        where it runs natively (CUDA, CPUs with AVX512-BF16 / AMX), fp32 elsewhere. compile: the
+        DiTs and the decoder UNet torch.compiled for static shapes
+        (`mmldm_dit.generate.compile_for_sampling`: the first sample of each shape compiles)."""
         path = Path(path)
         if not (path / MODEL_INDEX).is_file():
             if (path / "checkpoints").is_dir() or (path / "state.json").is_file():

@@ -248,10 +248,12 @@ class MultiModalAutoencoder(nn.Module):
         return self.video_projector(z_v), self.audio_projector(z_a)
 
     def predict_class(self, z_v: Tensor, z_a: Tensor) -> Tensor:
-        """Class ids [B] from the classification head; -1 (no class) for class-free models."""
+        """Class ids [B] from the classification head; -1 (no class) for class-free models. The latents
+        are cast to the model's dtype (pipelines hand them over in fp32)."""
         if self.classifier is None:
             return torch.full((z_v.shape[0],), -1, dtype=torch.long, device=z_v.device)
-        return self.classifier(*self.semantics(z_v, z_a)).argmax(dim=-1)
+        dtype = self.decoder.unet.dtype
+        return self.classifier(*self.semantics(z_v.to(dtype), z_a.to(dtype))).argmax(dim=-1)
 
     # --------------------------------------------------------- decoder inputs
 
