@@ -54,7 +54,7 @@ from mmldm_ae.train_vae import train_vae_from_config
 from mmldm_ae.vae import VAELoadError, load_vae
 from mmldm_data.audio import audio_image_to_logmel, mel_spectrogram
 from mmldm_data.cli import user_errors
-from mmldm_data.config import ConfigError, DatasetConfig, compose, dataset_config_from, to_typed
+from mmldm_data.config import ConfigError, DatasetConfig, compose, preset, to_typed
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.evaluation import EvaluationError, evaluate_sets, write_references
 from mmldm_data.media import read_audio, read_video, write_video
@@ -235,7 +235,7 @@ def run_stage(folder: Path, settings: dict, work: Callable[[Path], dict], resuma
 
 def synthetic_dataset_config(root: Path) -> DatasetConfig:
     """The synthetic preset (conf/dataset/synthetic.yaml) on `root`."""
-    return dataset_config_from(compose(CONF_DIR, "data", ["dataset=synthetic", f"data_root={root}"]))
+    return preset(CONF_DIR, "dataset", "synthetic", data_root=str(root))
 
 
 def write_previews(folder: Path, dataset: SoundingVideoDataset) -> dict:

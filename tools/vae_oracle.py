@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from mmldm_ae.vae import VAELoadError, load_vae
 from mmldm_data.cli import user_errors
-from mmldm_data.config import ConfigError, compose, dataset_config_from
+from mmldm_data.config import ConfigError, preset
 from mmldm_data.dataset import SoundingVideoDataset
 from mmldm_data.synthetic import CLASS_SETS, class_oracles, synthetic_class_set
 from mmldm_data.video import to_uint8_frames
@@ -79,9 +79,7 @@ def main() -> int:
                 f"{args.data} is not a synthetic dataset folder (no metadata.json of make_synthetic)"
             )
         register_schemas()  # the conf/ presets start from the typed schemas
-        config = dataset_config_from(
-            compose(CONF_DIR, "data", ["dataset=synthetic", f"data_root={args.data}"])
-        )
+        config = preset(CONF_DIR, "dataset", "synthetic", data_root=str(args.data))
         dataset = SoundingVideoDataset(config, return_all_frames=True)
         by_file: dict[int, list[int]] = {}
         for index, (file_position, _) in enumerate(dataset.windows):
