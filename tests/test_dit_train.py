@@ -170,8 +170,13 @@ def test_train_dit_tool_trains_resumes_and_checks_configs(
     probe = run_tool_in_process(
         "probe_conditioning.py", str(run_dir), "--windows", "8", "--per-class", "1", "--steps", "2"
     )
-    gain = json.loads(probe.stdout.strip().splitlines()[-1])["loss_gain"]
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    gain, separation = report["loss_gain"], report["separation"]
     assert len(gain) == 6 and {"joint", "given", "other"} == set(gain[0]["v2a"])
+    for row in separation.values():  # two different classes, apart; windows spread around their centroids
+        first, second = row["closest"].split(" / ")
+        assert first != second and first and second
+        assert row["closest_distance"] > 0 and row["spread"] > 0
     assert "(another clip's)" in probe.stdout
 
     changed = run_tool_in_process(  # fails on resuming, before any step

@@ -5,6 +5,9 @@
     python tools/probe_conditioning.py outputs/demo/runs/dit --decoder  # also the autoencoder's decoder
 
 Reads the run's own latent cache (training windows) and measures, without decoding anything:
+  * class separation: per modality, the closest pair of class centroids of the standardised latents
+    and their distance, beside the median pair's and a window's mean distance to its own centroid
+    (classes whose centroids lie close are the ones a condition is mistaken between);
   * loss gain: per noise level t, how much the generated modality's loss falls when the other
     modality's clean latent is given as the condition (a2v: the video's loss; v2a: the audio's). A
     model that ignores its condition gains 0%. Beside it, the loss given the latent of another clip
@@ -68,6 +71,23 @@ class Latents:
     def read(self, modality: str, z: Tensor) -> Tensor:
         """Class of the nearest centroid [B]."""
         return torch.cdist(z.flatten(1).float(), self.centroids[modality]).argmin(1)
+
+    def separation(self, modality: str) -> dict:
+        """How far apart the class centroids are, against how far a window lies from its own: the
+        closest pair (the classes a condition is most easily mistaken between) and the median pair."""
+        z, centroids = self.z[modality].flatten(1), self.centroids[modality]
+        spread = (z - centroids[self.classes]).norm(dim=1).mean().item()
+        distances = torch.cdist(centroids, centroids)
+        pairs = torch.triu_indices(len(centroids), len(centroids), offset=1)
+        between = distances[pairs[0], pairs[1]]
+        closest = between.argmin()
+        first, second = (self.class_names[k] for k in pairs[:, closest].tolist())
+        return {
+            "closest": f"{first} / {second}",
+            "closest_distance": between[closest].item(),
+            "median_distance": between.median().item(),
+            "spread": spread,
+        }
 
     def other_clip(self, rows: Tensor, generator: torch.Generator) -> Tensor:
         """For each window, a window of another clip of the same class (of its own clip, at another
@@ -236,6 +256,14 @@ def main() -> int:
         latents = Latents(dit, DiTLatentDataset(dit.latent_cache))
         print(f"{args.run}: {dit.model.cfg.schedule.prediction_type} prediction", file=sys.stderr)
 
+        separation = {modality: latents.separation(modality) for modality in ("audio", "video")}
+        print("\n| latent | closest class centroids | distance | median pair | window to its centroid |")
+        print("|---|---|---|---|---|")
+        for modality, row in separation.items():
+            print(
+                f"| {modality} | {row['closest']} | {row['closest_distance']:.2f} "
+                f"| {row['median_distance']:.2f} | {row['spread']:.2f} |"
+            )
         gain = loss_gain(dit, latents, args.windows, args.seed)
         print(
             "\n| t | a2v: video loss, joint -> audio given (another clip's) "
@@ -259,7 +287,8 @@ def main() -> int:
             print("\ndecoder given mismatched latents (oracle readings)")
             for name, value in swap.items():
                 print(f"  {name}: {value:.2f}")
-    print(json.dumps({"run": str(args.run), "loss_gain": gain, "latent_accuracy": accuracy, "decoder": swap}))
+    report = {"separation": separation, "loss_gain": gain, "latent_accuracy": accuracy, "decoder": swap}
+    print(json.dumps({"run": str(args.run), **report}))
     return 0
 
 
