@@ -119,7 +119,7 @@ tiny-vae: setup
 synth-bench: setup
 	$(PY) tools/demo.py --config-name synth_bench $(ARGS)
 
-# The demo on classes that differ only by shape and timbre: a check held apart from all tuning.
+# synth-bench on classes that differ only by shape and timbre: a check held apart from all tuning (~35 min).
 shape-check: setup
 	$(PY) tools/demo.py --config-name shape_check $(ARGS)
 

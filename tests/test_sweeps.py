@@ -243,10 +243,16 @@ def test_demo_configs_compose():
         for name in ("demo", "synth_bench", "shape_check")
     }
     assert configs["demo"].classes == configs["synth_bench"].classes == "colour_pitch"
-    # The held-apart check: the demo's settings on the shape/timbre class set.
-    shape_check, demo = configs["shape_check"], configs["demo"]
+    # The held-apart check: the benchmark's settings and bars on the shape/timbre class set.
+    shape_check, bench = configs["shape_check"], configs["synth_bench"]
     assert shape_check.classes == "shape_timbre" and shape_check.title == "shape-check"
-    assert (shape_check.train_dit, shape_check.sampling) == (demo.train_dit, demo.sampling)
+    assert shape_check.results_json == "docs/shape_check.json" != bench.results_json
+    assert (shape_check.train_ae, shape_check.train_dit, shape_check.sampling, shape_check.bars) == (
+        bench.train_ae,
+        bench.train_dit,
+        bench.sampling,
+        bench.bars,
+    )
     with pytest.raises(ConfigError, match="classes must be one of colour_pitch, shape_timbre"):
         to_typed(EndToEndConfig, {"classes": "shapes"})
 
