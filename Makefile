@@ -115,11 +115,11 @@ tiny-vae: setup
 	rm -rf assets/tiny_vae/config.json assets/tiny_vae/diffusion_pytorch_model.safetensors
 	cp outputs/runs/tiny_vae/vae/config.json outputs/runs/tiny_vae/vae/diffusion_pytorch_model.safetensors assets/tiny_vae/
 
-# Longer training and the quality table (about 60 minutes; not part of the tests).
+# Longer training and the quality table (33 minutes on a 2-core Intel Xeon with AMX, README; not a test).
 synth-bench: setup
 	$(PY) tools/demo.py --config-name synth_bench $(ARGS)
 
-# synth-bench on classes that differ only by shape and timbre: a check held apart from all tuning (~35 min).
+# synth-bench on classes that differ only by shape and timbre: a check held apart from all tuning (31-33 min there).
 shape-check: setup
 	$(PY) tools/demo.py --config-name shape_check $(ARGS)
 
